@@ -1,0 +1,203 @@
+"""Typed, validated configuration: YAML file + dotted command-line overrides.
+
+Every key here is the one name of its concept: the same dotted name is the CLI override,
+the MLflow param and the name in the docs (``objective.mode``, ``train.batch_size``, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from rayssl.models.backbones import BACKBONES
+from rayssl.objective import MODES, TARGET_PRIORS
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("fashion-mnist", description="'fashion-mnist' (the embedded default).")
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
+    test_limit: PositiveInt | None = Field(None, description="Use only the first N test images.")
+
+
+class AugmentConfig(_Section):
+    global_crop_size: PositiveInt = 28
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = Field(2, ge=0)
+    local_crop_size: PositiveInt = 14
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.4, ge=0.0)
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0)
+    solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _scales(self) -> "AugmentConfig":
+        for name in ("global_crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name}: need 0 < min <= max <= 1, got ({lo}, {hi})")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: Literal[BACKBONES] = "convnet4"  # type: ignore[valid-type]
+    small_stem: bool = True
+    width: PositiveInt = 64
+    head_hidden_dim: PositiveInt = 512
+    head_bottleneck_dim: PositiveInt = 128
+    head_layers: PositiveInt = 3
+
+
+class ObjectiveConfig(_Section):
+    mode: Literal[MODES] = "prior"  # type: ignore[valid-type]
+    num_clusters: int = Field(256, ge=2)
+    teacher_temperature: PositiveFloat = 0.04
+    teacher_temperature_warmup: PositiveFloat = 0.04
+    teacher_temperature_warmup_epochs: float = Field(0.0, ge=0.0)
+    student_temperature: PositiveFloat = 0.1
+    alpha: float = Field(1.0, ge=0.0)
+    target_prior: Literal[TARGET_PRIORS] = "uniform"  # type: ignore[valid-type]
+    target_prior_exponent: float = Field(1.0, ge=0.0)
+    prior_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    sinkhorn_iters: PositiveInt = 3
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = Field(2e-3, description="Peak LR for a global batch of 256 (scaled linearly).")
+    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    weight_decay: float = Field(0.04, ge=0.0)
+    weight_decay_end: float = Field(0.2, ge=0.0)
+    clip_grad: float = Field(3.0, ge=0.0, description="Max grad norm; 0 disables clipping.")
+    freeze_prototypes_epochs: float = Field(0.0, ge=0.0)
+    teacher_momentum: float = Field(0.99, ge=0.0, le=1.0)
+    teacher_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
+    accumulate_steps: PositiveInt = 1
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(2.0, gt=0.0)
+    batch_size: PositiveInt = Field(128, description="Images per worker per micro-batch.")
+    steps_per_epoch: PositiveInt | None = Field(None, description="Default: dataset size / global batch.")
+    log_every: PositiveInt = 20
+    checkpoint_every: PositiveInt = 200
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class ScalingConfig(_Section):
+    address: str | None = Field(None, description="Ray address; default: join a running cluster or start one.")
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")
+    storage_path: str = "runs"
+    max_failures: int = Field(0, ge=-1)
+
+
+class EvalConfig(_Section):
+    knn_k: PositiveInt = 20
+    knn_temperature: PositiveFloat = 0.07
+    knn_train_limit: PositiveInt | None = None
+    baselines: bool = True
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``{dotted.key: value}``."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+    if e["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc, _known_keys(), n=1)
+        return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (['a', 'b'], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from an optional YAML file and dotted overrides.
+
+    Raises ``ConfigError`` with one line naming the field on any invalid value or unknown key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None

@@ -1,0 +1,341 @@
+"""The clustering SSL objective of THEORY.md, as pure torch.
+
+Notation (THEORY.md): K clusters, global batch i = 1..N summed over *all* workers, teacher
+logits z_i, student logits s_i, temperatures tau_t and tau_s.
+
+    q_i  = softmax(z_i / tau_t)        raw teacher posterior
+    qt_i = normalised teacher target   (one of the modes below)
+    p_i  = softmax(s_i / tau_s)        student posterior
+
+    L = mean over (teacher view v', student view v != v') of  mean_i CE(qt_i^{v'}, p_i^{v})
+
+The modes form one family (THEORY.md section 5):
+
+    none      qt = softmax(z / tau_t)                                  collapses (control)
+    center    qt = softmax((z - c) / tau_t),  c = EMA of the batch mean   Jensen bound (DINO)
+    prior     log qt = log_softmax(z / tau_t - alpha log pi + log rho)     inverse cluster prior
+    sinkhorn  the prior step repeated n times                               Sinkhorn-Knopp
+
+Every global statistic is a *sum* and a *count* all-reduced separately (``torch.distributed``
+when a process group is initialised, the identity otherwise), so W workers with unequal batches
+give exactly what one process gives on the concatenated batch. Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = ("none", "center", "prior", "sinkhorn")
+TARGET_PRIORS = ("uniform", "powerlaw")
+
+
+# --------------------------------------------------------------------------- global reductions
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over all workers (a copy; the identity in a single process)."""
+    x = x.clone()
+    if _distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def global_max(x: Tensor) -> Tensor:
+    """Element-wise max of ``x`` over all workers (a copy; the identity in a single process)."""
+    x = x.clone()
+    if _distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def global_log_sum_exp(log_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Global ``log sum_i exp(log_x_ik)`` per column, and the global row count N.
+
+    Stays in the log domain: each column is shifted by its global max M_k before the linear
+    sum is all-reduced, ``lse_k = M_k + log sum_i exp(log_x_ik - M_k)``. The count travels in
+    the same SUM collective as the sums but is a separate element, never a weight.
+    """
+    local_max = log_x.amax(dim=0) if log_x.shape[0] else torch.full_like(log_x[0:1].sum(0), -math.inf)
+    m = global_max(local_max.detach()).clamp_min(torch.finfo(log_x.dtype).min)
+    packed = torch.cat([torch.exp(log_x - m).sum(dim=0), log_x.new_tensor([log_x.shape[0]])])
+    packed = global_sum(packed)
+    return m + torch.log(packed[:-1]), packed[-1]
+
+
+# --------------------------------------------------------------------------- pure math
+def log_prior(log_probs: Tensor) -> Tensor:
+    """Cluster marginal of a batch in the log domain (single process).
+
+        log pi_k = logsumexp_i(log q_ik) - log N
+
+    Averaging probabilities underflows at tau_t = 0.04; this does not.
+    """
+    return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+
+
+def global_log_prior(log_probs: Tensor) -> Tensor:
+    """``log_prior`` over the global batch: sums and counts all-reduced separately."""
+    lse, n = global_log_sum_exp(log_probs)
+    return lse - torch.log(n)
+
+
+def global_mean(x: Tensor) -> Tensor:
+    """Column mean over the global batch, ``c = sum_i x_i / N`` (sum and N all-reduced)."""
+    packed = global_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))
+    return packed[:-1] / packed[-1]
+
+
+def target_log_prior(num_clusters: int, kind: str = "uniform", exponent: float = 1.0) -> Tensor:
+    """log rho: the target cluster marginal.
+
+    ``uniform``: rho_k = 1/K.  ``powerlaw``: rho_k proportional to k^-exponent (k = 1..K),
+    for datasets whose classes follow a long tail.
+    """
+    if kind == "uniform":
+        return torch.full((num_clusters,), -math.log(num_clusters))
+    if kind == "powerlaw":
+        logits = -exponent * torch.log(torch.arange(1, num_clusters + 1, dtype=torch.float32))
+        return torch.log_softmax(logits, dim=0)
+    raise ValueError(f"objective.target_prior: unknown prior {kind!r}; choose one of {TARGET_PRIORS}")
+
+
+def prior_step(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float = 1.0) -> Tensor:
+    """One inverse-prior normalisation of posteriors given in the log domain.
+
+        log qt_i = log_softmax(log q_i - alpha log pi + log rho)
+
+    With pi = rho and alpha = 1 this is the identity (THEORY.md section 7.1).
+    """
+    return torch.log_softmax(log_q - alpha * log_pi + log_rho, dim=-1)
+
+
+def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0) -> Tensor:
+    """n repeated prior steps, each with the global marginal of the previous iterate.
+
+        log qt^(0) = log q,   log qt^(n+1) = log_softmax(log qt^(n) - alpha log pi(qt^(n)) + log rho)
+
+    This is Sinkhorn-Knopp started from the row softmax (SwAV, DINOv2); the marginal's KL to
+    rho falls geometrically with n (THEORY.md section 7.7).
+    """
+    for _ in range(iters):
+        log_q = prior_step(log_q, global_log_prior(log_q), log_rho, alpha)
+    return log_q
+
+
+def normalize_teacher(
+    logits: Tensor,
+    mode: str,
+    temperature: float,
+    *,
+    center: Tensor | None = None,
+    log_pi: Tensor | None = None,
+    log_rho: Tensor | None = None,
+    alpha: float = 1.0,
+    sinkhorn_iters: int = 3,
+) -> Tensor:
+    """Teacher targets qt (probabilities, no gradient) for ``logits`` (N, K).
+
+    - ``none``:     softmax(z / tau_t)
+    - ``center``:   softmax((z - c) / tau_t); ``center`` defaults to the global batch mean of z
+    - ``prior``:    softmax(z / tau_t - alpha log pi + log rho); ``log_pi`` defaults to the global
+                    log marginal of softmax(z / tau_t)
+    - ``sinkhorn``: ``prior`` repeated ``sinkhorn_iters`` times
+
+    ``log_rho`` defaults to the uniform prior.
+    """
+    with torch.no_grad():
+        z = logits.float()
+        if mode == "none":
+            return torch.softmax(z / temperature, dim=-1)
+        if mode == "center":
+            c = global_mean(z) if center is None else center
+            return torch.softmax((z - c) / temperature, dim=-1)
+        if log_rho is None:
+            log_rho = target_log_prior(z.shape[-1]).to(z.device)
+        log_q = torch.log_softmax(z / temperature, dim=-1)
+        if mode == "prior":
+            lp = global_log_prior(log_q) if log_pi is None else log_pi
+            return prior_step(log_q, lp, log_rho, alpha).exp()
+        if mode == "sinkhorn":
+            return sinkhorn(log_q, log_rho, sinkhorn_iters, alpha).exp()
+    raise ValueError(f"objective.mode: unknown mode {mode!r}; choose one of {MODES}")
+
+
+def cross_entropy_loss(student_logits: Tensor, targets: Tensor, student_temperature: float) -> Tensor:
+    """DINO's multi-view cross-entropy.
+
+        L = 1/P sum_{v' teacher, v student, v != v'} mean_i -sum_k qt_ik^{v'} log p_ik^{v}
+
+    ``student_logits`` (Vs, B, K) with the global views first, ``targets`` (Vt, B, K) the
+    teacher targets of the Vt global views. Since qt is constant, this equals the KL objective
+    up to H(qt), and d L / d s = (p - qt) / tau_s per pair (THEORY.md section 7.9).
+    """
+    log_p = torch.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    total, pairs = log_p.new_zeros(()), 0
+    for t in range(targets.shape[0]):
+        for v in range(log_p.shape[0]):
+            if v != t:
+                total = total - (targets[t] * log_p[v]).sum(dim=-1).mean()
+                pairs += 1
+    return total / pairs
+
+
+# --------------------------------------------------------------------------- diagnostics
+def _entropy_rows(log_probs: Tensor) -> Tensor:
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def information_diagnostics(log_probs: Tensor, log_rho: Tensor) -> dict[str, Tensor]:
+    """Information-theoretic diagnostics of posteriors (N, K) over the global batch.
+
+        H(K)   = -sum_k pi_k log pi_k              marginal entropy; exp H(K) = effective clusters
+        H(K|X) = -(1/N) sum_i sum_k q_ik log q_ik  conditional entropy
+        I(X;K) = H(K) - H(K|X)                     0 under either collapse: the alarm
+        KL(pi || rho)                              distance of the marginal from the target
+        unused = #{k : no sample has argmax k}
+    """
+    log_probs = log_probs.float()
+    k = log_probs.shape[-1]
+    log_pi = global_log_prior(log_probs)
+    pi = log_pi.exp()
+    hist = torch.bincount(log_probs.argmax(dim=-1), minlength=k).float()
+    sums = global_sum(torch.cat([_entropy_rows(log_probs).sum().reshape(1), hist,
+                                 log_probs.new_tensor([log_probs.shape[0]])]))
+    h_marginal = -(torch.where(pi > 0, pi * log_pi, torch.zeros_like(pi))).sum()
+    h_conditional = sums[0] / sums[-1]
+    return {
+        "marginal_entropy": h_marginal,
+        "conditional_entropy": h_conditional,
+        "mutual_information": h_marginal - h_conditional,
+        "effective_clusters": h_marginal.exp(),
+        "kl_to_target": (torch.where(pi > 0, pi * (log_pi - log_rho), torch.zeros_like(pi))).sum(),
+        "unused_clusters": (sums[1:-1] == 0).sum().float(),
+    }
+
+
+def jensen_gap(log_q: Tensor) -> Tensor:
+    """Per-cluster Jensen gap Delta_k = log pi_k - log G_k >= 0 over the global batch.
+
+    log G_k = mean_i log q_ik is the log geometric mean; centering divides by G, prior
+    normalisation by pi, and the two agree iff Delta_k is constant in k (THEORY.md section 4).
+    """
+    return global_log_prior(log_q) - global_mean(log_q)
+
+
+# --------------------------------------------------------------------------- stateful module
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """The objective's hyperparameters (a view of ``objective.*`` in the config)."""
+
+    mode: str = "prior"
+    num_clusters: int = 1024
+    student_temperature: float = 0.1
+    alpha: float = 1.0
+    target_prior: str = "uniform"
+    target_prior_exponent: float = 1.0
+    prior_momentum: float = 0.0
+    center_momentum: float = 0.9
+    sinkhorn_iters: int = 3
+
+
+class ClusterObjective(nn.Module):
+    """Loss with its state: the EMA centre (``center``) and the EMA log prior (``prior``).
+
+    The state lives in buffers, so a checkpoint of this module's ``state_dict`` carries it.
+    ``forward`` uses the state and *accumulates* the batch statistics of every micro-batch;
+    ``update_state`` folds them into the EMA once per optimizer step, so gradient accumulation
+    sees the same state as one large batch would.
+
+    - center: c <- m c + (1 - m) c_batch, used for the *next* step (as DINO).
+    - prior:  pi_used = m pi_ema + (1 - m) pi_batch  (m = ``prior_momentum``; m = 0 is per batch),
+              and the EMA then becomes pi_used; the EMA starts at rho.
+    """
+
+    def __init__(self, spec: ObjectiveSpec):
+        super().__init__()
+        if spec.mode not in MODES:
+            raise ValueError(f"objective.mode: unknown mode {spec.mode!r}; choose one of {MODES}")
+        self.spec = spec
+        k = spec.num_clusters
+        self.register_buffer("log_rho", target_log_prior(k, spec.target_prior, spec.target_prior_exponent))
+        self.register_buffer("center", torch.zeros(k))
+        self.register_buffer("log_prior_ema", self.log_rho.clone())
+        self._pending: list[Tensor] = []
+
+    def _batch_log_pi(self, log_q: Tensor) -> Tensor:
+        m = self.spec.prior_momentum
+        log_pi = global_log_prior(log_q)
+        if m > 0:
+            log_pi = torch.logaddexp(math.log(m) + self.log_prior_ema, math.log1p(-m) + log_pi)
+        return log_pi
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: Tensor, teacher_temperature: float) -> Tensor:
+        """Normalised teacher targets (Vt, B, K) for teacher logits (Vt, B, K)."""
+        s = self.spec
+        z = teacher_logits.float().flatten(0, 1)
+        if s.mode == "center":
+            self._pending.append(global_mean(z))
+            out = normalize_teacher(z, "center", teacher_temperature, center=self.center)
+        elif s.mode == "prior":
+            log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
+            log_pi = self._batch_log_pi(log_q)
+            self._pending.append(log_pi)
+            out = prior_step(log_q, log_pi, self.log_rho, s.alpha).exp()
+        else:
+            out = normalize_teacher(z, s.mode, teacher_temperature, log_rho=self.log_rho,
+                                    alpha=s.alpha, sinkhorn_iters=s.sinkhorn_iters)
+        return out.view_as(teacher_logits)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> Tensor:
+        """Loss for one micro-batch; student (Vs, B, K) with globals first, teacher (Vt, B, K)."""
+        return cross_entropy_loss(student_logits, self.targets(teacher_logits, teacher_temperature),
+                                  self.spec.student_temperature)
+
+    @torch.no_grad()
+    def update_state(self) -> None:
+        """Fold the pending micro-batch statistics into the EMA state (once per optimizer step)."""
+        if self._pending:
+            stat = torch.stack(self._pending)
+            if self.spec.mode == "center":
+                m = self.spec.center_momentum
+                self.center.mul_(m).add_(stat.mean(0), alpha=1 - m)
+            else:  # prior: log of the mean over micro-batches of pi_used
+                self.log_prior_ema.copy_(torch.logsumexp(stat, dim=0) - math.log(len(stat)))
+            self._pending.clear()
+
+    @torch.no_grad()
+    def diagnostics(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> dict[str, float]:
+        """THEORY.md section 6 for the raw teacher, the normalised teacher and the student.
+
+        Uses the state as it stands (call before ``update_state`` of the same step, or after; the
+        difference is one EMA step). Names: ``{raw,norm,student}/<stat>``, ``jensen_gap_mean``,
+        ``jensen_gap_std`` and ``kl_teacher_student`` (each student global view against the
+        other view's target, as in the loss).
+        """
+        vt = teacher_logits.shape[0]
+        z = teacher_logits.float().flatten(0, 1)
+        log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
+        saved = list(self._pending)
+        qt = self.targets(teacher_logits, teacher_temperature).flatten(0, 1)
+        self._pending = saved
+        log_qt = torch.log(qt.clamp_min(torch.finfo(qt.dtype).tiny))
+        s = student_logits[:vt].flip(0).float().flatten(0, 1)
+        log_p = torch.log_softmax(s / self.spec.student_temperature, dim=-1)
+        out: dict[str, Tensor] = {}
+        for name, lp in (("raw", log_q), ("norm", log_qt), ("student", log_p)):
+            for key, val in information_diagnostics(lp, self.log_rho).items():
+                out[f"{name}/{key}"] = val
+        gap = jensen_gap(log_q)
+        out["jensen_gap_mean"], out["jensen_gap_std"] = gap.mean(), gap.std()
+        kl = global_mean((qt * (log_qt - log_p)).sum(-1, keepdim=True))
+        out["kl_teacher_student"] = kl[0]
+        return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,42 @@
+"""Per-step schedules, each one precomputed array from one cosine function (as DINO)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warmup from ``warmup_start`` to ``start``, then cosine from ``start`` to ``end``.
+
+        v(t) = end + (start - end) * (1 + cos(pi * t / T)) / 2,   t = 0 .. T-1 after the warmup
+    """
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
+    t = np.arange(total_steps - warmup_steps)
+    decay = end + 0.5 * (start - end) * (1 + np.cos(np.pi * t / max(len(t), 1)))
+    return np.concatenate([warm, decay])
+
+
+def build_schedules(cfg, steps_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
+    """All schedules of a run, indexed by optimizer step.
+
+    - ``lr``: linear warmup, then cosine to ``optim.min_lr``; the peak is ``optim.lr`` scaled
+      by global_batch / 256 (the linear scaling rule);
+    - ``wd``: cosine from ``optim.weight_decay`` to ``optim.weight_decay_end``;
+    - ``momentum``: teacher EMA momentum, cosine from ``optim.teacher_momentum`` to ``..._end``;
+    - ``teacher_temperature``: linear warmup from ``objective.teacher_temperature_warmup``,
+      then constant.
+    """
+    total = max(1, round(cfg.train.epochs * steps_per_epoch))
+    o, obj = cfg.optim, cfg.objective
+    peak = o.lr * global_batch / 256
+    warm_t = min(total, round(obj.teacher_temperature_warmup_epochs * steps_per_epoch))
+    return {
+        "lr": cosine_schedule(peak, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch)),
+        "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, total),
+        "momentum": cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, total),
+        "teacher_temperature": np.concatenate([
+            np.linspace(obj.teacher_temperature_warmup, obj.teacher_temperature, warm_t, endpoint=False),
+            np.full(total - warm_t, obj.teacher_temperature)]),
+    }

@@ -1,0 +1,77 @@
+"""Driver side: join or start Ray, build the datasets and the TorchTrainer, fit."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from rayssl.config import Config
+from rayssl.data.datasets import build_datasets
+from rayssl.train.loop import train_loop_per_worker
+
+
+def init_ray(address: str | None) -> None:
+    """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+
+
+def storage_path(path: str) -> str:
+    """``s3://...`` (and other URIs) as given; local paths absolute (Ray requires it)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def steps_per_epoch(cfg: Config, num_train: int) -> int:
+    """Optimizer steps per epoch; the same on every worker so per-step all-reduces never hang.
+
+    Each worker gets ``num_train // num_workers`` rows (Ray Data's equal split) and keeps only
+    full micro-batches, so that many steps exist on every worker.
+    """
+    per_step = cfg.train.batch_size * cfg.optim.accumulate_steps
+    available = (num_train // cfg.scaling.num_workers) // per_step
+    if cfg.train.steps_per_epoch is not None:
+        if cfg.train.steps_per_epoch > available:
+            raise ValueError(f"train.steps_per_epoch: {cfg.train.steps_per_epoch} exceeds the {available} "
+                             f"full batches each of {cfg.scaling.num_workers} workers gets")
+        return cfg.train.steps_per_epoch
+    if available < 1:
+        raise ValueError(f"train.batch_size: {cfg.train.batch_size} x {cfg.scaling.num_workers} workers "
+                         f"needs more than the {num_train} training images")
+    return available
+
+
+def build_trainer(cfg: Config) -> TorchTrainer:
+    datasets, meta = build_datasets(cfg.data)
+    name = cfg.run.name or f"rayssl-{cfg.objective.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(),
+                           "steps_per_epoch": steps_per_epoch(cfg, meta.num_train)},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path(cfg.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results."""
+    init_ray(cfg.scaling.address)
+    result = build_trainer(cfg).fit()
+    out = dict(result.return_value or {})
+    out["run_path"] = result.path
+    return out

@@ -1,0 +1,212 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rayssl.config import Config
+from rayssl.data.datasets import DataMeta
+from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
+from rayssl.models import build_encoder, make_teacher
+from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.schedules import build_schedules
+from rayssl.train.step import Stepper, build_optimizer, unwrap
+from rayssl.transforms import MultiCrop
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _images(batch: dict, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W[, C]) numpy -> uint8 (B, C, H, W) tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.to(device, non_blocking=True)
+
+
+def _all_gather(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _extract(shard, fn, device, batch_size: int, limit: int | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run ``fn(images) -> list of (B, D) features`` over (up to ``limit`` rows of) a shard."""
+    feats, labels, seen = [], [], 0
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        out = fn(_images(batch, device))
+        feats.append([F.normalize(f.float(), dim=1).cpu() for f in out])
+        labels.append(torch.from_numpy(batch["label"]))
+        seen += len(batch["label"])
+        if limit is not None and seen >= limit:
+            break
+    return [torch.cat(f) for f in zip(*feats)], torch.cat(labels)
+
+
+def knn_eval(cfg: Config, meta: DataMeta, fn, names: list[str], device) -> dict[str, float]:
+    """Weighted k-NN accuracy of each feature set ``fn`` returns, bank sharded over workers.
+
+    Each worker extracts its shard of the train (bank) and test (query) splits; queries are
+    gathered, each worker returns its local top-k, and the exact global top-k is merged.
+    """
+    world = ray.train.get_context().get_world_size()
+    limit = None if cfg.eval.knn_train_limit is None else -(-cfg.eval.knn_train_limit // world)
+    bs = 512
+    bank, bank_labels = _extract(ray.train.get_dataset_shard("train"), fn, device, bs, limit)
+    query, query_labels = _extract(ray.train.get_dataset_shard("test"), fn, device, bs, None)
+    all_queries = _all_gather((query, query_labels))
+    query_labels = torch.cat([q[1] for q in all_queries])
+    results = {}
+    for i, name in enumerate(names):
+        q = torch.cat([parts[0][i] for parts in all_queries])
+        local = topk_neighbours(bank[i], bank_labels, q, cfg.eval.knn_k)
+        sims, labels = merge_neighbours(_all_gather(local), cfg.eval.knn_k)
+        pred = weighted_vote(sims, labels, meta.num_classes, cfg.eval.knn_temperature)
+        results[name] = float((pred == query_labels).float().mean())
+    return results
+
+
+def _save_checkpoint(state: dict) -> ray.train.Checkpoint | None:
+    """Rank 0 writes the state to a fresh temp dir (Ray copies it to storage)."""
+    if ray.train.get_context().get_world_rank() != 0:
+        return None
+    tmp = tempfile.mkdtemp(prefix="rayssl-ckpt-")
+    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def _progress(step: int, total: int, metrics: dict, started: float, first_step: int) -> str:
+    done = step + 1 - first_step
+    eta = (time.time() - started) / max(done, 1) * (total - step - 1)
+    return (f"[rayssl] step {step + 1}/{total} ({100 * (step + 1) / total:.0f}%) "
+            f"epoch {metrics['epoch']:.2f} loss {metrics['loss']:.3f} "
+            f"I(X;K) {metrics['norm/mutual_information']:.2f} "
+            f"eff.clusters {metrics['norm/effective_clusters']:.0f} "
+            f"{metrics['images_per_second']:.0f} img/s ETA {eta / 60:.1f} min")
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    cfg = Config.model_validate(loop_config["config"])
+    meta = DataMeta(**loop_config["meta"])
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
+    student = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+    teacher = make_teacher(student).to(device)
+    objective = ClusterObjective(ObjectiveSpec(**{k: v for k, v in cfg.objective.model_dump().items()
+                                                  if k in ObjectiveSpec.__dataclass_fields__})).to(device)
+    student = ray.train.torch.prepare_model(student)
+    optimizer = build_optimizer(student, cfg.optim)
+    global_batch = cfg.train.batch_size * cfg.optim.accumulate_steps * world
+    schedules = build_schedules(cfg, steps_per_epoch, global_batch)
+    total_steps = len(schedules["lr"])
+    stepper = Stepper(student, teacher, objective, optimizer, schedules, cfg, steps_per_epoch, device, bf16)
+    crops = MultiCrop(cfg.augment, meta.channels, meta.mean, meta.std)
+
+    start_step, results = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint)
+        unwrap(student).load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        start_step, results = state["step"], state["results"]
+        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+        if rank == 0:
+            print(f"[rayssl] resumed from step {start_step}/{total_steps}", flush=True)
+    torch.manual_seed(cfg.train.seed + 1000 * rank + start_step)
+
+    def features(model):
+        def fn(x):
+            model.eval()
+            with torch.no_grad(), stepper.autocast:
+                f = unwrap(model).features(crops.eval_transform(x, cfg.augment.global_crop_size))
+            return [f]
+        return fn
+
+    if start_step == 0 and cfg.eval.baselines:
+        def baselines(x):
+            return [x.flatten(1).float() / 255, *features(teacher)(x)]
+        results.update({f"knn/{k}": v for k, v in knn_eval(
+            cfg, meta, baselines, ["raw_pixels", "random_init"], device).items()})
+        if rank == 0:
+            print(f"[rayssl] k-NN baselines: raw pixels {results['knn/raw_pixels']:.2%}, "
+                  f"random init {results['knn/random_init']:.2%}", flush=True)
+
+    def state_dict(step: int) -> dict:
+        return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+                "step": step, "results": results, "config": cfg.model_dump(),
+                "rng": _all_gather(torch.get_rng_state())}
+
+    shard = ray.train.get_dataset_shard("train")
+    step, started = start_step, time.time()
+    window_start, window_images, wait = time.time(), 0, 0.0
+    losses: list[torch.Tensor] = []
+    while step < total_steps:
+        epoch_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
+        batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                          drop_last=True, local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                          local_shuffle_seed=cfg.train.seed + step + rank))
+        for _ in range(epoch_steps):
+            student.train(), teacher.train()
+            for micro in range(cfg.optim.accumulate_steps):
+                t0 = time.time()
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"worker {rank}: data shard ran out at step {step}; "
+                                       "set train.steps_per_epoch lower")
+                wait += time.time() - t0
+                images = _images(batch, device)
+                losses.append(stepper.micro_batch(crops(images), step, micro == cfg.optim.accumulate_steps - 1))
+                window_images += len(images) * world
+            stepper.finish(step)
+            step += 1
+            log_now = step % cfg.train.log_every == 0 or step == total_steps
+            ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total_steps
+            if not (log_now or ckpt_now):
+                continue
+            loss = float(torch.stack(losses).mean())
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss} at step {step}; "
+                                         "lower optim.lr or raise objective.teacher_temperature")
+            elapsed = time.time() - window_start
+            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                       "lr": float(schedules["lr"][step - 1]), "wd": float(schedules["wd"][step - 1]),
+                       "momentum": float(schedules["momentum"][step - 1]),
+                       "teacher_temperature": float(schedules["teacher_temperature"][step - 1]),
+                       "images_per_second": window_images / elapsed,
+                       "data_wait_fraction": wait / elapsed, **stepper.diagnostics()}
+            if rank == 0:
+                print(_progress(step - 1, total_steps, metrics, started, start_step), flush=True)
+            ray.train.report(metrics, checkpoint=_save_checkpoint(state_dict(step)) if ckpt_now else None)
+            losses, window_start, window_images, wait = [], time.time(), 0, 0.0
+
+    results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
+    results["train_seconds"] = time.time() - started
+    if rank == 0:
+        print(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}", flush=True)
+    ray.train.report({"step": total_steps, **results})
+    return results

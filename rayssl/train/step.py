@@ -1,0 +1,96 @@
+"""The student/teacher training step, free of Ray (testable in one process)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rayssl.models import ema_update
+from rayssl.objective import ClusterObjective
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weights only, never on biases and norm parameters (as DINO)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_wd": True}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    if optim_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    grad_norm: Tensor | None
+
+
+class Stepper:
+    """One optimizer step = ``accumulate_steps`` micro-batches, then the EMA updates.
+
+    Order within a step (DINO): teacher forward on the global views, student forward on all
+    views, loss, backward (DDP syncs on the last micro-batch only), prototype gradients
+    dropped while frozen, clipping, optimizer step, objective state update, teacher EMA.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, objective: ClusterObjective,
+                 optimizer: torch.optim.Optimizer, schedules: dict[str, np.ndarray], cfg,
+                 steps_per_epoch: int, device: torch.device, bf16: bool):
+        self.student, self.teacher, self.objective = student, teacher, objective
+        self.optimizer, self.schedules, self.cfg = optimizer, schedules, cfg
+        self.freeze_steps = round(cfg.optim.freeze_prototypes_epochs * steps_per_epoch)
+        self.device = device
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _set_hyperparameters(self, step: int) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.schedules["lr"][step]
+            if not g.get("no_wd"):
+                g["weight_decay"] = self.schedules["wd"][step]
+
+    def micro_batch(self, views: list[Tensor], step: int, last: bool) -> Tensor:
+        """Forward and backward of one micro-batch; returns the (unscaled) loss."""
+        tau_t = float(self.schedules["teacher_temperature"][step])
+        sync = contextlib.nullcontext() if last or not hasattr(self.student, "no_sync") else self.student.no_sync()
+        with sync:
+            with self.autocast:
+                with torch.no_grad():
+                    teacher_out = self.teacher(views[:2])
+                student_out = self.student(views)
+                loss = self.objective(student_out, teacher_out, tau_t)
+            (loss / self.cfg.optim.accumulate_steps).backward()
+        self.last_outputs = (student_out.detach(), teacher_out, tau_t)
+        return loss.detach()
+
+    def finish(self, step: int) -> Tensor | None:
+        """Clip, step the optimizer, update the objective state and the teacher."""
+        self._set_hyperparameters(step)
+        if step < self.freeze_steps:
+            for p in unwrap(self.student).head.prototype_parameters():
+                p.grad = None
+        norm = None
+        if self.cfg.optim.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.update_state()
+        ema_update(self.teacher, self.student, float(self.schedules["momentum"][step]))
+        return norm
+
+    def diagnostics(self) -> dict[str, float]:
+        """THEORY.md section 6 on the last micro-batch (global statistics)."""
+        return self.objective.diagnostics(*self.last_outputs)
