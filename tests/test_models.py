@@ -32,6 +32,7 @@ def small_encoder(backbone: str) -> Encoder:
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@torch.no_grad()
 def test_backbone_output_shapes(name: str) -> None:
     backbone, dim = build_backbone(name, in_chans=1, image_size=28, small_stem=True, width=8)
     assert dim == FEATURE_DIMS[name]
@@ -43,14 +44,18 @@ def test_backbone_output_shapes(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+@torch.no_grad()
 def test_backbone_large_image_variant(name: str) -> None:
-    backbone, dim = build_backbone(name, in_chans=3, image_size=96, small_stem=False, width=8)
-    assert backbone(torch.randn(2, 3, 96, 96)).shape == (2, dim)
+    backbone, dim = build_backbone(name, in_chans=3, image_size=80, small_stem=False, width=8)
+    if name == "vit_tiny":
+        assert backbone.patch_size == 16
+    assert backbone(torch.randn(2, 3, 80, 80)).shape == (2, dim)
     assert backbone(torch.randn(2, 3, 48, 48)).shape == (2, dim)
 
 
 @settings(max_examples=15, deadline=None)
 @given(size=st.integers(8, 40), in_chans=st.sampled_from([1, 3]))
+@torch.no_grad()
 def test_convnet4_accepts_any_size_from_8(size: int, in_chans: int) -> None:
     backbone, dim = build_backbone("convnet4", in_chans=in_chans, image_size=28, small_stem=False, width=4)
     assert backbone(torch.randn(2, in_chans, size, size)).shape == (2, dim)
@@ -182,7 +187,7 @@ def test_ema_update_interpolates(momentum: float) -> None:
 def test_ema_update_extremes_and_buffers() -> None:
     teacher, student = _pair()
     before = [p.clone() for p in teacher.parameters()]
-    student.train()(([torch.randn(4, 1, 28, 28)]))  # changes the student's BN running stats
+    student([torch.randn(4, 1, 28, 28)])  # train mode: changes the student's BN running stats
     teacher_buffers = [b.clone() for b in teacher.buffers()]
     ema_update(teacher, student, 1.0)
     assert all(torch.equal(t, t0) for t, t0 in zip(teacher.parameters(), before))

@@ -22,7 +22,8 @@ def init_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def storage_path(path: str) -> str:
@@ -63,7 +64,8 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path(cfg.run.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
     )
 

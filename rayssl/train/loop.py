@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +91,12 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
+def say(line: str) -> None:
+    """One line to the driver's console (Ray Train's patched ``print`` would show it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _progress(step: int, total: int, metrics: dict, started: float, first_step: int) -> str:
     done = step + 1 - first_step
     eta = (time.time() - started) / max(done, 1) * (total - step - 1)
@@ -135,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         start_step, results = state["step"], state["results"]
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         if rank == 0:
-            print(f"[rayssl] resumed from step {start_step}/{total_steps}", flush=True)
+            say(f"[rayssl] resumed from step {start_step}/{total_steps}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + start_step)
 
     def features(model):
@@ -152,8 +158,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         results.update({f"knn/{k}": v for k, v in knn_eval(
             cfg, meta, baselines, ["raw_pixels", "random_init"], device).items()})
         if rank == 0:
-            print(f"[rayssl] k-NN baselines: raw pixels {results['knn/raw_pixels']:.2%}, "
-                  f"random init {results['knn/random_init']:.2%}", flush=True)
+            say(f"[rayssl] k-NN baselines: raw pixels {results['knn/raw_pixels']:.2%}, "
+                  f"random init {results['knn/random_init']:.2%}")
 
     def state_dict(step: int) -> dict:
         return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
@@ -200,13 +206,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        "images_per_second": window_images / elapsed,
                        "data_wait_fraction": wait / elapsed, **stepper.diagnostics()}
             if rank == 0:
-                print(_progress(step - 1, total_steps, metrics, started, start_step), flush=True)
+                say(_progress(step - 1, total_steps, metrics, started, start_step))
             ray.train.report(metrics, checkpoint=_save_checkpoint(state_dict(step)) if ckpt_now else None)
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
 
     results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
     results["train_seconds"] = time.time() - started
     if rank == 0:
-        print(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}", flush=True)
+        say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     ray.train.report({"step": total_steps, **results})
     return results

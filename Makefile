@@ -1,0 +1,30 @@
+# Quick start (fresh Debian machine, fresh clone):
+#   make run    # pretrain on Fashion-MNIST with a local Ray (creates .venv, installs the data)
+#   make test   # the whole test suite
+# Extra arguments for the job: make run ARGS="objective.mode=center train.epochs=3"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test env data
+run: env data
+	$(PY) jobs/pretrain.py $(ARGS)
+
+test: env data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+env: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+data: $(FMNIST)
+$(FMNIST):
+	command -v apt-get >/dev/null || { echo "install Fashion-MNIST IDX files and set data.fashion_mnist_dir"; exit 1; }
+	$(SUDO) apt-get install -y dataset-fashion-mnist || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
