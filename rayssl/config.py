@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from rayssl.models.backbones import BACKBONES
 from rayssl.objective import MODES, TARGET_PRIORS
@@ -43,19 +43,18 @@ class AugmentConfig(_Section):
     blur_prob: float = Field(0.0, ge=0.0, le=1.0)
     solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _scales(self) -> "AugmentConfig":
-        for name in ("global_crop_scale", "local_crop_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name}: need 0 < min <= max <= 1, got ({lo}, {hi})")
-        return self
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("need 0 < min <= max <= 1")
+        return value
 
 
 class ModelConfig(_Section):
     backbone: Literal[BACKBONES] = "convnet4"  # type: ignore[valid-type]
     small_stem: bool = True
-    width: PositiveInt = 64
+    width: PositiveInt = 32
     head_hidden_dim: PositiveInt = 512
     head_bottleneck_dim: PositiveInt = 128
     head_layers: PositiveInt = 3

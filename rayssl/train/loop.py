@@ -28,7 +28,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def _images(batch: dict, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W[, C]) numpy -> uint8 (B, C, H, W) tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+    x = torch.from_numpy(np.array(batch["image"]))  # a writable copy
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.to(device, non_blocking=True)
 
@@ -134,15 +134,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint)
-        unwrap(student).load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
+        stepper.load_state_dict(state)
         start_step, results = state["step"], state["results"]
+        results["resumed_from_step"] = start_step
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         if rank == 0:
             say(f"[rayssl] resumed from step {start_step}/{total_steps}")
-    torch.manual_seed(cfg.train.seed + 1000 * rank + start_step)
+    else:
+        torch.manual_seed(cfg.train.seed + 1000 * rank)  # different crops on every worker
 
     def features(model):
         def fn(x):
@@ -162,15 +161,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                   f"random init {results['knn/random_init']:.2%}")
 
     def state_dict(step: int) -> dict:
-        return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
-                "step": step, "results": results, "config": cfg.model_dump(),
+        return {**stepper.state_dict(), "step": step, "results": results, "config": cfg.model_dump(),
                 "rng": _all_gather(torch.get_rng_state())}
 
     shard = ray.train.get_dataset_shard("train")
     step, started = start_step, time.time()
     window_start, window_images, wait = time.time(), 0, 0.0
     losses: list[torch.Tensor] = []
+    history: list[dict] = []  # this launch's reported metrics, returned to the driver
     while step < total_steps:
         epoch_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
         batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
@@ -207,6 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        "data_wait_fraction": wait / elapsed, **stepper.diagnostics()}
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
+            history.append(metrics)
             ray.train.report(metrics, checkpoint=_save_checkpoint(state_dict(step)) if ckpt_now else None)
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
 
@@ -215,4 +214,4 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if rank == 0:
         say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     ray.train.report({"step": total_steps, **results})
-    return results
+    return {**results, "history": history}

@@ -91,6 +91,17 @@ class Stepper:
         ema_update(self.teacher, self.student, float(self.schedules["momentum"][step]))
         return norm
 
+    def state_dict(self) -> dict:
+        """Student, teacher, optimizer and objective state (centre / prior EMA)."""
+        return {"student": unwrap(self.student).state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.student).load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+
     def diagnostics(self) -> dict[str, float]:
         """THEORY.md section 6 on the last micro-batch (global statistics)."""
         return self.objective.diagnostics(*self.last_outputs)

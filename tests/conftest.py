@@ -1,0 +1,35 @@
+"""Shared fixtures: one real local Ray cluster per test session, in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+_TMP = tempfile.mkdtemp(prefix="rayssl-tests-")
+os.environ.setdefault("RAY_TMPDIR", os.path.join(_TMP, "ray"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (4 logical CPUs on 2 cores, as STACK.md advises), started once."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> str:
+    if not os.path.exists(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz")):
+        pytest.fail("Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does)")
+    return FASHION_MNIST

@@ -1,0 +1,73 @@
+"""Config: YAML + dotted overrides, one-line errors naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayssl.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load() -> None:
+    for path in (ROOT / "configs").glob("*.yaml"):
+        assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(ROOT / "configs/fashion_mnist.yaml",
+                      ["objective.mode=center", "train.epochs=3", "augment.global_crop_scale=[0.3, 1.0]"])
+    assert cfg.objective.mode == "center" and cfg.train.epochs == 3.0
+    assert cfg.augment.global_crop_scale == (0.3, 1.0)
+    assert cfg.flat()["objective.mode"] == "center"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("objective.teacher_temperature=-0.1", "objective.teacher_temperature"),
+    ("objective.student_temperature=0", "objective.student_temperature"),
+    ("objective.num_clusters=1", "objective.num_clusters"),
+    ("objective.mode=dino", "objective.mode"),
+    ("scaling.num_workers=0", "scaling.num_workers"),
+    ("train.batch_size=-4", "train.batch_size"),
+    ("optim.teacher_momentum=1.5", "optim.teacher_momentum"),
+    ("augment.local_crop_scale=[0.5, 0.2]", "augment.local_crop_scale"),
+    ("model.backbone=vgg", "model.backbone"),
+    ("objective.prior_momentum=1", "objective.prior_momentum"),
+])
+def test_invalid_values_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(field) and "\n" not in message
+
+
+def test_unknown_key_suggests_the_known_one() -> None:
+    with pytest.raises(ConfigError, match=r"objective.tempreature: unknown key \(did you mean objective.teacher_temperature\?\)"):
+        load_config(None, ["objective.tempreature=0.04"])
+    with pytest.raises(ConfigError, match="override 'novalue'"):
+        load_config(None, ["novalue"])
+
+
+def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_job_prints_one_line_error_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "objective.num_clusters=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "config error: objective.num_clusters: Input should be greater than or equal to 2 (got 1)"]
+
+
+def test_help_carries_tuning_advice() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "objective.teacher_temperature" in proc.stdout
