@@ -109,7 +109,7 @@ class ScalingConfig(_Section):
 
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")
-    storage_path: str = "runs"
+    storage_path: str = "~/rayssl_results"
     max_failures: int = Field(0, ge=-1)
 
 

@@ -45,4 +45,5 @@ def build_datasets(data_cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     meta = DataMeta(num_train=len(x_train), num_test=len(x_test), channels=1,
                     image_size=x_train.shape[1], num_classes=len(CLASSES),
                     mean=(float(scaled.mean()),), std=(float(scaled.std()),))
-    return {"train": _dataset(x_train, y_train), "test": _dataset(x_test, y_test)}, meta
+    train = _dataset(x_train, y_train).randomize_block_order()  # plus a local buffer in the loop
+    return {"train": train, "test": _dataset(x_test, y_test)}, meta

@@ -1,0 +1,62 @@
+"""k-NN evaluation and schedules, pinned to their definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayssl.config import load_config
+from rayssl.knn import knn_accuracy, merge_neighbours, topk_neighbours, weighted_vote
+from rayssl.schedules import build_schedules, cosine_schedule
+
+
+def test_knn_separable_clusters_is_perfect_and_random_is_chance() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 10
+    labels = torch.arange(5).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(200, 16, generator=g)
+    assert knn_accuracy(feats[::2], labels[::2], feats[1::2], labels[1::2], 5, k=10) == 1.0
+    noise = torch.randn(2000, 16, generator=g)
+    rand_labels = torch.randint(0, 5, (2000,), generator=g)
+    acc = knn_accuracy(noise[:1000], rand_labels[:1000], noise[1000:], rand_labels[1000:], 5, k=20)
+    assert 0.1 < acc < 0.3
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(20, 80), shards=st.integers(1, 4), k=st.integers(1, 10), seed=st.integers(0, 1000))
+def test_sharded_topk_merges_to_the_global_topk(n: int, shards: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    full = topk_neighbours(bank, labels, queries, k)
+    parts = [topk_neighbours(b, lab, queries, k) for b, lab in zip(bank.chunk(shards), labels.chunk(shards))]
+    merged = merge_neighbours(parts, k)
+    torch.testing.assert_close(merged[0], full[0])
+    assert torch.equal(weighted_vote(*merged, 3, 0.07), weighted_vote(*full, 3, 0.07))
+
+
+def test_weighted_vote_weights_by_similarity() -> None:
+    sims = torch.tensor([[0.9, 0.1, 0.1]])
+    labels = torch.tensor([[2, 0, 0]])
+    assert weighted_vote(sims, labels, 3, 0.07).item() == 2  # one close neighbour beats two far
+    assert weighted_vote(sims, labels, 3, 100.0).item() == 0  # ~uniform weights: majority
+
+
+def test_cosine_schedule_warmup_and_ends() -> None:
+    s = cosine_schedule(1.0, 0.1, 100, warmup_steps=10, warmup_start=0.0)
+    assert len(s) == 100 and s[0] == 0.0 and np.all(np.diff(s[:11]) > 0)
+    assert s[10] == 1.0 and abs(s[-1] - 0.1) < 1e-3 and np.all(np.diff(s[10:]) <= 0)
+
+
+def test_run_schedules_follow_config() -> None:
+    cfg = load_config(None, ["train.epochs=2", "optim.lr=0.001", "optim.warmup_epochs=1",
+                             "objective.teacher_temperature_warmup=0.02",
+                             "objective.teacher_temperature=0.07", "objective.teacher_temperature_warmup_epochs=1"])
+    s = build_schedules(cfg, steps_per_epoch=50, global_batch=512)
+    assert {len(v) for v in s.values()} == {100}
+    assert abs(s["lr"].max() - 0.002) < 1e-12  # linear scaling: 0.001 x 512 / 256
+    assert s["teacher_temperature"][0] == 0.02 and np.all(s["teacher_temperature"][50:] == 0.07)
+    assert s["momentum"][0] == cfg.optim.teacher_momentum and np.all(np.diff(s["momentum"]) >= 0)
