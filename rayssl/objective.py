@@ -190,7 +190,9 @@ def cross_entropy_loss(student_logits: Tensor, targets: Tensor, student_temperat
 
 # --------------------------------------------------------------------------- diagnostics
 def _entropy_rows(log_probs: Tensor) -> Tensor:
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    """-sum_k q_k log q_k per row, with 0 log 0 = 0 (exact zeros are common at tau_t = 0.04)."""
+    p = log_probs.exp()
+    return -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(dim=-1)
 
 
 def information_diagnostics(log_probs: Tensor, log_rho: Tensor) -> dict[str, Tensor]:

@@ -48,6 +48,16 @@ def random_log_rho(seed: int, k: int) -> torch.Tensor:
     return torch.log_softmax(randn(seed + 1, k), dim=0)
 
 
+def uniform64(k: int) -> torch.Tensor:
+    """Exact float64 log of the uniform prior (``target_log_prior`` is float32)."""
+    return torch.full((k,), -math.log(k), dtype=F64)
+
+
+def rho64(k: int, kind: str, exponent: float = 1.0) -> torch.Tensor:
+    """``target_log_prior`` renormalised in float64."""
+    return torch.log_softmax(target_log_prior(k, kind, exponent).double(), dim=0)
+
+
 def marginal_kl(log_q: torch.Tensor, log_rho: torch.Tensor) -> torch.Tensor:
     """KL(batch marginal of q || rho), computed independently of the implementation."""
     pi = log_q.exp().mean(dim=0)
@@ -216,7 +226,7 @@ def test_center_invariant_to_per_cluster_bias(seed, n, k, tau, scale):
        scale=st.floats(0.0, 5.0), kind=st.sampled_from(["uniform", "powerlaw", "random"]))
 def test_prior_normalisation_does_not_increase_marginal_kl(seed, n, k, tau, scale, kind):
     log_q = torch.log_softmax(randn(seed, n, k, scale=scale) / tau, dim=-1)
-    log_rho = random_log_rho(seed, k) if kind == "random" else target_log_prior(k, kind, 1.2).double()
+    log_rho = random_log_rho(seed, k) if kind == "random" else rho64(k, kind, 1.2)
     log_qt = prior_step(log_q, log_prior(log_q), log_rho)
     # the marginal of the normalised target is computed on qt itself
     before, after = marginal_kl(log_q, log_rho), marginal_kl(log_qt, log_rho)
@@ -228,7 +238,7 @@ def test_prior_normalisation_does_not_increase_marginal_kl(seed, n, k, tau, scal
        scale=st.floats(0.0, 3.0))
 def test_normalize_teacher_prior_does_not_increase_marginal_kl(seed, n, k, tau, scale):
     z = randn(seed, n, k, scale=scale)
-    log_rho = target_log_prior(k).double()
+    log_rho = uniform64(k)
     before = marginal_kl(torch.log_softmax(z / tau, -1), log_rho)
     qt = normalize_teacher(z, "prior", tau).double()
     after = marginal_kl(qt.clamp_min(1e-300).log(), log_rho)
@@ -252,7 +262,7 @@ def manual_sinkhorn(log_q: torch.Tensor, log_rho: torch.Tensor, iters: int, alph
        kind=st.sampled_from(["uniform", "random"]))
 def test_sinkhorn_equals_repeated_prior_steps(seed, n, k, tau, iters, alpha, kind):
     log_q = torch.log_softmax(randn(seed, n, k) / tau, dim=-1)
-    log_rho = random_log_rho(seed, k) if kind == "random" else target_log_prior(k).double()
+    log_rho = random_log_rho(seed, k) if kind == "random" else uniform64(k)
     expected = manual_sinkhorn(log_q, log_rho, iters, alpha)[-1]
     torch.testing.assert_close(sinkhorn(log_q, log_rho, iters, alpha), expected, atol=1e-10, rtol=0)
     # and via normalize_teacher (float32 path)
@@ -271,15 +281,25 @@ def test_sinkhorn_one_iteration_is_prior_mode():
 @given(seed=seeds, k=st.integers(2, 12), extra=st.integers(0, 20), tau=st.sampled_from([0.5, 1.0]),
        scale=st.floats(0.1, 2.0))
 def test_sinkhorn_marginal_kl_falls(seed, k, extra, tau, scale):
-    n = k + extra
+    n = 2 * k + extra    # N = K can be so ill-conditioned that 20 iterations only gain ~7x
     log_q = torch.log_softmax(randn(seed, n, k, scale=scale) / tau, dim=-1)
-    log_rho = target_log_prior(k).double()
+    log_rho = uniform64(k)
     kls = [float(marginal_kl(sinkhorn(log_q, log_rho, it), log_rho)) for it in range(0, 6)]
     for a, b in zip(kls, kls[1:]):
         assert b <= a + 1e-12, kls
     kl20 = float(marginal_kl(sinkhorn(log_q, log_rho, 20), log_rho))
-    assert kl20 < 1e-4
-    assert kl20 <= 1e-2 * kls[0] + 1e-12
+    assert kl20 < 2e-3                   # worst seen in 6000 random trials: 5.4e-4
+    assert kl20 <= 0.1 * kls[0] + 1e-12  # worst seen: 0.015
+
+
+def test_sinkhorn_marginal_kl_falls_geometrically_when_well_conditioned():
+    log_q = torch.log_softmax(randn(0, 64, 8, scale=2.0), dim=-1)
+    log_rho = uniform64(8)
+    kls = [float(marginal_kl(sinkhorn(log_q, log_rho, it), log_rho)) for it in range(0, 13)]
+    assert kls[0] > 1e-3
+    for a, b in zip(kls[:8], kls[1:9]):
+        assert b < 0.2 * a, kls               # at least a constant factor per iteration
+    assert kls[12] < 1e-10
 
 
 # ================================================================ 7.9 no gradient into the target; dL/ds
@@ -344,6 +364,15 @@ def test_log_prior_equals_log_mean_at_tau_one(seed, n, k, scale):
     expected = torch.softmax(z, dim=-1).mean(dim=0).log()
     torch.testing.assert_close(log_prior(torch.log_softmax(z, -1)), expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(global_log_prior(torch.log_softmax(z, -1)), expected, atol=1e-12, rtol=1e-12)
+
+
+@SETTINGS
+@given(seed=seeds, n=st.integers(1, 24), k=st.integers(1, 12))
+def test_global_mean_single_process_is_column_mean(seed, n, k):
+    z = randn(seed, n, k, scale=5.0)
+    out = global_mean(z)
+    assert out.dtype == F64
+    torch.testing.assert_close(out, z.sum(0) / n, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
