@@ -43,7 +43,7 @@ def main() -> None:
     test_x, test_y = load_fashion_mnist(cfg.data.fashion_mnist_dir, "test", 2000)
     mean, std = (float(x.mean() / 255),), (float(x.std() / 255),)
     torch.manual_seed(cfg.train.seed)
-    student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters)
+    student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     objective = ClusterObjective(ObjectiveSpec(**{k: v for k, v in cfg.objective.model_dump().items()
                                                   if k in ObjectiveSpec.__dataclass_fields__}))

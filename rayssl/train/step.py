@@ -65,6 +65,7 @@ class Stepper:
     def micro_batch(self, views: list[Tensor], step: int, last: bool) -> Tensor:
         """Forward and backward of one micro-batch; returns the (unscaled) loss."""
         tau_t = float(self.schedules["teacher_temperature"][step])
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         sync = contextlib.nullcontext() if last or not hasattr(self.student, "no_sync") else self.student.no_sync()
         with sync:
             with self.autocast:
