@@ -10,7 +10,7 @@ from torch import nn
 from rayssl.models.backbones import BACKBONES, build_backbone
 from rayssl.models.head import ClusterHead
 
-__all__ = ["BACKBONES", "ClusterHead", "Encoder", "build_backbone", "build_encoder", "ema_update", "make_teacher"]
+__all__ = ["BACKBONES", "ClusterHead", "Encoder", "build_backbone", "build_encoder", "ema_update", "make_teacher", "unwrap"]
 
 
 class Encoder(nn.Module):
@@ -52,14 +52,14 @@ def build_encoder(model_cfg: Any, in_chans: int, image_size: int, num_clusters: 
     return Encoder(backbone, head)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The wrapped module of a DistributedDataParallel (or similar) wrapper, else `model`."""
     return getattr(model, "module", model)
 
 
 def make_teacher(student: nn.Module) -> Encoder:
     """Independent deep copy of `student` (unwrapped from DDP) with all gradients disabled."""
-    teacher = copy.deepcopy(_unwrap(student))
+    teacher = copy.deepcopy(unwrap(student))
     teacher.requires_grad_(False)
     return teacher
 
@@ -71,8 +71,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     Only parameters are averaged; buffers such as BatchNorm running statistics
     stay the teacher's own. Either model may be wrapped in DistributedDataParallel.
     """
-    t_params = list(_unwrap(teacher).parameters())
-    s_params = list(_unwrap(student).parameters())
+    t_params = list(unwrap(teacher).parameters())
+    s_params = list(unwrap(student).parameters())
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters but student has {len(s_params)}")
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 from rayssl.config import Config
 from rayssl.data.datasets import DataMeta
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
-from rayssl.models import build_encoder, make_teacher
+from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules
-from rayssl.train.step import Stepper, build_optimizer, unwrap
+from rayssl.train.step import Stepper, build_optimizer
 from rayssl.transforms import MultiCrop
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,7 +48,7 @@ def _extract(shard, fn, device, batch_size: int, limit: int | None) -> tuple[lis
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         out = fn(_images(batch, device))
         feats.append([F.normalize(f.float(), dim=1).cpu() for f in out])
-        labels.append(torch.from_numpy(batch["label"]))
+        labels.append(torch.tensor(batch["label"]))  # a copy: Ray hands out read-only arrays
         seen += len(batch["label"])
         if limit is not None and seen >= limit:
             break
@@ -109,6 +110,8 @@ def _progress(step: int, total: int, metrics: dict, started: float, first_step: 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     cfg = Config.model_validate(loop_config["config"])
+    # Ray Train logs every report (all metrics) at INFO on rank 0; the progress line says it shorter.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     meta = DataMeta(**loop_config["meta"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     ctx = ray.train.get_context()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rayssl.models import ema_update
+from rayssl.models import ema_update, unwrap
 from rayssl.objective import ClusterObjective
 
 
@@ -27,16 +25,6 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     if optim_cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     return torch.optim.AdamW(groups, lr=0.0)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-@dataclass
-class StepOutput:
-    loss: Tensor
-    grad_norm: Tensor | None
 
 
 class Stepper:
@@ -77,20 +65,18 @@ class Stepper:
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
         return loss.detach()
 
-    def finish(self, step: int) -> Tensor | None:
+    def finish(self, step: int) -> None:
         """Clip, step the optimizer, update the objective state and the teacher."""
         self._set_hyperparameters(step)
         if step < self.freeze_steps:
             for p in unwrap(self.student).head.prototype_parameters():
                 p.grad = None
-        norm = None
         if self.cfg.optim.clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.update_state()
         ema_update(self.teacher, self.student, float(self.schedules["momentum"][step]))
-        return norm
 
     def state_dict(self) -> dict:
         """Student, teacher, optimizer and objective state (centre / prior EMA)."""
