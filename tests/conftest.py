@@ -18,7 +18,26 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1, with fake credentials in the env.
+
+    Started before Ray so that Ray's workers inherit ``AWS_ENDPOINT_URL`` and the keys.
+    Yields the endpoint URL.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     """A real local Ray (4 logical CPUs on 2 cores, as STACK.md advises), started once."""
     import ray
 

@@ -53,3 +53,22 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, fashion_
     final = checkpoints(tmp_path / name)[-1]
     assert final["step"] == 18
     assert not torch.equal(final["objective"]["log_prior_ema"], prior_at_12)
+
+
+def test_checkpoints_to_s3(ray_cluster, s3_server, tmp_path, fashion_mnist_dir) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="ckpts")
+    name = f"s3-{uuid.uuid4().hex[:8]}"
+    cfg = tiny_config(tmp_path, fashion_mnist_dir, name, "train.epochs=1", "eval.baselines=false",
+                      "run.storage_path=s3://ckpts/runs")
+    result = pretrain(cfg)
+    assert result["run_path"].endswith(f"ckpts/runs/{name}")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix=f"runs/{name}/")["Contents"]]
+    saved = [k for k in keys if k.endswith(CHECKPOINT_FILE)]
+    assert len(saved) == 1  # one checkpoint at step 6 (checkpoint_every=6, 6 steps)
+    body = s3.get_object(Bucket="ckpts", Key=saved[0])["Body"].read()
+    local = tmp_path / "ckpt.pt"
+    local.write_bytes(body)
+    assert torch.load(local, map_location="cpu", weights_only=False)["step"] == 6

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -26,9 +27,23 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def storage_path(path: str) -> str:
-    """``s3://...`` (and other URIs) as given; local paths absolute (Ray requires it)."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig.
+
+    Local paths become absolute (Ray requires it). ``s3://`` gets an explicit pyarrow S3
+    filesystem: credentials from the standard AWS chain (env vars, profile, instance role),
+    ``AWS_ENDPOINT_URL`` for MinIO / Ceph / other S3-compatible stores, ``AWS_REGION`` or
+    ``AWS_DEFAULT_REGION``, and retries with backoff for transient errors.
+    """
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=endpoint,
+            scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=5))
+        return path.removeprefix("s3://"), fs
+    return (path, None) if "://" in path else (str(Path(path).expanduser().resolve()), None)
 
 
 def steps_per_epoch(cfg: Config, num_train: int) -> int:
@@ -55,6 +70,7 @@ def build_trainer(cfg: Config) -> TorchTrainer:
     name = cfg.run.name or f"rayssl-{cfg.objective.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    path, filesystem = storage(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(),
@@ -62,7 +78,7 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path(cfg.run.storage_path),
+            name=name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
