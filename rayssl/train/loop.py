@@ -78,13 +78,18 @@ def knn_eval(cfg: Config, meta: DataMeta, fn, names: list[str], device) -> dict[
     return results
 
 
-def _save_checkpoint(state: dict) -> ray.train.Checkpoint | None:
-    """Rank 0 writes the state to a fresh temp dir (Ray copies it to storage)."""
-    if ray.train.get_context().get_world_rank() != 0:
-        return None
-    tmp = tempfile.mkdtemp(prefix="rayssl-ckpt-")
-    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-    return ray.train.Checkpoint.from_directory(tmp)
+def _report(metrics: dict, state: dict | None) -> None:
+    """``ray.train.report`` on every rank; with a state, rank 0 attaches it as a checkpoint.
+
+    The state is written to a temporary folder that Ray copies to ``run.storage_path``
+    before ``report`` returns (synchronous upload); the folder is then removed.
+    """
+    with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
+        checkpoint = None
+        if state is not None and ray.train.get_context().get_world_rank() == 0:
+            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
@@ -211,7 +216,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
             history.append(metrics)
-            ray.train.report(metrics, checkpoint=_save_checkpoint(state_dict(step)) if ckpt_now else None)
+            _report(metrics, state_dict(step) if ckpt_now else None)
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
 
     results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
