@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayssl.train.launch import pretrain
 
-    results = pretrain(cfg)
+    try:
+        results = pretrain(cfg)
+    except ConfigError as err:  # inputs found wrong once Ray and the data are in reach
+        parser.exit(2, f"error: {err}\n")
     print("\nk-NN accuracy (weighted 20-NN, test split):")
     for key in ("raw_pixels", "random_init", "teacher"):
         if f"knn/{key}" in results:

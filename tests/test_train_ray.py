@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
-from rayssl.config import load_config
+from rayssl.config import ConfigError, load_config
 from rayssl.train.launch import pretrain
 from rayssl.train.loop import CHECKPOINT_FILE
 
@@ -72,3 +73,16 @@ def test_checkpoints_to_s3(ray_cluster, s3_server, tmp_path, fashion_mnist_dir) 
     local = tmp_path / "ckpt.pt"
     local.write_bytes(body)
     assert torch.load(local, map_location="cpu", weights_only=False)["step"] == 6
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.fashion_mnist_dir=/nonexistent", "data.fashion_mnist_dir"),
+    ("train.steps_per_epoch=1000", "train.steps_per_epoch"),
+])
+def test_bad_inputs_fail_before_training_with_one_line(ray_cluster, tmp_path, fashion_mnist_dir,
+                                                       override: str, field: str) -> None:
+    cfg = tiny_config(tmp_path, fashion_mnist_dir, f"bad-{uuid.uuid4().hex[:8]}", override)
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg)
+    assert str(err.value).startswith(field) and "\n" not in str(err.value)
+    assert not (tmp_path / cfg.run.name).exists()  # nothing started, nothing written

@@ -9,6 +9,7 @@ import pyarrow as pa
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
+from rayssl.config import ConfigError
 from rayssl.data.fashion_mnist import CLASSES, load_fashion_mnist
 
 
@@ -38,9 +39,12 @@ def _dataset(images: np.ndarray, labels: np.ndarray, rows_per_block: int = 1024)
 def build_datasets(data_cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     """``{"train": ..., "test": ...}`` with columns ``image`` (uint8 H x W [x C]) and ``label``."""
     if data_cfg.source != "fashion-mnist":
-        raise ValueError(f"data.source: unsupported source {data_cfg.source!r}; use 'fashion-mnist'")
-    x_train, y_train = load_fashion_mnist(data_cfg.fashion_mnist_dir, "train", data_cfg.train_limit)
-    x_test, y_test = load_fashion_mnist(data_cfg.fashion_mnist_dir, "test", data_cfg.test_limit)
+        raise ConfigError(f"data.source: unsupported source {data_cfg.source!r}; use 'fashion-mnist'")
+    try:
+        x_train, y_train = load_fashion_mnist(data_cfg.fashion_mnist_dir, "train", data_cfg.train_limit)
+        x_test, y_test = load_fashion_mnist(data_cfg.fashion_mnist_dir, "test", data_cfg.test_limit)
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     scaled = x_train.astype(np.float32) / 255
     meta = DataMeta(num_train=len(x_train), num_test=len(x_test), channels=1,
                     image_size=x_train.shape[1], num_classes=len(CLASSES),

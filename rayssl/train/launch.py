@@ -11,7 +11,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from rayssl.config import Config
+from rayssl.config import Config, ConfigError
 from rayssl.data.datasets import build_datasets
 from rayssl.train.loop import train_loop_per_worker
 
@@ -56,11 +56,11 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
     available = (num_train // cfg.scaling.num_workers) // per_step
     if cfg.train.steps_per_epoch is not None:
         if cfg.train.steps_per_epoch > available:
-            raise ValueError(f"train.steps_per_epoch: {cfg.train.steps_per_epoch} exceeds the {available} "
+            raise ConfigError(f"train.steps_per_epoch: {cfg.train.steps_per_epoch} exceeds the {available} "
                              f"full batches each of {cfg.scaling.num_workers} workers gets")
         return cfg.train.steps_per_epoch
     if available < 1:
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} x {cfg.scaling.num_workers} workers "
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} x {cfg.scaling.num_workers} workers "
                          f"needs more than the {num_train} training images")
     return available
 
