@@ -45,8 +45,7 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
-    objective = ClusterObjective(ObjectiveSpec(**{k: v for k, v in cfg.objective.model_dump().items()
-                                                  if k in ObjectiveSpec.__dataclass_fields__}))
+    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
     spe = len(x) // cfg.train.batch_size
     stepper = Stepper(student, teacher, objective, build_optimizer(student, cfg.optim),
                       build_schedules(cfg, spe, cfg.train.batch_size), cfg, spe, torch.device("cpu"), False)

@@ -246,6 +246,11 @@ class ObjectiveSpec:
     center_momentum: float = 0.9
     sinkhorn_iters: int = 3
 
+    @classmethod
+    def from_mapping(cls, values: dict) -> "ObjectiveSpec":
+        """The spec from ``objective.*`` config values (other keys, e.g. temperatures' schedule, ignored)."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
 
 class ClusterObjective(nn.Module):
     """Loss with its state: the EMA centre (``center``) and the EMA log prior (``prior``).

@@ -43,6 +43,7 @@ class Stepper:
         self.freeze_steps = round(cfg.optim.freeze_prototypes_epochs * steps_per_epoch)
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.last_outputs: tuple | None = None  # (student, teacher, tau_t) of the last micro-batch
 
     def _set_hyperparameters(self, step: int) -> None:
         for g in self.optimizer.param_groups:
