@@ -52,3 +52,36 @@ def fashion_mnist_dir() -> str:
     if not os.path.exists(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz")):
         pytest.fail("Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does)")
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="module")
+def strict_s3_server():
+    """A second moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``).
+
+    No IAM user exists on it, so every key pair is refused like a wrong one on AWS.
+    Yields its endpoint URL; bounded start-up wait on 127.0.0.1 only.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 10 s")
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait(timeout=10)
