@@ -2,6 +2,7 @@
 
     python jobs/pretrain.py                                   # Fashion-MNIST, local Ray
     python jobs/pretrain.py --config configs/fashion_mnist.yaml objective.mode=center train.epochs=3
+    python jobs/pretrain.py data.source=s3://bucket/train data.eval_source=s3://bucket/val   # shards from make_shards.py
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pretrain.py
 """
 
@@ -18,6 +19,21 @@ from rayssl.config import ConfigError, load_config  # noqa: E402
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 
 TUNING = """
+data:
+  data.source               shards written by jobs/make_shards.py (local path or s3://bucket/prefix);
+                            'fashion-mnist' builds its shards once under data.cache_dir.
+  data.eval_source          labelled shards for the k-NN evaluation (needs labelled data.source too).
+  data.decode_on            data (default): decode + multi-crop in Ray Data CPU tasks, so GPU workers
+                            only train; give the cluster spare CPUs. worker: decode in the training
+                            process and crop on its device; try it when CPUs are scarce and GPUs idle.
+                            Watch data_wait_fraction: above ~0.1 the input pipeline is the bottleneck.
+  data.shuffle_buffer       rows per worker's local shuffle buffer (file order is shuffled each epoch);
+                            raise it when shards are sorted by class.
+  data.endpoint_url         MinIO/Ceph endpoint (or AWS_ENDPOINT_URL); credentials come from the
+                            AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, role).
+  data.image_size           decoded size before cropping; default: the shards' size, else 8/7 of
+                            augment.global_crop_size (256 for 224 crops).
+
 tuning advice:
   objective.mode            prior (exact inverse cluster prior, default), center (DINO),
                             sinkhorn (prior repeated objective.sinkhorn_iters times), none (collapses;
@@ -61,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         results = pretrain(cfg)
     except ConfigError as err:  # inputs found wrong once Ray and the data are in reach
         parser.exit(2, f"error: {err}\n")
-    print("\nk-NN accuracy (weighted 20-NN, test split):")
+    print("\nk-NN accuracy (weighted 20-NN, data.eval_source queries):")
     for key in ("raw_pixels", "random_init", "teacher"):
         if f"knn/{key}" in results:
             print(f"  {key:12s} {results[f'knn/{key}']:.2%}")

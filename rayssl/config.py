@@ -26,10 +26,26 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("fashion-mnist", description="'fashion-mnist' (the embedded default).")
+    source: str = Field("fashion-mnist", description=(
+        "Training shards from jobs/make_shards.py: a local path or s3://bucket/prefix; "
+        "'fashion-mnist' shards the IDX files of data.fashion_mnist_dir into data.cache_dir once."))
+    eval_source: str | None = Field(None, description=(
+        "Labelled shards queried by the k-NN evaluation against the labelled training shards; "
+        "default for fashion-mnist: its test split. Without labels on both, k-NN is skipped."))
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    cache_dir: str = Field("~/.cache/rayssl", description="Where the fashion-mnist shards are built.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL.")
+    region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION.")
+    image_size: PositiveInt | None = Field(None, description=(
+        "Decoded square size (shorter side resized, centre crop) before multi-crop; default: the "
+        "shards' common size, else 8/7 of augment.global_crop_size."))
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: what the shards hold.")
+    decode_on: Literal["data", "worker"] = Field("data", description=(
+        "'data': decode and multi-crop in Ray Data CPU tasks (GPU workers only train); "
+        "'worker': decode in the training worker and multi-crop on its device."))
+    shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (plus file order).")
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
-    test_limit: PositiveInt | None = Field(None, description="Use only the first N test images.")
+    test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
 
 
 class AugmentConfig(_Section):

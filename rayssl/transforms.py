@@ -108,13 +108,17 @@ class MultiCrop:
         if view.solarize_prob > 0:
             flip = _chance(n, view.solarize_prob, dev).view(-1, 1, 1, 1) & (out >= 0.5)
             out = torch.where(flip, 1 - out, out)
-        return self.normalize(out)
+        return out
 
-    def __call__(self, images: Tensor) -> list[Tensor]:
-        """Views of a uint8 (B, C, H, W) batch: 2 global (B, C, g, g), then local (B, C, l, l)."""
+    def __call__(self, images: Tensor, normalize: bool = True) -> list[Tensor]:
+        """Views of a uint8 (B, C, H, W) batch: 2 global (B, C, g, g), then local (B, C, l, l).
+
+        Normalised with the dataset mean and std, or in [0, 1] with ``normalize=False``.
+        """
         self._check(images)
         x = images.float() / 255
-        return [self._view(x, v) for v in self.views]
+        views = [self._view(x, v) for v in self.views]
+        return [self.normalize(v) for v in views] if normalize else views
 
     def eval_transform(self, images: Tensor, size: int) -> Tensor:
         """Deterministic preprocessing for feature extraction: resize to ``size``, scale, normalise."""

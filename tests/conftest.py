@@ -85,3 +85,15 @@ def strict_s3_server():
     yield f"http://127.0.0.1:{port}"
     proc.kill()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def shard_cache(ray_cluster, fashion_mnist_dir) -> str:
+    """A ``data.cache_dir`` holding the Fashion-MNIST train/test shards, built once per session."""
+    from rayssl.data.shards import make_shards
+
+    cache = os.path.join(_TMP, "cache")
+    for split in ("train", "test"):
+        make_shards(fashion_mnist_dir, os.path.join(cache, "fashion-mnist", split), split=split,
+                    progress=lambda line: None)
+    return cache

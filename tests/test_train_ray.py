@@ -15,9 +15,9 @@ from rayssl.train.loop import CHECKPOINT_FILE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(tmp_path: Path, fashion_mnist_dir: str, name: str, *extra: str):
+def tiny_config(tmp_path: Path, cache: str, name: str, *extra: str):
     return load_config(ROOT / "configs/fashion_mnist.yaml", [
-        f"data.fashion_mnist_dir={fashion_mnist_dir}", "data.train_limit=1024", "data.test_limit=256",
+        f"data.cache_dir={cache}", "data.train_limit=1024", "data.test_limit=256",
         "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "objective.num_clusters=32", "train.batch_size=32", "train.steps_per_epoch=6",
         "train.log_every=2", "train.checkpoint_every=6", "optim.lr=0.005", "optim.warmup_epochs=0",
@@ -30,9 +30,9 @@ def checkpoints(run_dir: Path) -> list[dict]:
     return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
 
-def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, fashion_mnist_dir) -> None:
+def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_cache) -> None:
     name = f"it-{uuid.uuid4().hex[:8]}"
-    cfg = tiny_config(tmp_path, fashion_mnist_dir, name, "train.epochs=2", "objective.prior_momentum=0.9")
+    cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=2", "objective.prior_momentum=0.9")
     first = pretrain(cfg)
 
     losses = [m["loss"] for m in first["history"]]
@@ -56,14 +56,14 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, fashion_
     assert not torch.equal(final["objective"]["log_prior_ema"], prior_at_12)
 
 
-def test_checkpoints_to_s3(ray_cluster, s3_server, tmp_path, fashion_mnist_dir) -> None:
+def test_checkpoints_to_s3_decoding_in_the_worker(ray_cluster, s3_server, tmp_path, shard_cache) -> None:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="ckpts")
     name = f"s3-{uuid.uuid4().hex[:8]}"
-    cfg = tiny_config(tmp_path, fashion_mnist_dir, name, "train.epochs=1", "eval.baselines=false",
-                      "run.storage_path=s3://ckpts/runs")
+    cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=1", "eval.baselines=false",
+                      "run.storage_path=s3://ckpts/runs", "data.decode_on=worker")
     result = pretrain(cfg)
     assert result["run_path"].endswith(f"ckpts/runs/{name}")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix=f"runs/{name}/")["Contents"]]
@@ -77,11 +77,14 @@ def test_checkpoints_to_s3(ray_cluster, s3_server, tmp_path, fashion_mnist_dir) 
 
 @pytest.mark.parametrize("override, field", [
     ("data.fashion_mnist_dir=/nonexistent", "data.fashion_mnist_dir"),
+    ("data.source=s3://no-such-bucket/shards", "data.source"),
+    ("run.storage_path=s3://no-such-bucket/runs", "run.storage_path"),
+    ("data.eval_source=/nonexistent/shards", "data.eval_source"),
     ("train.steps_per_epoch=1000", "train.steps_per_epoch"),
 ])
-def test_bad_inputs_fail_before_training_with_one_line(ray_cluster, tmp_path, fashion_mnist_dir,
+def test_bad_inputs_fail_before_training_with_one_line(ray_cluster, tmp_path, shard_cache,
                                                        override: str, field: str) -> None:
-    cfg = tiny_config(tmp_path, fashion_mnist_dir, f"bad-{uuid.uuid4().hex[:8]}", override)
+    cfg = tiny_config(tmp_path, shard_cache, f"bad-{uuid.uuid4().hex[:8]}", override)
     with pytest.raises(ConfigError) as err:
         pretrain(cfg)
     assert str(err.value).startswith(field) and "\n" not in str(err.value)

@@ -1,16 +1,30 @@
-"""Ray Data datasets for training and evaluation (the edge between storage and workers)."""
+"""Ray Data datasets for training and evaluation: Parquet shards -> decoded, augmented batches.
+
+``train`` streams the shards (file order shuffled every epoch, plus each worker's local
+shuffle buffer) and, with ``data.decode_on=data``, decodes and builds the multi-crop views in
+Ray Data CPU tasks, so that training workers only train. ``knn_bank`` (labelled training
+shards) and ``knn_query`` (``data.eval_source``) are decoded without augmentation for the
+k-NN evaluation. A sample that fails to decode is kept as a row with ``ok=False``: the worker
+skips and counts it, so every worker still sees the same number of rows and steps.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import ray.data
-from ray.data.extensions import ArrowTensorArray
+import torch
 
 from rayssl.config import ConfigError
-from rayssl.data.fashion_mnist import CLASSES, load_fashion_mnist
+from rayssl.data import storage
+from rayssl.data.images import decode_batch
+from rayssl.data.shards import load_manifest, make_shards
+from rayssl.transforms import MultiCrop
 
 
 @dataclass(frozen=True)
@@ -18,36 +32,130 @@ class DataMeta:
     """What the workers need to know about the data before the first batch."""
 
     num_train: int
-    num_test: int
+    num_eval: int
     channels: int
     image_size: int
-    num_classes: int
+    classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray, rows_per_block: int = 1024) -> ray.data.Dataset:
-    tables = [pa.table({"image": ArrowTensorArray.from_numpy(images[i:i + rows_per_block]),
-                        "label": labels[i:i + rows_per_block]})
-              for i in range(0, len(images), rows_per_block)]
-    return ray.data.from_arrow(tables)
+def _fashion_mnist(data_cfg) -> tuple[str, str]:
+    """Shards of the Fashion-MNIST IDX files, built once under ``data.cache_dir``."""
+    root = Path(data_cfg.cache_dir).expanduser() / "fashion-mnist"
+    with _field("data.fashion_mnist_dir"):
+        storage.check_readable(data_cfg.fashion_mnist_dir)
+        for split in ("train", "test"):
+            make_shards(data_cfg.fashion_mnist_dir, str(root / split), split=split, min_shards=8,
+                        progress=lambda line: None)
+    return str(root / "train"), str(root / "test")
 
 
-def build_datasets(data_cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
-    """``{"train": ..., "test": ...}`` with columns ``image`` (uint8 H x W [x C]) and ``label``."""
-    if data_cfg.source != "fashion-mnist":
-        raise ConfigError(f"data.source: unsupported source {data_cfg.source!r}; use 'fashion-mnist'")
+@contextmanager
+def _field(name: str):
+    """Prefix a ``ConfigError`` (e.g. a ``StorageError`` naming a URI) with the config field."""
     try:
-        x_train, y_train = load_fashion_mnist(data_cfg.fashion_mnist_dir, "train", data_cfg.train_limit)
-        x_test, y_test = load_fashion_mnist(data_cfg.fashion_mnist_dir, "test", data_cfg.test_limit)
-    except (OSError, ValueError) as err:
-        raise ConfigError(str(err)) from None
-    scaled = x_train.astype(np.float32) / 255
-    meta = DataMeta(num_train=len(x_train), num_test=len(x_test), channels=1,
-                    image_size=x_train.shape[1], num_classes=len(CLASSES),
-                    mean=(float(scaled.mean()),), std=(float(scaled.std()),))
-    train = _dataset(x_train, y_train).randomize_block_order()  # plus a local buffer in the loop
-    return {"train": train, "test": _dataset(x_test, y_test)}, meta
+        yield
+    except ConfigError as err:
+        raise type(err)(f"{name}: {err}") from None
+
+
+def _manifest(name: str, uri: str, data_cfg) -> dict:
+    with _field(name):
+        storage.check_readable(uri, data_cfg.endpoint_url, data_cfg.region)
+        return load_manifest(uri, data_cfg.endpoint_url, data_cfg.region)
+
+
+def _adapt(stats: list[float], channels: int) -> tuple[float, ...]:
+    """Per-channel statistics for ``channels``: the mean of RGB for gray, gray repeated for RGB."""
+    if len(stats) == channels:
+        return tuple(stats)
+    return (float(np.mean(stats)),) if channels == 1 else tuple(stats) * 3
+
+
+def _read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle: bool):
+    fs, root = storage.resolve(uri, data_cfg.endpoint_url, data_cfg.region)
+    paths = [f"{root}/{s['path']}" for s in manifest["shards"]]
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if shuffle else None).select_columns(columns)
+    return ds.limit(limit) if limit is not None else ds
+
+
+def decode_stage(batch: dict, channels: int, size: int) -> dict:
+    """Ray Data stage: encoded ``image`` -> uint8 (B, size, size, C) ``image`` and ``ok``."""
+    images, ok = decode_batch(batch["image"], channels, size)
+    labels = np.array([-1 if v is None or v != v else int(v) for v in batch["label"]], dtype=np.int64)
+    return {"image": images, "label": labels, "ok": ok}
+
+
+def multicrop_stage(batch: dict, augment: dict, channels: int, size: int) -> dict:
+    """Ray Data stage: encoded ``image`` -> uint8 views ``view_0..`` (B, C, h, w) and ``ok``.
+
+    Views are augmented in [0, 1] and stored as uint8 (a quarter of float32 in the object
+    store); the worker normalises them. Each batch draws fresh random parameters.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    images, ok = decode_batch(batch["image"], channels, size)
+    crops = MultiCrop(_Augment(augment), channels, (0.0,) * channels, (1.0,) * channels)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    views = crops(x, normalize=False)
+    out = {f"view_{i}": (v * 255).round_().to(torch.uint8).numpy() for i, v in enumerate(views)}
+    return {**out, "ok": ok}
+
+
+class _Augment:
+    """The ``augment`` section as attributes (MultiCrop reads them), rebuilt from a plain dict."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
+def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
+    """``train`` plus, when both are labelled, ``knn_bank`` and ``knn_query``; and the DataMeta.
+
+    Raises ``StorageError`` (one line naming the URI) for a missing bucket, refused
+    credentials, an unreachable endpoint or missing shards, before anything runs.
+    """
+    d = cfg.data
+    if d.source == "fashion-mnist":
+        train_uri, eval_uri = _fashion_mnist(d)
+        eval_uri = d.eval_source or eval_uri
+    else:
+        train_uri, eval_uri = d.source, d.eval_source
+    train = _manifest("data.source", train_uri, d)
+    query = _manifest("data.eval_source", eval_uri, d) if eval_uri else None
+
+    channels = d.channels or train["channels"]
+    common = train.get("image_size")
+    size = d.image_size or (min(common) if common else math.ceil(cfg.augment.global_crop_size * 8 / 7))
+    labelled = bool(train["classes"]) and query is not None and bool(query["classes"])
+    if labelled and train["classes"] != query["classes"]:
+        raise ConfigError(f"data.eval_source: classes {query['classes'][:3]}... differ from those of "
+                          f"data.source {train['classes'][:3]}...")
+    num_train = min(train["num_images"], d.train_limit or train["num_images"])
+    num_eval = min(query["num_images"], d.test_limit or query["num_images"]) if labelled else 0
+    meta = DataMeta(num_train=num_train, num_eval=num_eval, channels=channels, image_size=size,
+                    classes=tuple(train["classes"]), mean=_adapt(train["mean"], channels),
+                    std=_adapt(train["std"], channels))
+
+    stream = _read(train_uri, train, d, ["image"], d.train_limit, shuffle=True)
+    if d.decode_on == "data":
+        stream = stream.map_batches(multicrop_stage, batch_size=cfg.train.batch_size, batch_format="numpy",
+                                    fn_kwargs={"augment": cfg.augment.model_dump(), "channels": channels,
+                                               "size": size})
+    datasets = {"train": stream}
+    if labelled:
+        decode = {"fn_kwargs": {"channels": channels, "size": size}, "batch_format": "numpy", "batch_size": 512}
+        bank_limit = min(num_train, cfg.eval.knn_train_limit or num_train)
+        datasets["knn_bank"] = _read(train_uri, train, d, ["image", "label"], bank_limit,
+                                     shuffle=False).map_batches(decode_stage, **decode)
+        datasets["knn_query"] = _read(eval_uri, query, d, ["image", "label"], d.test_limit,
+                                      shuffle=False).map_batches(decode_stage, **decode)
+    return datasets, meta

@@ -12,6 +12,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from rayssl.config import Config, ConfigError
+from rayssl.data import storage as data_storage
 from rayssl.data.datasets import build_datasets
 from rayssl.train.loop import train_loop_per_worker
 
@@ -27,23 +28,21 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
-    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig.
+def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig, checked writable.
 
-    Local paths become absolute (Ray requires it). ``s3://`` gets an explicit pyarrow S3
-    filesystem: credentials from the standard AWS chain (env vars, profile, instance role),
-    ``AWS_ENDPOINT_URL`` for MinIO / Ceph / other S3-compatible stores, ``AWS_REGION`` or
-    ``AWS_DEFAULT_REGION``, and retries with backoff for transient errors.
+    Local paths become absolute (Ray requires it); ``s3://`` gets the explicit pyarrow S3
+    filesystem of ``rayssl.data.storage`` (AWS chain, ``data.endpoint_url``, region, retries).
     """
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=endpoint,
-            scheme="http" if endpoint and endpoint.startswith("http://") else "https",
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=5))
-        return path.removeprefix("s3://"), fs
-    return (path, None) if "://" in path else (str(Path(path).expanduser().resolve()), None)
+    path = cfg.run.storage_path
+    try:
+        data_storage.check_writable(path, cfg.data.endpoint_url, cfg.data.region)
+    except data_storage.StorageError as err:
+        raise data_storage.StorageError(f"run.storage_path: {err}") from None
+    if data_storage.is_s3(path):
+        fs, bucket_path = data_storage.resolve(path, cfg.data.endpoint_url, cfg.data.region)
+        return bucket_path, fs
+    return str(Path(path).expanduser().resolve()), None
 
 
 def steps_per_epoch(cfg: Config, num_train: int) -> int:
@@ -66,11 +65,11 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
 
 
 def build_trainer(cfg: Config) -> TorchTrainer:
-    datasets, meta = build_datasets(cfg.data)
+    path, filesystem = storage(cfg)
+    datasets, meta = build_datasets(cfg)
     name = cfg.run.name or f"rayssl-{cfg.objective.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    path, filesystem = storage(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(),

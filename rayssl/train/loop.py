@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from rayssl.config import Config
 from rayssl.data.datasets import DataMeta
+from rayssl.data.images import decode_batch
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.objective import ClusterObjective, ObjectiveSpec
@@ -28,10 +29,45 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _images(batch: dict, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W[, C]) numpy -> uint8 (B, C, H, W) tensor."""
-    x = torch.from_numpy(np.array(batch["image"]))  # a writable copy
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return x.to(device, non_blocking=True)
+    """Decoded uint8 (B, H, W, C) numpy rows that decoded -> uint8 (B', C, H, W) tensor."""
+    x = torch.from_numpy(np.array(batch["image"][batch["ok"]]))  # a writable copy
+    return x.permute(0, 3, 1, 2).to(device, non_blocking=True)
+
+
+class Views:
+    """Training batches -> normalised multi-crop views, skipping (and counting) undecodable images.
+
+    With ``data.decode_on=data`` the batch already holds uint8 views from Ray Data; with
+    ``worker`` it holds encoded images that are decoded here and cropped on the device.
+    """
+
+    def __init__(self, cfg: Config, meta: DataMeta, device: torch.device) -> None:
+        self.cfg, self.meta, self.device = cfg, meta, device
+        self.crops = MultiCrop(cfg.augment, meta.channels, meta.mean, meta.std)
+        self.skipped = 0
+
+    def __call__(self, batch: dict) -> list[torch.Tensor] | None:
+        """The views of the batch's decodable images, or None when none decoded."""
+        if self.cfg.data.decode_on == "worker":
+            images, ok = decode_batch(batch["image"], self.meta.channels, self.meta.image_size)
+        else:
+            ok = batch["ok"]
+        self.skipped += int((~ok).sum())
+        if not ok.any():
+            return None
+        if self.cfg.data.decode_on == "worker":
+            x = torch.from_numpy(images[ok]).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+            return self.crops(x)
+        keys = sorted((k for k in batch if k.startswith("view_")), key=lambda k: int(k[5:]))
+        views = [torch.from_numpy(np.array(batch[k][ok])).to(self.device, non_blocking=True) for k in keys]
+        return [self.crops.normalize(v.float() / 255) for v in views]
+
+
+def _global_sum(value: int) -> int:
+    t = torch.tensor(float(value))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t)
 
 
 def _all_gather(obj):
@@ -42,30 +78,27 @@ def _all_gather(obj):
     return out
 
 
-def _extract(shard, fn, device, batch_size: int, limit: int | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run ``fn(images) -> list of (B, D) features`` over (up to ``limit`` rows of) a shard."""
-    feats, labels, seen = [], [], 0
+def _extract(shard, fn, device, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run ``fn(images) -> list of (B, D) features`` over the decodable rows of a shard."""
+    feats, labels = [], []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        if not batch["ok"].any():
+            continue
         out = fn(_images(batch, device))
         feats.append([F.normalize(f.float(), dim=1).cpu() for f in out])
-        labels.append(torch.tensor(batch["label"]))  # a copy: Ray hands out read-only arrays
-        seen += len(batch["label"])
-        if limit is not None and seen >= limit:
-            break
+        labels.append(torch.from_numpy(np.array(batch["label"][batch["ok"]])))
     return [torch.cat(f) for f in zip(*feats)], torch.cat(labels)
 
 
 def knn_eval(cfg: Config, meta: DataMeta, fn, names: list[str], device) -> dict[str, float]:
     """Weighted k-NN accuracy of each feature set ``fn`` returns, bank sharded over workers.
 
-    Each worker extracts its shard of the train (bank) and test (query) splits; queries are
-    gathered, each worker returns its local top-k, and the exact global top-k is merged.
+    Each worker extracts its shard of the bank (labelled training images) and of the queries
+    (``data.eval_source``); queries are gathered, each worker returns its local top-k, and
+    the exact global top-k is merged.
     """
-    world = ray.train.get_context().get_world_size()
-    limit = None if cfg.eval.knn_train_limit is None else -(-cfg.eval.knn_train_limit // world)
-    bs = 512
-    bank, bank_labels = _extract(ray.train.get_dataset_shard("train"), fn, device, bs, limit)
-    query, query_labels = _extract(ray.train.get_dataset_shard("test"), fn, device, bs, None)
+    bank, bank_labels = _extract(ray.train.get_dataset_shard("knn_bank"), fn, device, 512)
+    query, query_labels = _extract(ray.train.get_dataset_shard("knn_query"), fn, device, 512)
     all_queries = _all_gather((query, query_labels))
     query_labels = torch.cat([q[1] for q in all_queries])
     results = {}
@@ -136,7 +169,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     schedules = build_schedules(cfg, steps_per_epoch, global_batch)
     total_steps = len(schedules["lr"])
     stepper = Stepper(student, teacher, objective, optimizer, schedules, cfg, steps_per_epoch, device, bf16)
-    crops = MultiCrop(cfg.augment, meta.channels, meta.mean, meta.std)
+    views_of = Views(cfg, meta, device)
+    crops = views_of.crops
+    knn = meta.num_eval > 0  # labelled training shards and data.eval_source
 
     start_step, results = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -144,12 +179,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         state = load_checkpoint_state(checkpoint)
         stepper.load_state_dict(state)
         start_step, results = state["step"], state["results"]
+        skipped_before = state.get("skipped_images", 0)
         results["resumed_from_step"] = start_step
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         if rank == 0:
             say(f"[rayssl] resumed from step {start_step}/{total_steps}")
     else:
         torch.manual_seed(cfg.train.seed + 1000 * rank)  # different crops on every worker
+        skipped_before = 0
 
     def features(model):
         def fn(x):
@@ -160,7 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             return [f]
         return fn
 
-    if start_step == 0 and cfg.eval.baselines:
+    if rank == 0 and not knn:
+        say("[rayssl] k-NN evaluation skipped: it needs labelled data.source and data.eval_source shards")
+    if start_step == 0 and cfg.eval.baselines and knn:
         def baselines(x):
             return [x.flatten(1).float() / 255, *features(teacher)(x)]
         results.update({f"knn/{k}": v for k, v in knn_eval(
@@ -171,6 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     def state_dict(step: int) -> dict:
         return {**stepper.state_dict(), "step": step, "results": results, "config": cfg.model_dump(),
+                "skipped_images": history[-1]["data/skipped_images"],
                 "rng": _all_gather(torch.get_rng_state())}
 
     shard = ray.train.get_dataset_shard("train")
@@ -181,20 +221,21 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     while step < total_steps:
         epoch_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
         batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                          drop_last=True, local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                          drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                           local_shuffle_seed=cfg.train.seed + step + rank))
         for _ in range(epoch_steps):
             student.train(), teacher.train()
             for micro in range(cfg.optim.accumulate_steps):
-                t0 = time.time()
-                batch = next(batches, None)
-                if batch is None:
-                    raise RuntimeError(f"worker {rank}: data shard ran out at step {step}; "
-                                       "set train.steps_per_epoch lower")
+                t0, views = time.time(), None
+                while views is None:  # a batch with no decodable image is skipped whole
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise RuntimeError(f"worker {rank}: data shard ran out at step {step}; "
+                                           "set train.steps_per_epoch lower")
+                    views = views_of(batch)
                 wait += time.time() - t0
-                images = _images(batch, device)
-                losses.append(stepper.micro_batch(crops(images), step, micro == cfg.optim.accumulate_steps - 1))
-                window_images += len(images) * world
+                losses.append(stepper.micro_batch(views, step, micro == cfg.optim.accumulate_steps - 1))
+                window_images += len(views[0]) * world
             stepper.finish(step)
             step += 1
             log_now = step % cfg.train.log_every == 0 or step == total_steps
@@ -211,16 +252,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        "momentum": float(schedules["momentum"][step - 1]),
                        "teacher_temperature": float(schedules["teacher_temperature"][step - 1]),
                        "images_per_second": window_images / elapsed,
-                       "data_wait_fraction": wait / elapsed, **stepper.diagnostics()}
+                       "data_wait_fraction": wait / elapsed,
+                       "data/skipped_images": _global_sum(views_of.skipped) + skipped_before,
+                       **stepper.diagnostics()}
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
             history.append(metrics)
             _report(metrics, state_dict(step) if ckpt_now else None)
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
 
-    results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
+    if knn:
+        results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
+        if rank == 0:
+            say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     results["train_seconds"] = time.time() - started
-    if rank == 0:
-        say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     ray.train.report({"step": total_steps, **results})
     return {**results, "history": history}
