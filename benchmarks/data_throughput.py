@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayssl.config import load_config  # noqa: E402
 from rayssl.data import storage  # noqa: E402
-from rayssl.data.datasets import multicrop_stage  # noqa: E402
+from rayssl.data.datasets import multicrop_stage, read_shards  # noqa: E402
 from rayssl.data.shards import load_manifest, make_shards  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     results = {}
-    ds = (ray.data.read_parquet(files, filesystem=fs, shuffle="files").select_columns(["image"]).limit(args.images)
+    ds = (read_shards(uri, manifest, fs, root, shuffle=True).select_columns(["image"]).limit(args.images)
           .map_batches(multicrop_stage, batch_size=args.batch_size, batch_format="numpy", fn_kwargs=kwargs))
     results["ray_data"] = [count(ds.iter_batches(batch_size=args.batch_size, batch_format="numpy",
                                                  local_shuffle_buffer_size=cfg.data.shuffle_buffer or None))
