@@ -51,7 +51,7 @@ COLUMNS = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.i
                      ("height", pa.int32())])
 ROW_GROUP = 1000            # rows per Parquet row group ...
 ROW_GROUP_BYTES = 64 * 2**20  # ... or fewer when their images pass this size
-STATS_SIZE = 64  # thumbnails for the mean / std
+STATS_SIZE = 64  # at most this size (a centre square) for the mean / std
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 _SHARD_NAME = re.compile(r"shard-\d{5}\.parquet")
@@ -383,7 +383,8 @@ class _ShardStats:
             self.class_counts[label] += 1
         self.hash.update(row_id.encode())
         self.hash.update(hashlib.sha256(image.data).digest())
-        thumb = images.decode(image.data, 3, STATS_SIZE).reshape(-1, 3) / 255.0
+        size = min(STATS_SIZE, image.width, image.height)  # never upsample: it would shrink the std
+        thumb = images.decode(image.data, 3, size).reshape(-1, 3) / 255.0
         self.sums += thumb.sum(0)
         self.sumsq += (thumb ** 2).sum(0)
         self.pixels += len(thumb)

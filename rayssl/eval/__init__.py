@@ -1,0 +1,1 @@
+"""Evaluation of frozen features and cluster assignments: pure metrics (no Ray), one PNG plot."""
