@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import ray.train
 import ray.train.torch
+import ray.train.v2._internal.execution.context as train_context
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -149,7 +150,8 @@ def _progress(step: int, total: int, metrics: dict, started: float, first_step: 
 def train_loop_per_worker(loop_config: dict) -> dict:
     cfg = Config.model_validate(loop_config["config"])
     # Ray Train logs every report (all metrics) at INFO on rank 0; the progress line says it shorter.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # (that module names its logger by its file path, not its module name)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     meta = DataMeta(**loop_config["meta"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     ctx = ray.train.get_context()
