@@ -54,6 +54,8 @@ tuning advice:
                             one worker per GPU; on CPU, cpus_per_worker sets torch threads (and
                             below 1 leaves room for Ray Data on small machines).
   run.name                  relaunching with the same name resumes from its latest checkpoint.
+  eval.every_epochs         online teacher k-NN (metric knn/teacher) every N epochs; each costs one pass
+                            over the bank (eval.knn_train_limit) and the queries (data.test_limit).
 """
 
 

@@ -6,6 +6,7 @@ the MLflow param and the name in the docs (``objective.mode``, ``train.batch_siz
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -134,6 +135,8 @@ class EvalConfig(_Section):
     knn_temperature: PositiveFloat = 0.07
     knn_train_limit: PositiveInt | None = None
     baselines: bool = True
+    every_epochs: float | None = Field(None, gt=0.0, description=(
+        "Online k-NN of the teacher every this many epochs (metric knn/teacher); default: only at the end."))
 
 
 class Config(_Section):
@@ -191,12 +194,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated Config from an optional YAML file and dotted overrides.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Build a validated Config from an optional YAML file (or a ``base`` mapping, e.g. a
+    checkpoint's config) and dotted overrides.
 
     Raises ``ConfigError`` with one line naming the field on any invalid value or unknown key.
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -95,17 +95,33 @@ def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle: bool) -> ra
         ctx.use_datasource_v2 = v2
 
 
-def _read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle: bool):
+def sources(data_cfg) -> tuple[str, dict, str | None, dict | None]:
+    """``(train URI, its manifest, eval URI, its manifest)``; the eval pair is None without
+    ``data.eval_source`` (Fashion-MNIST: its test split). Errors name the field and URI."""
+    if data_cfg.source == "fashion-mnist":
+        train_uri, eval_uri = _fashion_mnist(data_cfg)
+        eval_uri = data_cfg.eval_source or eval_uri
+    else:
+        train_uri, eval_uri = data_cfg.source, data_cfg.eval_source
+    train = _manifest("data.source", train_uri, data_cfg)
+    query = _manifest("data.eval_source", eval_uri, data_cfg) if eval_uri else None
+    return train_uri, train, eval_uri, query
+
+
+def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle: bool):
+    """The shards' ``columns``, the first ``limit`` rows (all when None)."""
     fs, root = storage.resolve(uri, data_cfg.endpoint_url, data_cfg.region)
     ds = read_shards(uri, manifest, fs, root, shuffle=shuffle).select_columns(columns)
     return ds.limit(limit) if limit is not None else ds
 
 
 def decode_stage(batch: dict, channels: int, size: int) -> dict:
-    """Ray Data stage: encoded ``image`` -> uint8 (B, size, size, C) ``image`` and ``ok``."""
+    """Ray Data stage: encoded ``image`` -> uint8 (B, size, size, C) ``image``, ``label`` (-1 when
+    missing) and ``ok``; ``id`` passes through when present."""
     images, ok = decode_batch(batch["image"], channels, size)
     labels = np.array([-1 if v is None or v != v else int(v) for v in batch["label"]], dtype=np.int64)
-    return {"image": images, "label": labels, "ok": ok}
+    ids = {"id": batch["id"]} if "id" in batch else {}
+    return {**ids, "image": images, "label": labels, "ok": ok}
 
 
 def multicrop_stage(batch: dict, augment: dict, channels: int, size: int) -> dict:
@@ -145,13 +161,7 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     credentials, an unreachable endpoint or missing shards, before anything runs.
     """
     d = cfg.data
-    if d.source == "fashion-mnist":
-        train_uri, eval_uri = _fashion_mnist(d)
-        eval_uri = d.eval_source or eval_uri
-    else:
-        train_uri, eval_uri = d.source, d.eval_source
-    train = _manifest("data.source", train_uri, d)
-    query = _manifest("data.eval_source", eval_uri, d) if eval_uri else None
+    train_uri, train, eval_uri, query = sources(d)
 
     channels = d.channels or train["channels"]
     common = train.get("image_size")
@@ -166,7 +176,7 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
                     classes=tuple(train["classes"]), mean=_adapt(train["mean"], channels),
                     std=_adapt(train["std"], channels))
 
-    stream = _read(train_uri, train, d, ["image"], d.train_limit, shuffle=True)
+    stream = read(train_uri, train, d, ["image"], d.train_limit, shuffle=True)
     if d.decode_on == "data":
         stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, channels),
                                     batch_format="numpy", fn_kwargs={"augment": cfg.augment.model_dump(),
@@ -175,8 +185,8 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     if labelled:
         decode = {"fn_kwargs": {"channels": channels, "size": size}, "batch_format": "numpy", "batch_size": 512}
         bank_limit = min(num_train, cfg.eval.knn_train_limit or num_train)
-        datasets["knn_bank"] = _read(train_uri, train, d, ["image", "label"], bank_limit,
+        datasets["knn_bank"] = read(train_uri, train, d, ["image", "label"], bank_limit,
                                      shuffle=False).map_batches(decode_stage, **decode)
-        datasets["knn_query"] = _read(eval_uri, query, d, ["image", "label"], d.test_limit,
+        datasets["knn_query"] = read(eval_uri, query, d, ["image", "label"], d.test_limit,
                                       shuffle=False).map_batches(decode_stage, **decode)
     return datasets, meta

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rayssl.config import Config
 from rayssl.data.datasets import DataMeta
 from rayssl.data.images import decode_batch
+from rayssl.eval.checkpoint import CHECKPOINT_FILE
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.objective import ClusterObjective, ObjectiveSpec
@@ -26,7 +27,6 @@ from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 from rayssl.transforms import MultiCrop
 
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _images(batch: dict, device: torch.device) -> torch.Tensor:
@@ -212,10 +212,16 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     def state_dict(step: int) -> dict:
         return {**stepper.state_dict(), "step": step, "results": results, "config": cfg.model_dump(),
+                "meta": meta.to_dict(),
                 "skipped_images": history[-1]["data/skipped_images"],
                 "rng": _all_gather(torch.get_rng_state())}
 
     shard = ray.train.get_dataset_shard("train")
+    # online k-NN every eval.every_epochs (at a logged step, so all workers evaluate together)
+    online_every = 0
+    if knn and cfg.eval.every_epochs:
+        every = max(1, round(cfg.eval.every_epochs * steps_per_epoch))
+        online_every = max(cfg.train.log_every, every // cfg.train.log_every * cfg.train.log_every)
     step, started = start_step, time.time()
     window_start, window_images, wait = time.time(), 0, 0.0
     losses: list[torch.Tensor] = []
@@ -248,6 +254,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {step}; "
                                          "lower optim.lr or raise objective.teacher_temperature")
+            if online_every and step % online_every == 0 and step < total_steps:
+                online = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
+            else:
+                online = None
             elapsed = time.time() - window_start
             metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
                        "lr": float(schedules["lr"][step - 1]), "wd": float(schedules["wd"][step - 1]),
@@ -256,7 +266,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        "images_per_second": window_images / elapsed,
                        "data_wait_fraction": wait / elapsed,
                        "data/skipped_images": _global_sum(views_of.skipped) + skipped_before,
-                       **stepper.diagnostics()}
+                       **stepper.diagnostics(), **({"knn/teacher": online} if online is not None else {})}
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
             history.append(metrics)

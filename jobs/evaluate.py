@@ -1,0 +1,82 @@
+"""Evaluate a pretraining checkpoint: k-NN, linear probe, clustering quality, embedding export.
+
+    python jobs/evaluate.py --checkpoint ~/rayssl_results/RUN            # latest checkpoint of a run
+    python jobs/evaluate.py --checkpoint s3://bucket/runs/RUN/checkpoint_.../checkpoint.pt --export
+    python jobs/evaluate.py --checkpoint RUN data.source=s3://b/train data.eval_source=s3://b/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rayssl.config import ConfigError, load_config  # noqa: E402
+
+ADVICE = """
+what it reports (results.json, and a table here):
+  knn/top1_kK               weighted K-NN (T = eval.knn_temperature) of L2-normalised teacher backbone
+                            features: data.source shards are the bank, data.eval_source the queries.
+                            eval.knn_train_limit caps the bank (ImageNet: 100k-200k is plenty).
+  linear/top1               logistic regression on frozen features, LR x weight decay picked on a
+                            10 % validation split of the bank.
+  cluster/nmi, ari, hungarian_accuracy, majority_accuracy
+                            how the teacher's argmax clusters match the classes (sklearn / scipy);
+                            with K >> classes, majority_accuracy is the meaningful one.
+  cluster/mutual_information, effective_clusters, empty_clusters
+                            THEORY.md section 6 over the whole evaluation set; a collapsed run has
+                            I(X;K) near 0 and few effective clusters.
+overrides:
+  data.*, eval.* change what is evaluated; model.* and objective.* must match the checkpoint.
+  --actors N                feature-extraction actors (default: GPUs if any, else 1); each holds a
+                            copy of the backbone; give Ray Data spare CPUs for decoding.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a rayssl checkpoint on frozen features.",
+                                     epilog=ADVICE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint.pt, a checkpoint_* folder or a run folder (its latest); local or s3://")
+    parser.add_argument("--output", help="folder for results.json, plots and exports (default: eval/<name>)")
+    parser.add_argument("--export", action="store_true", help="write embeddings-{train,eval}.parquet")
+    parser.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default: 10,20,100,200)")
+    parser.add_argument("--actors", type=int, help="feature-extraction actors")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
+    args = parser.parse_args(argv)
+
+    from rayssl.eval.checkpoint import read_checkpoint
+
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+        saved = read_checkpoint(args.checkpoint)["config"]  # fails fast, before Ray starts
+        cfg = load_config(None, args.overrides, base=saved) if args.overrides else None
+        from rayssl.eval.evaluate import evaluate
+        from rayssl.train.launch import init_ray
+
+        init_ray(args.address)
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        name = Path(args.checkpoint.rstrip("/")).name
+        output = args.output or os.path.join("eval", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        results = evaluate(args.checkpoint, cfg, output, ks=ks, do_export=args.export,
+                           actors=args.actors or max(1, gpus), use_gpu=gpus > 0)
+    except (ConfigError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n".replace("\n", " ").rstrip() + "\n")
+    print(f"\nevaluation of {args.checkpoint} (step {results['step']}): "
+          f"{results['num_train']} bank / {results['num_eval']} eval images")
+    for key, value in results.items():
+        if "/" in key:
+            print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    print(f"results: {Path(output) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

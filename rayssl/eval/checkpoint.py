@@ -1,0 +1,92 @@
+"""A run's checkpoint outside training: read it (local or ``s3://``), rebuild its teacher.
+
+``load_backbone`` is the public way out of rayssl: a plain torch module and the torchvision
+v2 preprocessing that matches what it saw in training.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import pyarrow.fs
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from rayssl.config import Config, ConfigError
+from rayssl.data import storage
+from rayssl.data.datasets import DataMeta
+from rayssl.models import Encoder, build_encoder
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _checkpoint_path(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> str:
+    """``path`` itself (a file), its ``checkpoint.pt``, or that of its latest ``checkpoint_*`` folder."""
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.File:
+        return path
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise storage.StorageError(f"{uri}: not found")
+    if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
+        return f"{path}/{CHECKPOINT_FILE}"
+    folders = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
+                     if i.type == pyarrow.fs.FileType.Directory
+                     and posixpath.basename(i.path).startswith("checkpoint_"))
+    if not folders:
+        raise storage.StorageError(f"{uri}: no {CHECKPOINT_FILE} and no checkpoint_* folder in it")
+    return f"{folders[-1]}/{CHECKPOINT_FILE}"
+
+
+def read_checkpoint(uri: str, endpoint_url: str | None = None, region: str | None = None) -> dict:
+    """The state saved by training, from a ``checkpoint.pt``, a checkpoint folder or a run folder
+    (its latest checkpoint). Raises ``StorageError`` / ``ConfigError`` (one line naming ``uri``)."""
+    fs, path = storage.resolve(uri, endpoint_url, region)
+    try:
+        with fs.open_input_stream(_checkpoint_path(fs, path, uri)) as f:
+            raw = f.read()
+    except OSError as err:
+        raise storage.explain(uri, err, endpoint_url) from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise ConfigError(f"{uri}: not a rayssl checkpoint ({type(err).__name__})") from None
+    missing = {"teacher", "config", "meta"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ConfigError(f"{uri}: not a rayssl checkpoint (missing {', '.join(sorted(missing))})")
+    return state
+
+
+def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder, Config, DataMeta]:
+    """The teacher encoder (eval mode, CPU), the config and the data description of a checkpoint.
+
+    ``cfg`` (default: the checkpoint's own) must describe the same model; otherwise the
+    ``ConfigError`` names the first mismatching weight.
+    """
+    cfg = cfg or Config.model_validate(state["config"])
+    meta = DataMeta(**state["meta"])
+    teacher = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+    try:
+        teacher.load_state_dict(state["teacher"])
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ConfigError(f"model: the checkpoint's weights do not fit this config ({detail[:160]})") from None
+    return teacher.eval(), cfg, meta
+
+
+def preprocessing(cfg: Config, meta: DataMeta) -> v2.Compose:
+    """PIL image or uint8 tensor -> normalised float tensor, as training evaluated the teacher:
+    shorter side resized to ``augment.global_crop_size``, centre crop, dataset mean / std."""
+    size = cfg.augment.global_crop_size
+    return v2.Compose([v2.ToImage(), v2.Grayscale(1) if meta.channels == 1 else v2.RGB(),
+                       v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(meta.mean), list(meta.std))])
+
+
+def load_backbone(checkpoint: str, endpoint_url: str | None = None, region: str | None = None
+                  ) -> tuple[nn.Module, v2.Compose]:
+    """``(backbone, preprocess)``: the teacher's backbone as a plain torch module in eval mode
+    (``backbone(preprocess(img)[None])`` -> (1, D) features) and its preprocessing."""
+    teacher, cfg, meta = teacher_from_state(read_checkpoint(checkpoint, endpoint_url, region))
+    return teacher.backbone, preprocessing(cfg, meta)

@@ -1,0 +1,132 @@
+"""Evaluate a checkpoint: features by a Ray Data actor pool, then k-NN, linear probe, clusters.
+
+Extraction is ``read_parquet`` -> ``decode_stage`` (CPU tasks) -> ``map_batches(FeatureActor)``
+on an actor pool (one GPU each when ``use_gpu``), so it scales to a cluster. The driver runs
+the small cluster head on the gathered features (teacher posterior ``softmax(z / tau_t)``),
+then the pure metrics of ``rayssl.eval.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import torch
+
+from rayssl.config import Config, ConfigError
+from rayssl.data.datasets import decode_stage, read, sources
+from rayssl.eval import metrics
+from rayssl.eval.checkpoint import read_checkpoint, teacher_from_state
+
+KS = (10, 20, 100, 200)
+
+
+class FeatureActor:
+    """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded)."""
+
+    def __init__(self, checkpoint: str, config: dict, endpoint_url: str | None, region: str | None) -> None:
+        cfg = Config.model_validate(config)
+        teacher, _, meta = teacher_from_state(read_checkpoint(checkpoint, endpoint_url, region), cfg)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.backbone = teacher.backbone.to(self.device)
+        self.size = cfg.augment.global_crop_size
+        self.mean = torch.tensor(meta.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(meta.std, device=self.device).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["ok"]
+        x = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(self.device).float() / 255
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        feats = self.backbone((x - self.mean) / self.std).float().cpu().numpy()
+        return {"id": batch["id"][ok], "feature": feats, "label": batch["label"][ok]}
+
+
+def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
+            actors: int, use_gpu: bool) -> dict[str, np.ndarray]:
+    """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``."""
+    d = cfg.data
+    size = d.image_size or min(manifest.get("image_size") or [cfg.augment.global_crop_size])
+    ds = (read(uri, manifest, d, ["id", "image", "label"], limit, shuffle=False)
+          .map_batches(decode_stage, batch_size=256, batch_format="numpy",
+                       fn_kwargs={"channels": d.channels or manifest["channels"], "size": size})
+          .map_batches(FeatureActor, batch_size=256, batch_format="numpy",
+                       fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
+                                              "endpoint_url": d.endpoint_url, "region": d.region},
+                       compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise ConfigError(f"{uri}: no decodable images to evaluate")
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("id", "feature", "label")}
+
+
+@torch.no_grad()
+def assign(head: torch.nn.Module, feats: np.ndarray, temperature: float, chunk: int = 4096
+           ) -> tuple[np.ndarray, np.ndarray, metrics.DiagnosticsAccumulator]:
+    """Teacher cluster ``argmax``, its probability and the diagnostics of ``softmax(head(f) / T)``."""
+    clusters, top, acc = [], [], metrics.DiagnosticsAccumulator()
+    for i in range(0, len(feats), chunk):
+        probs = torch.softmax(head(torch.from_numpy(feats[i:i + chunk])).float() / temperature, dim=1)
+        acc.update(probs)
+        p, k = probs.max(dim=1)
+        clusters.append(k.numpy())
+        top.append(p.numpy())
+    return np.concatenate(clusters), np.concatenate(top), acc
+
+
+def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: np.ndarray) -> None:
+    """Embeddings as Parquet: ``id``, ``embedding`` (fixed-size list), ``cluster``, ``max_prob``, ``label``."""
+    feats = data["feature"].astype(np.float32)
+    table = pa.table({
+        "id": pa.array(data["id"].astype(str)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+        "cluster": pa.array(clusters.astype(np.int64)), "max_prob": pa.array(max_prob.astype(np.float32)),
+        "label": pa.array(np.where(data["label"] < 0, None, data["label"]), pa.int64()),
+        "split": pa.array([split] * len(feats))})
+    pq.write_table(table, path)
+
+
+def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "eval", *, ks=KS,
+             do_export: bool = False, actors: int = 1, use_gpu: bool = False) -> dict:
+    """All metrics of a checkpoint on ``data.source`` (bank / linear train) and ``data.eval_source``.
+
+    ``cfg`` defaults to the checkpoint's config; its ``model``/``objective`` must match the
+    weights (``ConfigError`` otherwise). Writes ``results.json``, ``cluster_usage.png`` and,
+    with ``do_export``, ``embeddings-{train,eval}.parquet`` under ``output``.
+    """
+    state = read_checkpoint(checkpoint, cfg.data.endpoint_url if cfg else None, cfg.data.region if cfg else None)
+    teacher, cfg, meta = teacher_from_state(state, cfg)
+    train_uri, train_manifest, eval_uri, eval_manifest = sources(cfg.data)
+    if eval_manifest is None or not eval_manifest["classes"] or not train_manifest["classes"]:
+        raise ConfigError("data.eval_source: evaluation needs labelled data.source and data.eval_source shards")
+    bank_limit = min((n for n in (cfg.data.train_limit, cfg.eval.knn_train_limit) if n), default=None)
+    train = extract(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu)
+    test = extract(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu)
+    num_classes, k = len(train_manifest["classes"]), cfg.objective.num_clusters
+
+    results: dict = {"checkpoint": checkpoint, "step": state.get("step"), "num_train": len(train["label"]),
+                     "num_eval": len(test["label"])}
+    results.update(metrics.knn_accuracies(train["feature"], train["label"], test["feature"], test["label"],
+                                          ks=tuple(ks), temperature=cfg.eval.knn_temperature,
+                                          num_classes=num_classes))
+    results.update(metrics.linear_probe(train["feature"], train["label"], test["feature"], test["label"]))
+    clusters, max_prob, diagnostics = assign(teacher.head, test["feature"], cfg.objective.teacher_temperature)
+    results.update(metrics.clustering_metrics(clusters, test["label"], k))
+    results.update(diagnostics.result())
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    usage = metrics.cluster_usage(clusters, k)
+    metrics.usage_plot(usage, out / "cluster_usage.png", f"teacher clusters on {eval_uri} (K = {k})")
+    results["cluster_usage"] = usage.tolist()
+    if do_export:
+        train_clusters, train_prob, _ = assign(teacher.head, train["feature"], cfg.objective.teacher_temperature)
+        export(out / "embeddings-train.parquet", "train", train, train_clusters, train_prob)
+        export(out / "embeddings-eval.parquet", "eval", test, clusters, max_prob)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,101 @@
+"""Evaluation of a real tiny run's checkpoint: extraction by Ray Data actors, metrics, export,
+``rayssl.load_backbone``, online k-NN during training, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import rayssl
+from rayssl.config import ConfigError, load_config
+from rayssl.data.fashion_mnist import load_fashion_mnist
+from rayssl.eval.checkpoint import read_checkpoint
+from rayssl.eval.evaluate import evaluate
+from rayssl.train.launch import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.train_limit=1024", "data.test_limit=256", "model.width=8", "model.head_hidden_dim=64",
+        "model.head_bottleneck_dim=32", "objective.num_clusters=32", "train.batch_size=32",
+        "train.steps_per_epoch=6", "train.log_every=2", "train.checkpoint_every=6", "train.epochs=2",
+        "optim.warmup_epochs=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "eval.baselines=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_cluster, shard_cache, tmp_path_factory) -> tuple[Path, dict]:
+    """A 12-step 2-worker run with online k-NN every epoch; (run folder, its results)."""
+    storage = tmp_path_factory.mktemp("runs")
+    name = f"eval-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*TINY, f"data.cache_dir={shard_cache}",
+                                                            "eval.every_epochs=1", f"run.storage_path={storage}",
+                                                            f"run.name={name}"])
+    return storage / name, pretrain(cfg)
+
+
+def test_online_knn_reported_every_epoch(tiny_run) -> None:
+    _, result = tiny_run
+    online = {m["step"]: m["knn/teacher"] for m in result["history"] if "knn/teacher" in m}
+    assert list(online) == [6]  # epoch 1; the end of training reports it in the results
+    assert 0.1 < online[6] <= 1 and 0.1 < result["knn/teacher"] <= 1
+
+
+def test_evaluate_writes_metrics_plot_and_exports(tiny_run, tmp_path) -> None:
+    run, result = tiny_run
+    out = tmp_path / "eval"
+    results = evaluate(str(run), output=out, ks=(5, 20), do_export=True)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["step"] == 12 and saved["num_train"] == 1024 and saved["num_eval"] == 256
+    for key in ("knn/top1_k5", "knn/top1_k20", "linear/top1", "cluster/nmi", "cluster/ari",
+                "cluster/hungarian_accuracy", "cluster/mutual_information", "cluster/effective_clusters"):
+        assert key in saved and saved[key] == pytest.approx(results[key])
+    assert 0.3 < saved["knn/top1_k20"] <= 1 and 0.3 < saved["linear/top1"] <= 1  # 10 classes: chance 0.1
+    # the training run's own final k-NN used the same bank, queries, k and temperature
+    assert saved["knn/top1_k20"] == pytest.approx(result["knn/teacher"], abs=0.02)
+    assert sum(saved["cluster_usage"]) == 256 and (out / "cluster_usage.png").stat().st_size > 1000
+
+    table = pq.read_table(out / "embeddings-eval.parquet")
+    assert table.num_rows == 256 and len(set(table["id"].to_pylist())) == 256
+    clusters = np.array(table["cluster"].to_pylist())
+    assert clusters.min() >= 0 and clusters.max() < 32
+    _, labels = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 256)
+    assert sorted(table["label"].to_pylist()) == sorted(labels.tolist())
+    assert pq.read_table(out / "embeddings-train.parquet").num_rows == 1024
+
+    # rayssl.load_backbone gives a plain module whose features match the export for the same image
+    backbone, preprocess = rayssl.load_backbone(str(run))
+    row = pq.read_table(out / "embeddings-eval.parquet").slice(0, 1).to_pylist()[0]
+    images, _ = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 256)
+    index = _row_index(row["id"])
+    with torch.no_grad():
+        feats = backbone(preprocess(Image.fromarray(images[index]))[None])
+    assert isinstance(backbone, torch.nn.Module) and feats.shape == (1, len(row["embedding"]))
+    assert torch.allclose(feats[0], torch.tensor(row["embedding"]), atol=1e-4)
+
+
+def _row_index(row_id: str) -> int:
+    """Index in the IDX test file of the exported row ``row_id`` (ids hash ``<file>#<index>``)."""
+    from rayssl.data.shards import row_id as make_id
+
+    return next(i for i in range(256) if make_id(f"t10k-images-idx3-ubyte.gz#{i}") == row_id)
+
+
+def test_mismatched_config_and_bad_checkpoint_fail_clearly(tiny_run, tmp_path) -> None:
+    run, _ = tiny_run
+    cfg = load_config(None, ["model.width=16"], base=read_checkpoint(str(run))["config"])
+    with pytest.raises(ConfigError, match=r"^model: the checkpoint's weights do not fit this config"):
+        evaluate(str(run), cfg, output=tmp_path)
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"not a rayssl checkpoint"):
+        read_checkpoint(str(bad))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--checkpoint", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nope: not found" in proc.stderr
