@@ -59,6 +59,7 @@ def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int |
                        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
                                               "endpoint_url": d.endpoint_url, "region": d.region},
                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
+    ds.context.execution_options.preserve_order = True  # the first ``limit`` rows, as in training
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise ConfigError(f"{uri}: no decodable images to evaluate")
@@ -122,7 +123,8 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     usage = metrics.cluster_usage(clusters, k)
-    metrics.usage_plot(usage, out / "cluster_usage.png", f"teacher clusters on {eval_uri} (K = {k})")
+    metrics.usage_plot(usage, out / "cluster_usage.png",
+                       f"teacher cluster usage, {len(clusters)} eval images, K = {k}")
     results["cluster_usage"] = usage.tolist()
     if do_export:
         train_clusters, train_prob, _ = assign(teacher.head, train["feature"], cfg.objective.teacher_temperature)

@@ -82,7 +82,16 @@ def build_trainer(cfg: Config) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ("knn_bank", "knn_query")}),
     )
+
+
+def _ordered():
+    """Ray Train's ingest options with ``preserve_order``: limited k-NN sets are then the same
+    first N rows on every evaluation (and in ``jobs/evaluate.py``), not whichever blocks came first."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def pretrain(cfg: Config) -> dict:
