@@ -20,7 +20,7 @@ import numpy as np
 import ray.data
 import torch
 
-from rayssl.config import ConfigError
+from rayssl.config import AugmentConfig, ConfigError
 from rayssl.data import storage
 from rayssl.data.images import decode_batch
 from rayssl.data.shards import load_manifest, make_shards
@@ -133,7 +133,7 @@ def multicrop_stage(batch: dict, augment: dict, channels: int, size: int) -> dic
     torch.set_num_threads(1)
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     images, ok = decode_batch(batch["image"], channels, size)
-    crops = MultiCrop(_Augment(augment), channels, (0.0,) * channels, (1.0,) * channels)
+    crops = MultiCrop(AugmentConfig.model_validate(augment), channels, (0.0,) * channels, (1.0,) * channels)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     views = crops(x, normalize=False)
     out = {f"view_{i}": (v * 255).round_().to(torch.uint8).numpy() for i, v in enumerate(views)}
@@ -145,13 +145,6 @@ def stage_rows(augment, channels: int) -> int:
     2 cores), fewer when the float32 views of one call would pass 32 MiB (16 for 224 px + 6 local)."""
     pixels = 2 * augment.global_crop_size ** 2 + augment.local_crops * augment.local_crop_size ** 2
     return max(16, min(512, 32 * 2**20 // (4 * channels * pixels)))
-
-
-class _Augment:
-    """The ``augment`` section as attributes (MultiCrop reads them), rebuilt from a plain dict."""
-
-    def __init__(self, values: dict) -> None:
-        self.__dict__.update(values)
 
 
 def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
