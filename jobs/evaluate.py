@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default: 10,20,100,200)")
     parser.add_argument("--actors", type=int, help="feature-extraction actors")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow store of the run (default: MLFLOW_TRACKING_URI, else the "
+                        "one the run used); the evaluation is added to the checkpoint's MLflow run")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
     args = parser.parse_args(argv)
 
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
-        saved = read_checkpoint(args.checkpoint)["config"]  # fails fast, before Ray starts
-        cfg = load_config(None, args.overrides, base=saved) if args.overrides else None
+        state = read_checkpoint(args.checkpoint)  # fails fast, before Ray starts
+        cfg = load_config(None, args.overrides, base=state["config"]) if args.overrides else None
         from rayssl.eval.evaluate import evaluate
         from rayssl.train.launch import init_ray
 
@@ -75,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         if "/" in key:
             print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
     print(f"results: {Path(output) / 'results.json'}")
+    from rayssl.tracking import log_evaluation
+
+    files = [p for p in (Path(output) / "results.json", Path(output) / "cluster_usage.png") if p.exists()]
+    run_id = log_evaluation(state.get("tracking"), results["step"], results, files, args.tracking_uri)
+    if run_id:
+        print(f"logged to MLflow run {run_id} (metrics knn/top1_k*, linear/*, cluster/*; artifacts evaluation/)")
     return 0
 
 

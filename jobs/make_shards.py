@@ -55,16 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rayssl.data.shards import check_locations, make_shards
+    from rayssl.data.storage import S3Options
 
     try:
-        check_locations(args.source, args.destination, args.endpoint_url, args.region)  # before Ray starts
+        s3 = S3Options(args.endpoint_url, args.region)  # keys: the AWS chain, never the command line
+        check_locations(args.source, args.destination, s3)  # before Ray starts
         from rayssl.train.launch import init_ray
 
         init_ray(args.address)
         m = make_shards(args.source, args.destination, split=args.split, target_shard_mb=args.target_shard_mb,
                         min_shards=args.min_shards, reencode=args.reencode,
                         class_names=args.class_names.split(",") if args.class_names else None,
-                        endpoint_url=args.endpoint_url, region=args.region, force=args.force)
+                        s3=s3, force=args.force)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"{m['num_images']} images, {m['num_skipped']} skipped, {m['num_converted']} converted, "

@@ -54,6 +54,10 @@ tuning advice:
                             one worker per GPU; on CPU, cpus_per_worker sets torch threads (and
                             below 1 leaves room for Ray Data on small machines).
   run.name                  relaunching with the same name resumes from its latest checkpoint.
+  tracking.uri              MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///<run.storage_path>/mlflow.db.
+                            On a multi-node cluster point it at an MLflow server (rank 0 may run on any node).
+  tracking.experiment, tracking.run_name, tracking.register_as (register the backbone as a model),
+  tracking.required=false   train on (with a warning) when the MLflow server is unreachable.
   eval.every_epochs         online teacher k-NN (metric knn/teacher) every N epochs; each costs one pass
                             over the bank (eval.knn_train_limit) and the queries (data.test_limit).
 """
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if f"knn/{key}" in results:
             print(f"  {key:12s} {results[f'knn/{key}']:.2%}")
     print(f"run: {results['run_path']}")
+    if "mlflow" in results:
+        print(results["mlflow"])
     return 0
 
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError,
+                      field_validator)
 
 from rayssl.models.backbones import BACKBONES
 from rayssl.objective import MODES, TARGET_PRIORS
+
+
+MASK = "***"
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,10 @@ class DataConfig(_Section):
     cache_dir: str = Field("~/.cache/rayssl", description="Where the fashion-mnist shards are built.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL.")
     region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION.")
+    access_key_id: SecretStr | None = Field(None, description=(
+        "S3 access key; default: the AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, role), which is safer. "
+        "Never logged: masked in MLflow params, artifacts and checkpoints."))
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret key (see data.access_key_id).")
     image_size: PositiveInt | None = Field(None, description=(
         "Decoded square size (shorter side resized, centre crop) before multi-crop; default: the "
         "shards' common size, else 8/7 of augment.global_crop_size."))
@@ -139,6 +148,20 @@ class EvalConfig(_Section):
         "Online k-NN of the teacher every this many epochs (metric knn/teacher); default: only at the end."))
 
 
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Record the run in MLflow.")
+    uri: str | None = Field(None, description=(
+        "MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<run.storage_path>/mlflow.db "
+        "(~/rayssl_results/mlflow.db when run.storage_path is s3://). On a multi-node cluster use a server."))
+    experiment: str = Field("rayssl", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; default run.name.")
+    required: bool = Field(True, description=(
+        "If the tracking server is unreachable at start: true = stop with an error, false = warn and "
+        "train without tracking."))
+    log_model: bool = Field(True, description="Log the final teacher backbone with mlflow.pytorch.log_model.")
+    register_as: str | None = Field(None, description="Also register the logged backbone under this model name.")
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -149,10 +172,37 @@ class Config(_Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def flat(self) -> dict[str, Any]:
-        """The resolved config as ``{dotted.key: value}``."""
-        return _flatten(self.model_dump())
+        """The resolved config as ``{dotted.key: value}``, secrets masked (see ``redacted``)."""
+        return _flatten(self.redacted())
+
+    def redacted(self, mask: str | None = MASK) -> dict[str, Any]:
+        """The config as plain JSON-able data with every secret replaced by ``mask``: secret
+        fields (``data.secret_access_key``, ...) and passwords in URIs (``https://user:pw@host``).
+        The one form of the config that reaches logs, MLflow and checkpoints."""
+        return _mask(self.model_dump(mode="json", round_trip=True), self, mask)
+
+_URI_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):([^/@\s]+)@")
+
+
+def mask_uri(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    return _URI_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+
+
+def _mask(data: dict, model: BaseModel, mask: str | None) -> dict:
+    out = {}
+    for key, value in data.items():
+        field = getattr(model, key)
+        if isinstance(field, BaseModel):
+            out[key] = _mask(value, field, mask)
+        elif isinstance(field, SecretStr):
+            out[key] = mask
+        else:
+            out[key] = mask_uri(value) if isinstance(value, str) else value
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -176,6 +226,17 @@ def _known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _is_secret(loc: tuple) -> bool:
+    """Whether the field at ``loc`` (e.g. ``('data', 'secret_access_key')``) holds a ``SecretStr``."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return model is SecretStr or SecretStr in getattr(model, "__args__", ())
+
+
 def _one_line(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
@@ -183,6 +244,8 @@ def _one_line(err: ValidationError) -> str:
         hint = difflib.get_close_matches(loc, _known_keys(), n=1)
         return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
     msg = e["msg"].removeprefix("Value error, ")
+    if loc and _is_secret(e["loc"]):  # never echo a secret's value
+        return f"{loc}: {msg} (quote the value)" if e["type"] == "string_type" else f"{loc}: {msg}"
     return f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg
 
 

@@ -71,3 +71,23 @@ def test_help_carries_tuning_advice() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "objective.teacher_temperature" in proc.stdout
+
+
+@pytest.mark.parametrize("given, missing", [("access_key_id", "secret_access_key"),
+                                            ("secret_access_key", "access_key_id")])
+def test_one_s3_key_alone_names_the_missing_one(given: str, missing: str) -> None:
+    from rayssl.data.storage import S3Options
+
+    cfg = load_config(None, [f"data.{given}=s3cr3t-value"])
+    with pytest.raises(ConfigError) as err:
+        S3Options.of(cfg.data)
+    message = str(err.value)
+    assert message.startswith(f"data.{missing}: not set while data.{given} is")
+    assert "\n" not in message and "s3cr3t" not in message
+    assert not S3Options.of(load_config(None, []).data).has_keys  # neither: the AWS chain
+
+
+def test_invalid_secret_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.secret_access_key=12345678"])  # YAML reads an int
+    assert str(err.value).startswith("data.secret_access_key:") and "12345678" not in str(err.value)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.request
 import uuid
 
 import boto3
 import pytest
 
+from rayssl.config import load_config
 from rayssl.data import storage
 
 
@@ -44,8 +47,75 @@ def test_missing_prefix_and_writable_bucket(bucket) -> None:
 def test_wrong_credentials_named(strict_s3_server) -> None:
     for check in (storage.check_readable, storage.check_writable):
         with pytest.raises(storage.StorageError) as err:
-            check("s3://some-bucket/data", endpoint_url=strict_s3_server)
+            check("s3://some-bucket/data", storage.S3Options(strict_s3_server))
         assert "access denied" in _one_line_naming(err, "s3://some-bucket/data")
+
+
+def _unauthenticated_requests(endpoint: str, count: int) -> None:
+    """moto checks credentials once ``count`` requests have passed unchecked (its reset-auth API
+    sets INITIAL_NO_AUTH_ACTION_COUNT and restarts the counter); 0 = check every request."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=str(count).encode(),
+                                     headers={"Content-Type": "text/plain"}, method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture(scope="module")
+def iam_user(strict_s3_server) -> tuple[str, str, str]:
+    """``(bucket, access key id, secret)``: an IAM user allowed ``s3:*`` on the strict server and a
+    bucket holding ``data/x``; set up unchecked, then the server checks every request again."""
+    bucket = f"bkt-{uuid.uuid4().hex[:8]}"
+    setup = {"endpoint_url": strict_s3_server, "region_name": "us-east-1",
+             "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+    _unauthenticated_requests(strict_s3_server, 1000)
+    try:
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="rayssl-test")
+        iam.put_user_policy(UserName="rayssl-test", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="rayssl-test")["AccessKey"]
+        s3 = boto3.client("s3", **setup)
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="data/x", Body=b"hello")
+    finally:
+        _unauthenticated_requests(strict_s3_server, 0)
+    return bucket, key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_config_keys_override_the_aws_chain(strict_s3_server, iam_user, monkeypatch) -> None:
+    bucket, key_id, secret = iam_user
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong-env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-env-secret")
+    uri = f"s3://{bucket}/data"
+    with pytest.raises(storage.StorageError, match="access denied: check the AWS credentials"):
+        storage.check_readable(uri, storage.S3Options(strict_s3_server))  # the env keys are refused
+
+    cfg = load_config(None, [f"data.endpoint_url={strict_s3_server}", f"data.access_key_id={key_id}",
+                             f"data.secret_access_key={secret}"])
+    s3 = storage.S3Options.of(cfg.data)
+    assert secret not in repr(s3) and key_id not in repr(s3)
+    storage.check_readable(uri, s3)
+    storage.check_writable(f"s3://{bucket}/out", s3)
+    fs, path = storage.resolve(f"{uri}/x", s3)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"hello"
+
+    wrong = "wrong" + secret[5:]
+    for bad in (storage.S3Options(strict_s3_server, None, key_id, wrong),
+                storage.S3Options(strict_s3_server, None, wrong, wrong)):
+        for check in (storage.check_readable, storage.check_writable):
+            with pytest.raises(storage.StorageError) as err:
+                check(uri, bad)
+            msg = _one_line_naming(err, uri)
+            assert msg == f"{uri}: access denied: check data.access_key_id / data.secret_access_key"
+            assert wrong not in msg and secret not in msg
+
+
+def test_explain_never_shows_the_keys() -> None:
+    s3 = storage.S3Options("http://user:pw@127.0.0.1:1", None, "AKIDEXAMPLE", "s3cr3t/K3Y")
+    err = storage.explain("s3://b/p", OSError("odd failure for AKIDEXAMPLE with s3cr3t/K3Y\ndetails"), s3)
+    assert str(err) == "s3://b/p: odd failure for *** with ***"
+    err = storage.explain("s3://b/p", OSError("curlCode: 7, Couldn't connect to server"), s3)
+    assert "pw" not in str(err) and "user:***@127.0.0.1:1" in str(err)
 
 
 def test_unreachable_endpoint_named(s3_server) -> None:
@@ -53,7 +123,7 @@ def test_unreachable_endpoint_named(s3_server) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(storage.StorageError) as err:
-        storage.check_readable("s3://bkt/data", endpoint_url=f"http://127.0.0.1:{port}")
+        storage.check_readable("s3://bkt/data", storage.S3Options(f"http://127.0.0.1:{port}"))
     msg = _one_line_naming(err, "s3://bkt/data")
     assert "cannot reach the endpoint" in msg and str(port) in msg
 

@@ -68,7 +68,8 @@ def test_shards_in_s3_stream_into_training_and_resume(ray_cluster, s3_server, tm
                  "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
                  "objective.num_clusters=32", "train.batch_size=32", "train.log_every=5",
                  "train.checkpoint_every=10", "optim.warmup_epochs=0", "scaling.num_workers=2",
-                 "scaling.cpus_per_worker=1", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}"]
+                 "scaling.cpus_per_worker=1", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*overrides, "train.epochs=2"])
     first = pretrain(cfg)
     assert [m["step"] for m in first["history"]] == [5, 10, 15, 20]

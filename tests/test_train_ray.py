@@ -30,9 +30,17 @@ def checkpoints(run_dir: Path) -> list[dict]:
     return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
 
-def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_cache) -> None:
+FAKE_KEY, FAKE_SECRET = "AKIAFAKE7RAYSSL0TEST", "fake+Secret/Key0of0the0rayssl0tests"
+
+
+def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_cache, mlflow_server,
+                                                 monkeypatch) -> None:
+    """Two launches of one run: the second resumes the first's checkpoint and its MLflow run."""
     name = f"it-{uuid.uuid4().hex[:8]}"
-    cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=2", "objective.prior_momentum=0.9")
+    uri, store = mlflow_server
+    cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=2", "objective.prior_momentum=0.9",
+                      f"tracking.uri={uri}", "tracking.experiment=resume-test",
+                      f"data.access_key_id={FAKE_KEY}", f"data.secret_access_key={FAKE_SECRET}")
     first = pretrain(cfg)
 
     losses = [m["loss"] for m in first["history"]]
@@ -55,6 +63,53 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_ca
     assert final["step"] == 18
     assert not torch.equal(final["objective"]["log_prior_ema"], prior_at_12)
 
+    assert second["mlflow_run_id"] == first["mlflow_run_id"] == final["tracking"]["run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve in the default store
+    check_mlflow_run(uri, "resume-test", first["mlflow_run_id"], tmp_path / name)
+    for folder in (Path(store), tmp_path):  # the whole MLflow store, checkpoints included
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            assert FAKE_SECRET.encode() not in data and FAKE_KEY.encode() not in data, path
+
+
+def check_mlflow_run(uri: str, experiment: str, run_id: str, run_dir: Path) -> None:
+    """The MLflow run of the resume test: params, one metric point per step, plots, model."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    import rayssl
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # the relaunch logged into the same run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["objective.mode"] == "prior" and params["objective.num_clusters"] == "32"
+    assert params["train.epochs"] == "2.0" and tags["resumed.train.epochs"] == "3.0"
+    assert params["data.secret_access_key"] == "***" and params["data.access_key_id"] == "***"
+    assert tags["rayssl.version"] == rayssl.__version__ and tags["scaling.num_workers"] == "2"
+    for key in ("loss", "lr", "norm/mutual_information", "norm/effective_clusters", "images_per_second",
+                "data_wait_fraction", "data/skipped_images", "teacher_temperature", "momentum"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(2, 19, 2)), key
+    assert [m.step for m in client.get_metric_history(run_id, "knn/teacher")] == [12, 18]
+
+    artifacts = {a.path for folder in (None, "plots", "plots/cluster_prior", "plots/cluster_usage")
+                 for a in client.list_artifacts(run_id, folder) if not a.is_dir}
+    assert {"config.yaml", "results.json", "plots/training_curves.png"} <= artifacts
+    assert {f"plots/{kind}/epoch_00{e}.png" for kind in ("cluster_prior", "cluster_usage")
+            for e in (1, 2, 3)} <= artifacts
+    assert any(a.startswith("config-resumed-") for a in artifacts)
+    local = Path(client.download_artifacts(run_id, "plots/training_curves.png"))
+    assert Image.open(local).format == "PNG"
+
+    model = mlflow.pytorch.load_model(tags["rayssl.model_uri"])
+    backbone, _ = rayssl.load_backbone(str(run_dir))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), backbone(x), atol=1e-5)
+
 
 def test_checkpoints_to_s3_decoding_in_the_worker(ray_cluster, s3_server, tmp_path, shard_cache) -> None:
     import boto3
@@ -63,7 +118,8 @@ def test_checkpoints_to_s3_decoding_in_the_worker(ray_cluster, s3_server, tmp_pa
     s3.create_bucket(Bucket="ckpts")
     name = f"s3-{uuid.uuid4().hex[:8]}"
     cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=1", "eval.baselines=false",
-                      "run.storage_path=s3://ckpts/runs", "data.decode_on=worker")
+                      "run.storage_path=s3://ckpts/runs", "data.decode_on=worker",
+                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = pretrain(cfg)
     assert result["run_path"].endswith(f"ckpts/runs/{name}")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix=f"runs/{name}/")["Contents"]]

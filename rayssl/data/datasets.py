@@ -69,8 +69,9 @@ def _field(name: str):
 
 def _manifest(name: str, uri: str, data_cfg) -> dict:
     with _field(name):
-        storage.check_readable(uri, data_cfg.endpoint_url, data_cfg.region)
-        return load_manifest(uri, data_cfg.endpoint_url, data_cfg.region)
+        s3 = storage.S3Options.of(data_cfg)
+        storage.check_readable(uri, s3)
+        return load_manifest(uri, s3)
 
 
 def _adapt(stats: list[float], channels: int) -> tuple[float, ...]:
@@ -110,7 +111,7 @@ def sources(data_cfg) -> tuple[str, dict, str | None, dict | None]:
 
 def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle: bool):
     """The shards' ``columns``, the first ``limit`` rows (all when None)."""
-    fs, root = storage.resolve(uri, data_cfg.endpoint_url, data_cfg.region)
+    fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     ds = read_shards(uri, manifest, fs, root, shuffle=shuffle).select_columns(columns)
     return ds.limit(limit) if limit is not None else ds
 

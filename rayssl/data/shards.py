@@ -42,7 +42,7 @@ from rayssl.config import ConfigError
 from rayssl.data import images, storage
 from rayssl.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from rayssl.data.fashion_mnist import read_idx
-from rayssl.data.storage import StorageError
+from rayssl.data.storage import S3Options, StorageError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -78,38 +78,36 @@ class _Job:
     dest: str
     reencode: str | None
     classes: list[str]
-    endpoint_url: str | None
-    region: str | None
+    s3: S3Options
 
 
 # ---------------------------------------------------------------- listing the source (driver)
 
 
-def check_locations(source: str, destination: str, endpoint_url: str | None = None,
-                    region: str | None = None) -> None:
+def check_locations(source: str, destination: str, s3: S3Options | None = None) -> None:
     """Raise ``StorageError`` unless ``source`` can be read and ``destination`` written."""
-    storage.check_readable(source, endpoint_url, region)
-    storage.check_writable(destination, endpoint_url, region)
+    storage.check_readable(source, s3)
+    storage.check_writable(destination, s3)
 
 
 def scan(source: str, split: str = "train", class_names: list[str] | None = None,
-         endpoint_url: str | None = None, region: str | None = None) -> Inputs:
+         s3: S3Options | None = None) -> Inputs:
     """Detect the kind of ``source`` and list its inputs with sizes and labels."""
-    fs, path = storage.resolve(source, endpoint_url, region)
+    fs, path = storage.resolve(source, s3)
     try:
         info = fs.get_file_info(path)
         if info.type == pyarrow.fs.FileType.File:
             if path.lower().endswith((".parquet", ".csv")):
-                return _scan_listing(source, fs, path, info, class_names, endpoint_url, region)
+                return _scan_listing(source, fs, path, info, class_names, s3)
             raise ConfigError(f"{source}: not a folder, nor a .parquet or .csv listing")
         names = {posixpath.basename(i.path) for i in fs.get_file_info(pyarrow.fs.FileSelector(path))}
         if any(n.startswith(stems[0]) for stems in IDX_FILES.values() for n in names):
-            return _scan_idx(source, fs, path, names, split, class_names, endpoint_url, region)
+            return _scan_idx(source, fs, path, names, split, class_names, s3)
         if class_names:
             raise ConfigError("class_names: only for IDX or listing sources; folder classes are sub-folder names")
         return _scan_folder(source, fs, path)
     except OSError as err:
-        raise storage.explain(source, err, endpoint_url) from None
+        raise storage.explain(source, err, s3) from None
 
 
 def _walk_local(root: str) -> Iterator[tuple[str, str, int, int]]:
@@ -159,9 +157,9 @@ def _scan_folder(source: str, fs: pyarrow.fs.FileSystem, root: str) -> Inputs:
     return Inputs("folder", items, classes, stamp, ignored=len(found) - len(files))
 
 
-def _load_idx(uri: str, endpoint_url: str | None, region: str | None) -> np.ndarray:
+def _load_idx(uri: str, s3: S3Options | None) -> np.ndarray:
     """``read_idx`` of a local or ``s3://`` IDX file (the latter through a temporary copy)."""
-    fs, path = storage.resolve(uri, endpoint_url, region)
+    fs, path = storage.resolve(uri, s3)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         return read_idx(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +170,7 @@ def _load_idx(uri: str, endpoint_url: str | None, region: str | None) -> np.ndar
 
 
 def _scan_idx(source: str, fs: pyarrow.fs.FileSystem, root: str, names: set[str], split: str,
-              class_names: list[str] | None, endpoint_url: str | None, region: str | None) -> Inputs:
+              class_names: list[str] | None, s3: S3Options | None) -> Inputs:
     """The ``split`` pair of IDX files in ``root``: one input per image."""
     uris, stamp = [], []
     for stem in IDX_FILES[split]:
@@ -183,7 +181,7 @@ def _scan_idx(source: str, fs: pyarrow.fs.FileSystem, root: str, names: set[str]
         uris.append(f"{source.rstrip('/')}/{name}")
         stamp.append((name, info.size, info.mtime_ns or 0))
     try:
-        pixels, labels = (_load_idx(u, endpoint_url, region) for u in uris)
+        pixels, labels = (_load_idx(u, s3) for u in uris)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if pixels.ndim != 3 or pixels.dtype != np.uint8 or len(pixels) != len(labels):
@@ -232,13 +230,13 @@ def _listing_classes(source: str, labels: list, names: list, class_names: list[s
     return [None if n is None else classes.index(n) for n in names], names, classes
 
 
-def _stat(uris: list[str], endpoint_url: str | None, region: str | None) -> list[tuple[int, int]]:
+def _stat(uris: list[str], s3_options: S3Options | None) -> list[tuple[int, int]]:
     """``(size, mtime)`` of local paths and ``s3://`` URIs, ``(0, 0)`` for missing ones."""
     out = [(0, 0)] * len(uris)
     for s3 in (False, True):
         group = [i for i, uri in enumerate(uris) if storage.is_s3(uri) == s3]
         if group:
-            fs = storage.resolve(uris[group[0]], endpoint_url, region)[0]
+            fs = storage.resolve(uris[group[0]], s3_options)[0]
             for i, info in zip(group, fs.get_file_info([uris[i].removeprefix("s3://") for i in group])):
                 if info.type == pyarrow.fs.FileType.File:
                     out[i] = (info.size, info.mtime_ns or 0)
@@ -246,7 +244,7 @@ def _stat(uris: list[str], endpoint_url: str | None, region: str | None) -> list
 
 
 def _scan_listing(source: str, fs: pyarrow.fs.FileSystem, path: str, info: pyarrow.fs.FileInfo,
-                  class_names: list[str] | None, endpoint_url: str | None, region: str | None) -> Inputs:
+                  class_names: list[str] | None, s3: S3Options | None) -> Inputs:
     """Inputs named by a listing, relative paths under the listing's folder; duplicates skipped."""
     table = _read_listing(source, fs, path)
     column = next((c for c in ("uri", "path") if c in table.column_names), None)
@@ -276,7 +274,7 @@ def _scan_listing(source: str, fs: pyarrow.fs.FileSystem, path: str, info: pyarr
             uri = f"s3://{folder}/{key}" if storage.is_s3(source) else os.path.join(folder, key)
         items.append({"key": key, "uri": uri, "size": 0, "label": label, "label_name": name})
     stamp = [(source, info.size, info.mtime_ns or 0)]
-    for item, (size, mtime) in zip(items, _stat([it["uri"] for it in items], endpoint_url, region)):
+    for item, (size, mtime) in zip(items, _stat([it["uri"] for it in items], s3)):
         item["size"] = size
         stamp.append((item["key"], size, mtime))
     return Inputs("listing", items, classes, stamp, skipped=skipped)
@@ -331,26 +329,24 @@ def fingerprint(source: str, inputs: Inputs, options: dict) -> str:
 # ---------------------------------------------------------------- one shard (Ray Data task)
 
 
-def _file_bytes(items: list[dict], endpoint_url: str | None, region: str | None
-                ) -> Iterator[tuple[dict, bytes | str]]:
+def _file_bytes(items: list[dict], s3_options: S3Options | None) -> Iterator[tuple[dict, bytes | str]]:
     """``(item, bytes)`` per input, or ``(item, reason)`` when it cannot be read."""
     filesystems: dict[bool, pyarrow.fs.FileSystem] = {}
     for item in items:
         s3 = storage.is_s3(item["uri"])
         try:
             if s3 not in filesystems:
-                filesystems[s3] = storage.resolve(item["uri"], endpoint_url, region)[0]
+                filesystems[s3] = storage.resolve(item["uri"], s3_options)[0]
             with filesystems[s3].open_input_stream(item["uri"].removeprefix("s3://")) as f:
                 yield item, f.read()
         except OSError as err:
             yield item, f"unreadable: {err}".splitlines()[0]
 
 
-def _idx_bytes(spec: dict, classes: list[str], endpoint_url: str | None, region: str | None
-               ) -> Iterator[tuple[dict, bytes]]:
+def _idx_bytes(spec: dict, classes: list[str], s3: S3Options | None) -> Iterator[tuple[dict, bytes]]:
     """``(item, PNG bytes)`` for the rows ``spec['start']:spec['stop']`` of an IDX pair."""
-    pixels = _load_idx(spec["images"], endpoint_url, region)
-    labels = _load_idx(spec["labels"], endpoint_url, region)
+    pixels = _load_idx(spec["images"], s3)
+    labels = _load_idx(spec["labels"], s3)
     name = posixpath.basename(spec["images"])
     for i in range(spec["start"], spec["stop"]):
         buf = io.BytesIO()
@@ -410,9 +406,9 @@ def row_id(key: str) -> str:
 def write_shard(shard: dict, job: _Job) -> dict:
     """Read, check and write the inputs of one shard plan; its stats (counts, hash, pixels, issues)."""
     if "idx" in shard:
-        inputs = _idx_bytes(shard["idx"], job.classes, job.endpoint_url, job.region)
+        inputs = _idx_bytes(shard["idx"], job.classes, job.s3)
     else:
-        inputs = _file_bytes(shard["items"], job.endpoint_url, job.region)
+        inputs = _file_bytes(shard["items"], job.s3)
     stats = _ShardStats(shard["index"], len(job.classes))
     path = f"{job.dest}/{shard['path']}"
     rows: dict[str, list] = {name: [] for name in COLUMNS.names}
@@ -554,8 +550,7 @@ def _check_options(split: str, target_shard_mb: float, min_shards: int, reencode
 
 def make_shards(source: str, destination: str, *, split: str = "train", target_shard_mb: float = 64.0,
                 min_shards: int = 8, reencode: str | None = None, class_names: list[str] | None = None,
-                endpoint_url: str | None = None, region: str | None = None, force: bool = False,
-                progress: Callable[[str], None] = print) -> dict:
+                s3: S3Options | None = None, force: bool = False, progress: Callable[[str], None] = print) -> dict:
     """Convert ``source`` into Parquet shards + ``manifest.json`` under ``destination``; the manifest.
 
     Does nothing (returns the existing manifest) when ``destination`` already holds shards of
@@ -563,11 +558,12 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
     (one line naming the URI or option) before any work for unusable locations or options.
     """
     _check_options(split, target_shard_mb, min_shards, reencode)
-    check_locations(source, destination, endpoint_url, region)
-    inputs = scan(source, split, class_names, endpoint_url, region)
+    s3 = s3 or S3Options()
+    check_locations(source, destination, s3)
+    inputs = scan(source, split, class_names, s3)
     options = {"reencode": reencode, "target_shard_mb": target_shard_mb, "min_shards": min_shards}
     source_fingerprint = fingerprint(source, inputs, {**options, "split": split, "class_names": class_names})
-    fs, dest = storage.resolve(destination, endpoint_url, region)
+    fs, dest = storage.resolve(destination, s3)
     try:
         if not force and (manifest := _up_to_date(fs, dest, source_fingerprint)) is not None:
             progress(f"[make_shards] {destination}: up to date ({manifest['num_images']} images, "
@@ -580,20 +576,20 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
         ignored = f", {inputs.ignored} non-image files ignored" if inputs.ignored else ""
         progress(f"[make_shards] {source}: {len(inputs.items)} inputs ({inputs.kind}), {len(inputs.classes)} "
                  f"classes{ignored} -> {len(plans)} shards in {destination}")
-        job = _Job(fs, dest, reencode, inputs.classes, endpoint_url, region)
+        job = _Job(fs, dest, reencode, inputs.classes, s3)
         manifest = build_manifest(source, split, options, source_fingerprint, inputs, _run(plans, job, progress))
         _write_json(fs, f"{dest}/{MANIFEST}", manifest)
         removed = _delete_stale(fs, dest, {p["path"] for p in plans})
     except OSError as err:
-        raise storage.explain(destination, err, endpoint_url) from None
+        raise storage.explain(destination, err, s3) from None
     if removed:
         progress(f"[make_shards] removed {len(removed)} stale shards: {', '.join(removed)}")
     return manifest
 
 
-def load_manifest(uri: str, endpoint_url: str | None = None, region: str | None = None) -> dict:
+def load_manifest(uri: str, s3: S3Options | None = None) -> dict:
     """The ``manifest.json`` of the shards at ``uri``; ``StorageError`` (one line) when missing."""
-    fs, root = storage.resolve(uri, endpoint_url, region)
+    fs, root = storage.resolve(uri, s3)
     try:
         if storage.is_s3(uri) and fs.get_file_info(root.split("/", 1)[0]).type == pyarrow.fs.FileType.NotFound:
             raise StorageError(f"{uri}: bucket does not exist")
@@ -603,7 +599,7 @@ def load_manifest(uri: str, endpoint_url: str | None = None, region: str | None 
     except FileNotFoundError:
         raise StorageError(f"{uri}: no {MANIFEST}; build shards with jobs/make_shards.py") from None
     except OSError as err:
-        raise storage.explain(uri, err, endpoint_url) from None
+        raise storage.explain(uri, err, s3) from None
     except ValueError as err:
         raise StorageError(f"{uri}/{MANIFEST}: not valid JSON ({err})") from None
     if manifest.get("format_version") != FORMAT_VERSION:

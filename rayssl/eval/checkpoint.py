@@ -39,15 +39,15 @@ def _checkpoint_path(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> str:
     return f"{folders[-1]}/{CHECKPOINT_FILE}"
 
 
-def read_checkpoint(uri: str, endpoint_url: str | None = None, region: str | None = None) -> dict:
+def read_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict:
     """The state saved by training, from a ``checkpoint.pt``, a checkpoint folder or a run folder
     (its latest checkpoint). Raises ``StorageError`` / ``ConfigError`` (one line naming ``uri``)."""
-    fs, path = storage.resolve(uri, endpoint_url, region)
+    fs, path = storage.resolve(uri, s3)
     try:
         with fs.open_input_stream(_checkpoint_path(fs, path, uri)) as f:
             raw = f.read()
     except OSError as err:
-        raise storage.explain(uri, err, endpoint_url) from None
+        raise storage.explain(uri, err, s3) from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
@@ -87,6 +87,8 @@ def preprocessing(cfg: Config, meta: DataMeta) -> v2.Compose:
 def load_backbone(checkpoint: str, endpoint_url: str | None = None, region: str | None = None
                   ) -> tuple[nn.Module, v2.Compose]:
     """``(backbone, preprocess)``: the teacher's backbone as a plain torch module in eval mode
-    (``backbone(preprocess(img)[None])`` -> (1, D) features) and its preprocessing."""
-    teacher, cfg, meta = teacher_from_state(read_checkpoint(checkpoint, endpoint_url, region))
+    (``backbone(preprocess(img)[None])`` -> (1, D) features) and its preprocessing. S3 credentials
+    come from the AWS chain."""
+    s3 = storage.S3Options(endpoint_url, region)
+    teacher, cfg, meta = teacher_from_state(read_checkpoint(checkpoint, s3))
     return teacher.backbone, preprocessing(cfg, meta)

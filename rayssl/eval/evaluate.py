@@ -19,6 +19,7 @@ import torch
 
 from rayssl.config import Config, ConfigError
 from rayssl.data.datasets import decode_stage, read, sources
+from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
 from rayssl.eval.checkpoint import read_checkpoint, teacher_from_state
 
@@ -28,9 +29,9 @@ KS = (10, 20, 100, 200)
 class FeatureActor:
     """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded)."""
 
-    def __init__(self, checkpoint: str, config: dict, endpoint_url: str | None, region: str | None) -> None:
+    def __init__(self, checkpoint: str, config: dict, s3: S3Options) -> None:
         cfg = Config.model_validate(config)
-        teacher, _, meta = teacher_from_state(read_checkpoint(checkpoint, endpoint_url, region), cfg)
+        teacher, _, meta = teacher_from_state(read_checkpoint(checkpoint, s3), cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbone = teacher.backbone.to(self.device)
         self.size = cfg.augment.global_crop_size
@@ -57,7 +58,7 @@ def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int |
                        fn_kwargs={"channels": d.channels or manifest["channels"], "size": size})
           .map_batches(FeatureActor, batch_size=256, batch_format="numpy",
                        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
-                                              "endpoint_url": d.endpoint_url, "region": d.region},
+                                              "s3": S3Options.of(d)},
                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
     ds.context.execution_options.preserve_order = True  # the first ``limit`` rows, as in training
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -100,7 +101,7 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     weights (``ConfigError`` otherwise). Writes ``results.json``, ``cluster_usage.png`` and,
     with ``do_export``, ``embeddings-{train,eval}.parquet`` under ``output``.
     """
-    state = read_checkpoint(checkpoint, cfg.data.endpoint_url if cfg else None, cfg.data.region if cfg else None)
+    state = read_checkpoint(checkpoint, S3Options.of(cfg.data) if cfg else None)
     teacher, cfg, meta = teacher_from_state(state, cfg)
     train_uri, train_manifest, eval_uri, eval_manifest = sources(cfg.data)
     if eval_manifest is None or not eval_manifest["classes"] or not train_manifest["classes"]:

@@ -15,8 +15,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
@@ -25,6 +23,7 @@ from torch import Tensor
 
 from rayssl.knn import topk_neighbours, weighted_vote
 from rayssl.objective import _entropy_rows
+from rayssl.plots import usage_figure
 
 ArrayLike = Tensor | np.ndarray
 
@@ -225,12 +224,5 @@ def dataset_diagnostics(probs: Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------- plot
 def usage_plot(counts: ArrayLike, path: str | os.PathLike[str], title: str) -> str | os.PathLike[str]:
     """Write a PNG of the cluster sizes sorted in decreasing order (bars, log y) to ``path``."""
-    ordered = np.sort(np.asarray(counts).ravel())[::-1]
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(np.arange(ordered.size), ordered, width=1.0)
-    ax.set_yscale("log")
-    ax.set(title=title, xlabel="cluster (sorted by size)", ylabel="samples")
-    fig.savefig(path, format="png", dpi=100)
+    usage_figure(np.asarray(counts), title).savefig(path, format="png", dpi=100)
     return path

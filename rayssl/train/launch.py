@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from rayssl.config import Config, ConfigError
 from rayssl.data import storage as data_storage
 from rayssl.data.datasets import build_datasets
+from rayssl import tracking
 from rayssl.train.loop import train_loop_per_worker
 
 
@@ -32,15 +33,17 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig, checked writable.
 
     Local paths become absolute (Ray requires it); ``s3://`` gets the explicit pyarrow S3
-    filesystem of ``rayssl.data.storage`` (AWS chain, ``data.endpoint_url``, region, retries).
+    filesystem of ``rayssl.data.storage`` (``data.access_key_id``/``data.secret_access_key`` or the
+    AWS chain, ``data.endpoint_url``, region, retries).
     """
     path = cfg.run.storage_path
+    s3 = data_storage.S3Options.of(cfg.data)
     try:
-        data_storage.check_writable(path, cfg.data.endpoint_url, cfg.data.region)
+        data_storage.check_writable(path, s3)
     except data_storage.StorageError as err:
         raise data_storage.StorageError(f"run.storage_path: {err}") from None
     if data_storage.is_s3(path):
-        fs, bucket_path = data_storage.resolve(path, cfg.data.endpoint_url, cfg.data.region)
+        fs, bucket_path = data_storage.resolve(path, s3)
         return bucket_path, fs
     return str(Path(path).expanduser().resolve()), None
 
@@ -64,20 +67,20 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
     return available
 
 
-def build_trainer(cfg: Config) -> TorchTrainer:
-    path, filesystem = storage(cfg)
-    datasets, meta = build_datasets(cfg)
-    name = cfg.run.name or f"rayssl-{cfg.objective.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | None, path: str,
+                  filesystem) -> TorchTrainer:
+    """The TorchTrainer of a run: datasets from ``build_datasets``, ``path``/``filesystem`` from
+    ``storage`` and the MLflow run from ``rayssl.tracking.start`` (or None)."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(),
+        train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(), "tracking": tracking_settings,
                            "steps_per_epoch": steps_per_epoch(cfg, meta.num_train)},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=path, storage_filesystem=filesystem,
+            name=run_name(cfg), storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -94,10 +97,32 @@ def _ordered():
     return options
 
 
+def run_name(cfg: Config) -> str:
+    """``run.name`` or a new ``rayssl-<mode>-<time>``, fixed on first use."""
+    if cfg.run.name is None:
+        cfg.run.name = f"rayssl-{cfg.objective.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.run.name
+
+
 def pretrain(cfg: Config) -> dict:
-    """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results."""
+    """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results.
+
+    Storage, data and the MLflow store are checked before anything trains, and the MLflow run
+    is created only once the inputs are known good; it is marked FAILED if training raises.
+    """
+    path, filesystem = storage(cfg)
     init_ray(cfg.scaling.address)
-    result = build_trainer(cfg).fit()
+    datasets, meta = build_datasets(cfg)
+    steps_per_epoch(cfg, meta.num_train)  # raises on a batch larger than the data
+    settings = tracking.start(cfg, f"{path}/{run_name(cfg)}", filesystem)
+    try:
+        result = build_trainer(cfg, datasets, meta, settings, path, filesystem).fit()
+    except BaseException:
+        tracking.finish(settings, failed=True)
+        raise
     out = dict(result.return_value or {})
     out["run_path"] = result.path
+    if settings:
+        out["mlflow_run_id"] = settings["run_id"]
+        out["mlflow"] = tracking.ui_hint(settings)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules
+from rayssl.tracking import RUN_FILE, RunLogger, checkpoint_record
 from rayssl.train.step import Stepper, build_optimizer
 from rayssl.transforms import MultiCrop
 
@@ -116,12 +119,15 @@ def _report(metrics: dict, state: dict | None) -> None:
     """``ray.train.report`` on every rank; with a state, rank 0 attaches it as a checkpoint.
 
     The state is written to a temporary folder that Ray copies to ``run.storage_path``
-    before ``report`` returns (synchronous upload); the folder is then removed.
+    before ``report`` returns (synchronous upload); the folder is then removed. Beside it,
+    ``RUN_FILE`` names the MLflow run, so a relaunch finds it without loading the state.
     """
     with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
         checkpoint = None
         if state is not None and ray.train.get_context().get_world_rank() == 0:
             torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            if state.get("tracking"):
+                (Path(tmp) / RUN_FILE).write_text(json.dumps(state["tracking"]))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -174,6 +180,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     views_of = Views(cfg, meta, device)
     crops = views_of.crops
     knn = meta.num_eval > 0  # labelled training shards and data.eval_source
+    tracking = loop_config.get("tracking")
+    mlflow_run = RunLogger(tracking, say) if tracking and rank == 0 else None
 
     start_step, results = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -211,7 +219,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                   f"random init {results['knn/random_init']:.2%}")
 
     def state_dict(step: int) -> dict:
-        return {**stepper.state_dict(), "step": step, "results": results, "config": cfg.model_dump(),
+        return {**stepper.state_dict(), "step": step, "results": results, "config": cfg.redacted(mask=None),
+                "tracking": checkpoint_record(tracking),
                 "meta": meta.to_dict(),
                 "skipped_images": history[-1]["data/skipped_images"],
                 "rng": _all_gather(torch.get_rng_state())}
@@ -246,6 +255,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 window_images += len(views[0]) * world
             stepper.finish(step)
             step += 1
+            if step % steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
+                prior, assigned = stepper.usage.collect()
+                if mlflow_run:
+                    mlflow_run.epoch_plots(step // steps_per_epoch, prior, assigned)
             log_now = step % cfg.train.log_every == 0 or step == total_steps
             ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total_steps
             if not (log_now or ckpt_now):
@@ -270,6 +283,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
             history.append(metrics)
+            if mlflow_run:
+                mlflow_run.metrics(step, metrics)
             _report(metrics, state_dict(step) if ckpt_now else None)
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
 
@@ -278,5 +293,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if rank == 0:
             say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     results["train_seconds"] = time.time() - started
+    if mlflow_run:
+        finish_tracking(mlflow_run, cfg, meta, teacher, results, total_steps)
     ray.train.report({"step": total_steps, **results})
     return {**results, "history": history}
+
+
+def finish_tracking(run: RunLogger, cfg: Config, meta: DataMeta, teacher: torch.nn.Module,
+                    results: dict, step: int) -> None:
+    """Rank 0, after the last step: results, training curves, the teacher's backbone."""
+    run.results(results, step)
+    run.curves(f"{cfg.objective.mode}, K={cfg.objective.num_clusters}, {cfg.model.backbone}")
+    if run.settings.get("log_model"):
+        backbone = copy.deepcopy(unwrap(teacher).backbone).float().cpu().eval()
+        size = cfg.augment.global_crop_size
+        example = np.random.default_rng(0).standard_normal((2, meta.channels, size, size)).astype(np.float32)
+        run.model(backbone, example, {"input": "normalised images (N, C, H, W); see preprocessing",
+                                      "image_size": size, "channels": meta.channels,
+                                      "mean": list(meta.mean), "std": list(meta.std)})
+    run.end()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rayssl.models import ema_update, unwrap
-from rayssl.objective import ClusterObjective
+from rayssl.objective import ClusterObjective, cross_entropy_loss
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -25,6 +27,38 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     if optim_cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     return torch.optim.AdamW(groups, lr=0.0)
+
+
+class ClusterUsage:
+    """The teacher's clusters over an epoch, for the per-epoch plots (no collective per step).
+
+    - prior: pi_k = mean over images and global views of softmax(z / tau_t)_k, the teacher's
+      cluster marginal *before* normalisation (THEORY.md's pi);
+    - assigned: how many (image, view) pairs have k as the argmax of the normalised target q_t.
+    ``collect`` all-reduces both (sums and count separately) and starts the next epoch.
+    """
+
+    def __init__(self, num_clusters: int, device: torch.device) -> None:
+        self.sums = torch.zeros(2, num_clusters, dtype=torch.float64, device=device)
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, teacher_logits: Tensor, targets: Tensor, teacher_temperature: float) -> None:
+        z = teacher_logits.float().flatten(0, 1)
+        self.sums[0] += torch.softmax(z / teacher_temperature, dim=-1).sum(0, dtype=torch.float64)
+        self.sums[1] += torch.bincount(targets.flatten(0, 1).argmax(-1), minlength=self.sums.shape[1])
+        self.count += z.shape[0]
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(prior, assigned)`` over all workers since the last call; resets."""
+        stats = torch.cat([self.sums.flatten(), self.count])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        k = self.sums.shape[1]
+        prior = (stats[:k] / stats[-1].clamp_min(1)).cpu().numpy()
+        assigned = stats[k:2 * k].cpu().numpy()
+        self.sums.zero_(), self.count.zero_()
+        return prior, assigned
 
 
 class Stepper:
@@ -44,6 +78,7 @@ class Stepper:
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.last_outputs: tuple | None = None  # (student, teacher, tau_t) of the last micro-batch
+        self.usage = ClusterUsage(objective.spec.num_clusters, device)
 
     def _set_hyperparameters(self, step: int) -> None:
         for g in self.optimizer.param_groups:
@@ -60,9 +95,11 @@ class Stepper:
             with self.autocast:
                 with torch.no_grad():
                     teacher_out = self.teacher(views[:2])
+                    targets = self.objective.targets(teacher_out, tau_t)
                 student_out = self.student(views)
-                loss = self.objective(student_out, teacher_out, tau_t)
+                loss = cross_entropy_loss(student_out, targets, self.objective.spec.student_temperature)
             (loss / self.cfg.optim.accumulate_steps).backward()
+        self.usage.add(teacher_out, targets, tau_t)
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
         return loss.detach()
 

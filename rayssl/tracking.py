@@ -1,0 +1,324 @@
+"""MLflow at the edge: where a run is recorded and what it records.
+
+- The driver (``start`` / ``finish``) checks the tracking store before anything trains,
+  creates the MLflow run (or finds the one stored in the run's latest checkpoint, so a
+  relaunch keeps logging into it) and logs params, tags and the resolved config.
+- World rank 0 (``RunLogger``) logs metrics at every reported step, the per-epoch cluster
+  plots, the training curves, ``results.json`` and the final backbone.
+Nothing else in rayssl imports MLflow. Every value passes through ``Config.redacted``, so
+secrets never reach params, tags or artifacts. Logging failures after the start only warn:
+tracking never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import rayssl
+from rayssl.config import Config, ConfigError, mask_uri
+from rayssl.data import storage
+
+DEFAULT_STORE = "~/rayssl_results"
+RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
+MODEL_NAME = "backbone"
+_PARAM_BATCH = 100  # MLflow's limit of params per log_batch
+
+log = logging.getLogger(__name__)
+
+
+def default_uri(storage_path: str = DEFAULT_STORE) -> str:
+    """``MLFLOW_TRACKING_URI``, else a SQLite store beside the run outputs (``run.storage_path``,
+    or ``~/rayssl_results`` when that is ``s3://``): ``mlflow ui --backend-store-uri`` it."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = DEFAULT_STORE if storage.is_s3(storage_path) else storage_path
+    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or default_uri(cfg.run.storage_path)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go in ``mlartifacts/`` beside the database (absolute, since
+    Ray and Tune change the working directory); a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
+@contextmanager
+def _quick_http() -> Iterator[None]:
+    """Fail fast on an unreachable server: MLflow otherwise retries for minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(uri))
+
+
+def git_commit() -> str | None:
+    """The commit of the rayssl checkout, if it is one (``ray job submit`` uploads no ``.git``)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(rayssl.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_tags(cfg: Config, run_path: str) -> dict[str, str]:
+    import ray
+    import torch
+
+    tags = {"rayssl.version": rayssl.__version__, "rayssl.git_commit": git_commit() or "unknown",
+            "rayssl.run_path": mask_uri(run_path), "ray.version": ray.__version__,
+            "torch.version": torch.__version__, "scaling.num_workers": str(cfg.scaling.num_workers),
+            "device": "cuda" if cfg.scaling.use_gpu else "cpu", "objective.mode": cfg.objective.mode}
+    return tags
+
+
+def _param(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def stored_run_id(filesystem, run_path: str) -> str | None:
+    """The MLflow run id saved in the latest checkpoint of ``run_path`` (a Ray Train run folder)."""
+    import pyarrow.fs
+
+    fs = filesystem or pyarrow.fs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        try:
+            with fs.open_input_stream(f"{folder}/{RUN_FILE}") as f:
+                return json.loads(f.read())["run_id"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def start(cfg: Config, run_path: str, filesystem=None) -> dict | None:
+    """Driver side, before training: the MLflow run this launch logs into, as the settings
+    ``RunLogger`` needs (``None`` when tracking is off or, with ``tracking.required=false``,
+    unreachable). Raises ``ConfigError`` naming ``tracking.uri`` when the store is unreachable.
+
+    A relaunch of a run with a checkpoint continues the MLflow run stored in that checkpoint;
+    params that changed since are recorded as ``resumed.<key>`` tags and a new config artifact.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg)
+    try:
+        with _quick_http():
+            client = _client(uri)
+            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+            run_id = stored_run_id(filesystem, run_path)
+            run = client.get_run(run_id) if run_id else None
+    except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {mask_uri(detail)}"
+        if cfg.tracking.required:
+            raise ConfigError(message + " (set tracking.required=false to train without it)") from None
+        log.warning("%s; training continues without tracking (tracking.required=false)", message)
+        return None
+    params = {k: _param(v) for k, v in cfg.flat().items()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if run is None:
+        name = cfg.tracking.run_name or Path(run_path).name
+        run = client.create_run(experiment_id, run_name=name, tags=run_tags(cfg, run_path))
+        new = params
+        client.log_dict(run.info.run_id, cfg.redacted(), "config.yaml")
+    else:
+        old = run.data.params
+        new = {k: v for k, v in params.items() if k not in old}
+        changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        if changed:
+            client.log_dict(run.info.run_id, cfg.redacted(), f"config-resumed-{stamp}.yaml")
+        from mlflow.entities import RunTag
+
+        client.log_batch(run.info.run_id, tags=[RunTag(f"resumed.{k}", v) for k, v in changed.items()])
+        client.update_run(run.info.run_id, status="RUNNING")
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in new.items()]
+    for i in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run.info.run_id, params=items[i:i + _PARAM_BATCH])
+    return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id,
+            "log_model": cfg.tracking.log_model, "register_as": cfg.tracking.register_as}
+
+
+def finish(settings: dict | None, failed: bool) -> None:
+    """Driver side, after ``fit``: mark a failed run FAILED (rank 0 marks success FINISHED)."""
+    if settings and failed:
+        try:
+            with _quick_http():
+                _client(settings["uri"]).set_terminated(settings["run_id"], status="FAILED")
+        except Exception as err:  # noqa: BLE001 - the training error matters more
+            log.warning("MLflow: could not mark run %s failed: %s", settings["run_id"], err)
+
+
+def ui_hint(settings: dict) -> str:
+    uri = settings["uri"]
+    where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else mask_uri(uri)
+    return f"MLflow run {settings['run_id']} (experiment {settings['experiment_id']}): {where}"
+
+
+class RunLogger:
+    """World rank 0's MLflow writer. Every call is safe: a failure warns once, then logging
+    pauses for ``retry_seconds`` and resumes; training goes on regardless.
+
+    Metrics of a step already in the run (a restart recomputes up to one checkpoint interval)
+    are not logged again, so every metric history has one point per step.
+    """
+
+    def __init__(self, settings: dict, say: Callable[[str], None] = print, retry_seconds: float = 60.0):
+        # a dead server must cost seconds per call, not MLflow's default minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        self.settings, self.run_id, self.say = settings, settings["run_id"], say
+        self.retry_seconds, self.paused_until, self.warned = retry_seconds, 0.0, False
+        self.client = _client(settings["uri"])
+        history = self._safe(self.client.get_metric_history, self.run_id, "loss") or []
+        self.last_step = max((m.step for m in history), default=0)
+
+    def _safe(self, fn: Callable, *args, **kwargs):
+        if time.time() < self.paused_until:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self.paused_until = time.time() + self.retry_seconds
+            if not self.warned:
+                self.say(f"[rayssl] MLflow logging failed ({type(err).__name__}: "
+                         f"{mask_uri(str(err).splitlines()[0][:160]) if str(err) else ''}); "
+                         f"training continues, logging retries in {self.retry_seconds:.0f} s")
+                self.warned = True
+            return None
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        """The numbers of ``values`` at ``step``, unless the run already has that step."""
+        if step > self.last_step:
+            self.numbers(values, step)
+            self.last_step = step
+
+    def numbers(self, values: dict[str, Any], step: int) -> None:
+        """Every finite number of ``values`` (but ``step``) as a metric at ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if k != "step" and isinstance(v, (int, float)) and np.isfinite(v)]
+        self._safe(self.client.log_batch, self.run_id, metrics=batch)
+
+    def epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
+        """The cluster-prior histogram and the cluster-usage bars of one epoch."""
+        from rayssl.plots import prior_figure, usage_figure
+
+        self._safe(self.client.log_figure, self.run_id,
+                   prior_figure(prior, f"epoch {epoch}: teacher cluster prior"),
+                   f"plots/cluster_prior/epoch_{epoch:03d}.png")
+        self._safe(self.client.log_figure, self.run_id,
+                   usage_figure(assigned, f"epoch {epoch}: images per cluster (normalised teacher argmax)"),
+                   f"plots/cluster_usage/epoch_{epoch:03d}.png")
+
+    def curves(self, title: str) -> None:
+        """``plots/training_curves.png`` from the run's whole metric history (all launches)."""
+        from rayssl.plots import CURVES, curves_figure
+
+        def history() -> dict:
+            return {name: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, name)]
+                    for _, names in CURVES for name in names}
+
+        points = self._safe(history)
+        if points:
+            self._safe(self.client.log_figure, self.run_id, curves_figure(points, title),
+                       "plots/training_curves.png")
+
+    def results(self, results: dict, step: int) -> None:
+        """``results.json`` and its numbers as metrics at the final step."""
+        self._safe(self.client.log_dict, self.run_id, results, "results.json")
+        self.numbers(results, step)
+
+    def model(self, backbone, example: np.ndarray, metadata: dict) -> None:
+        """The backbone via ``mlflow.pytorch.log_model`` (rayssl's code bundled, so
+        ``mlflow.pytorch.load_model`` needs no rayssl install), optionally registered."""
+        def log() -> None:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+            import torchvision
+
+            mlflow.set_tracking_uri(self.settings["uri"])
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pytorch.log_model(
+                    backbone, name=MODEL_NAME, input_example=example, metadata=metadata,
+                    code_paths=[str(Path(rayssl.__file__).parent)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      f"torchvision=={torchvision.__version__.split('+')[0]}"],
+                    registered_model_name=self.settings.get("register_as"))
+                mlflow.set_tag("rayssl.model_uri", info.model_uri)
+
+        self._safe(log)
+
+    def end(self) -> None:
+        self._safe(self.client.set_terminated, self.run_id, status="FINISHED")
+
+
+def checkpoint_record(settings: dict | None) -> dict | None:
+    """What a checkpoint keeps of tracking: the run id and the URI (password masked)."""
+    return {"run_id": settings["run_id"], "uri": mask_uri(settings["uri"])} if settings else None
+
+
+def log_evaluation(record: dict | None, step: int, results: dict, files: list[Path],
+                   uri: str | None = None) -> str | None:
+    """``jobs/evaluate.py``: add the evaluation's numbers (at the checkpoint's ``step``) and
+    files (under ``evaluation/``) to the run a checkpoint came from (``record``, see
+    ``checkpoint_record``; ``uri`` overrides its URI). The run id, or None when not logged."""
+    if not record:
+        return None
+    settings = {**record, "uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"]}
+    try:
+        with _quick_http():
+            _client(settings["uri"]).get_run(settings["run_id"])
+    except Exception as err:  # noqa: BLE001 - the evaluation itself is written already
+        print(f"MLflow: run {settings['run_id']} not reachable at {mask_uri(settings['uri'])} "
+              f"({type(err).__name__}); evaluation not logged", file=sys.stderr)
+        return None
+    logger = RunLogger(settings)
+    logger.numbers(results, step)
+    for path in files:
+        logger._safe(logger.client.log_artifact, settings["run_id"], str(path), "evaluation")
+    return settings["run_id"]
