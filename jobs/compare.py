@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = args.tracking_uri
     if uri is None:
-        from rayssl.tracking import default_uri  # imports torch (via rayssl.config): only when needed
+        from rayssl.tracking import default_uri
 
         uri = default_uri()
     try:
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         table.to_csv(args.csv)
         print(f"csv: {args.csv}")
-    print(f"browse: mlflow ui --backend-store-uri {uri}")
+    from rayssl.config import mask_uri
+
+    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
+          else f"browse: {mask_uri(uri)} in a web browser")
     return 0
 
 

@@ -18,6 +18,8 @@ from matplotlib.patches import Patch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from rayssl.config import mask_uri
+
 # column -> run param (logged as a string, converted to the dtype given)
 PARAMS = {"mode": ("objective.mode", "string"), "K": ("objective.num_clusters", "Int64"),
           "T_teacher": ("objective.teacher_temperature", "Float64"),
@@ -46,7 +48,7 @@ def _search(client: MlflowClient, experiment: str, filter_string: str) -> list[R
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise CompareError(f"no experiment {experiment!r} in {client.tracking_uri}; experiments: {names}")
+        raise CompareError(f"no experiment {experiment!r} in {mask_uri(client.tracking_uri)}; experiments: {names}")
     runs, token = [], None
     while True:
         page = client.search_runs([found.experiment_id], filter_string, page_token=token,

@@ -237,11 +237,13 @@ def _is_secret(loc: tuple) -> bool:
     return model is SecretStr or SecretStr in getattr(model, "__args__", ())
 
 
-def _one_line(err: ValidationError) -> str:
+def _one_line(err: ValidationError, model: type[BaseModel] = Config, prefix: str = "") -> str:
+    """The first error of ``err`` as ``<prefix><dotted.key>: what is wrong``; unknown keys get
+    the closest key of ``model`` as a hint."""
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+    loc = prefix + ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
     if e["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(loc, _known_keys(), n=1)
+        hint = difflib.get_close_matches(loc, _known_keys(model, prefix), n=1)
         return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
     msg = e["msg"].removeprefix("Value error, ")
     if loc and _is_secret(e["loc"]):  # never echo a secret's value

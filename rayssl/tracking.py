@@ -130,13 +130,14 @@ def stored_run_id(filesystem, run_path: str) -> str | None:
     return None
 
 
-def start(cfg: Config, run_path: str, filesystem=None) -> dict | None:
+def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None = None) -> dict | None:
     """Driver side, before training: the MLflow run this launch logs into, as the settings
     ``RunLogger`` needs (``None`` when tracking is off or, with ``tracking.required=false``,
     unreachable). Raises ``ConfigError`` naming ``tracking.uri`` when the store is unreachable.
 
     A relaunch of a run with a checkpoint continues the MLflow run stored in that checkpoint;
     params that changed since are recorded as ``resumed.<key>`` tags and a new config artifact.
+    A sweep's trial names its sweep's run as ``parent_run_id`` (MLflow's nested runs).
     """
     if not cfg.tracking.enabled:
         return None
@@ -158,7 +159,8 @@ def start(cfg: Config, run_path: str, filesystem=None) -> dict | None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if run is None:
         name = cfg.tracking.run_name or Path(run_path).name
-        run = client.create_run(experiment_id, run_name=name, tags=run_tags(cfg, run_path))
+        tags = {**run_tags(cfg, run_path), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
         new = params
         client.log_dict(run.info.run_id, cfg.redacted(), "config.yaml")
     else:
@@ -178,6 +180,51 @@ def start(cfg: Config, run_path: str, filesystem=None) -> dict | None:
         client.log_batch(run.info.run_id, params=items[i:i + _PARAM_BATCH])
     return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id,
             "log_model": cfg.tracking.log_model, "register_as": cfg.tracking.register_as}
+
+
+def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id: str | None) -> dict | None:
+    """The parent run of a sweep (``previous_run_id``'s, when a restored sweep had one)."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg)
+    try:
+        with _quick_http():
+            client = _client(uri)
+            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+            if previous_run_id:
+                client.update_run(previous_run_id, status="RUNNING")
+                return {"uri": uri, "run_id": previous_run_id, "experiment_id": experiment_id}
+            run = client.create_run(experiment_id, run_name=name, tags={
+                "rayssl.version": rayssl.__version__, "rayssl.sweep": name})
+            from mlflow.entities import Param
+
+            items = [Param(k, mask_uri(_param(v))) for k, v in params.items()]
+            for i in range(0, len(items), _PARAM_BATCH):
+                client.log_batch(run.info.run_id, params=items[i:i + _PARAM_BATCH])
+    except Exception as err:  # noqa: BLE001 - as in start()
+        message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {type(err).__name__}"
+        if cfg.tracking.required:
+            raise ConfigError(message + " (set tracking.required=false to sweep without it)") from None
+        log.warning("%s; the sweep continues without tracking", message)
+        return None
+    return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id}
+
+
+def finish_parent(parent: dict | None, summary: dict, files: list[Path]) -> None:
+    """The sweep's outcome on its parent run: best value and params, the trials table, best.yaml."""
+    if not parent:
+        return
+    logger = RunLogger(parent)
+    logger.numbers({"best_value": summary["best_value"], "num_trials": summary["num_trials"],
+                    "stopped_early": summary["stopped_early"], "seconds": summary.get("seconds", 0)}, 0)
+    from mlflow.entities import RunTag
+
+    logger._safe(logger.client.log_batch, parent["run_id"], tags=[
+        RunTag(f"best.{k}", _param(v)) for k, v in summary["best_params"].items()] + [
+        RunTag("sweep.metric", summary["metric"])])
+    for path in files:
+        logger._safe(logger.client.log_artifact, parent["run_id"], str(path))
+    logger.end()
 
 
 def finish(settings: dict | None, failed: bool) -> None:

@@ -3,7 +3,6 @@ pretraining streamed from s3:// with checkpoints in s3://, resumed; bad rows ski
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from pathlib import Path

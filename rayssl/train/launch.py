@@ -68,9 +68,10 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
 
 
 def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | None, path: str,
-                  filesystem) -> TorchTrainer:
+                  filesystem, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of a run: datasets from ``build_datasets``, ``path``/``filesystem`` from
-    ``storage`` and the MLflow run from ``rayssl.tracking.start`` (or None)."""
+    ``storage``, the MLflow run from ``rayssl.tracking.start`` (or None) and Train
+    ``callbacks`` (a sweep's report to Tune)."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
@@ -83,7 +84,7 @@ def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | N
             name=run_name(cfg), storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ("knn_bank", "knn_query")}),
     )
