@@ -101,3 +101,30 @@ def test_mismatched_config_and_bad_checkpoint_fail_clearly(tiny_run, tmp_path) -
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--checkpoint", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nope: not found" in proc.stderr
+
+
+def test_run_in_the_default_sqlite_store_and_the_job_adds_its_evaluation(tiny_run, tmp_path, capsys) -> None:
+    """No tracking settings: the run is in sqlite:///<run.storage_path>/mlflow.db, and
+    jobs/evaluate.py adds its metrics and files to that run."""
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir, result = tiny_run
+    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(2, 13, 2))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn/teacher")] == [6, 12]
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "eval"), "--ks", "20"]) == 0
+    assert f"logged to MLflow run {run.info.run_id}" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    history = client.get_metric_history(run.info.run_id, "knn/top1_k20")
+    assert [(m.step, m.value) for m in history] == [(12, pytest.approx(saved["knn/top1_k20"]))]
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert files == {"evaluation/results.json", "evaluation/cluster_usage.png"}

@@ -39,7 +39,7 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_ca
     name = f"it-{uuid.uuid4().hex[:8]}"
     uri, store = mlflow_server
     cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=2", "objective.prior_momentum=0.9",
-                      f"tracking.uri={uri}", "tracking.experiment=resume-test",
+                      f"tracking.uri={uri}", "tracking.experiment=resume-test", "tracking.register_as=resume-test",
                       f"data.access_key_id={FAKE_KEY}", f"data.secret_access_key={FAKE_SECRET}")
     first = pretrain(cfg)
 
@@ -105,6 +105,8 @@ def check_mlflow_run(uri: str, experiment: str, run_id: str, run_dir: Path) -> N
     assert Image.open(local).format == "PNG"
 
     model = mlflow.pytorch.load_model(tags["rayssl.model_uri"])
+    # each launch that finished registered its final backbone: two versions, both of this run
+    assert [v.run_id for v in client.search_model_versions("name = 'resume-test'")] == [run_id, run_id]
     backbone, _ = rayssl.load_backbone(str(run_dir))
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
