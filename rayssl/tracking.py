@@ -142,19 +142,15 @@ def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None
     if not cfg.tracking.enabled:
         return None
     uri = tracking_uri(cfg)
-    try:
-        with _quick_http():
-            client = _client(uri)
-            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
-            run_id = stored_run_id(filesystem, run_path)
-            run = client.get_run(run_id) if run_id else None
-    except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
-        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {mask_uri(detail)}"
-        if cfg.tracking.required:
-            raise ConfigError(message + " (set tracking.required=false to train without it)") from None
-        log.warning("%s; training continues without tracking (tracking.required=false)", message)
+
+    def stored_run(client, experiment_id):
+        run_id = stored_run_id(filesystem, run_path)
+        return client.get_run(run_id) if run_id else None
+
+    opened = _open(cfg, uri, stored_run, "training")
+    if opened is None:
         return None
+    client, experiment_id, run = opened
     params = {k: _param(v) for k, v in cfg.flat().items()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if run is None:
@@ -173,13 +169,35 @@ def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None
 
         client.log_batch(run.info.run_id, tags=[RunTag(f"resumed.{k}", v) for k, v in changed.items()])
         client.update_run(run.info.run_id, status="RUNNING")
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in new.items()]
-    for i in range(0, len(items), _PARAM_BATCH):
-        client.log_batch(run.info.run_id, params=items[i:i + _PARAM_BATCH])
+    _log_params(client, run.info.run_id, new)
     return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id,
             "log_model": cfg.tracking.log_model, "register_as": cfg.tracking.register_as}
+
+
+def _open(cfg: Config, uri: str, work: Callable, activity: str):
+    """``(client, experiment_id, work(client, experiment_id))`` against the store at ``uri``,
+    failing fast; when that fails: a one-line ``ConfigError`` naming ``tracking.uri``, or with
+    ``tracking.required=false`` a warning and None."""
+    try:
+        with _quick_http():
+            client = _client(uri)
+            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
+            return client, experiment_id, work(client, experiment_id)
+    except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {mask_uri(detail)}"
+        if cfg.tracking.required:
+            raise ConfigError(f"{message} (set tracking.required=false for {activity} without it)") from None
+        log.warning("%s; %s continues without tracking (tracking.required=false)", message, activity)
+        return None
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
 
 
 def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id: str | None) -> dict | None:
@@ -187,27 +205,21 @@ def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id
     if not cfg.tracking.enabled:
         return None
     uri = tracking_uri(cfg)
-    try:
-        with _quick_http():
-            client = _client(uri)
-            experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
-            if previous_run_id:
-                client.update_run(previous_run_id, status="RUNNING")
-                return {"uri": uri, "run_id": previous_run_id, "experiment_id": experiment_id}
-            run = client.create_run(experiment_id, run_name=name, tags={
-                "rayssl.version": rayssl.__version__, "rayssl.sweep": name})
-            from mlflow.entities import Param
 
-            items = [Param(k, mask_uri(_param(v))) for k, v in params.items()]
-            for i in range(0, len(items), _PARAM_BATCH):
-                client.log_batch(run.info.run_id, params=items[i:i + _PARAM_BATCH])
-    except Exception as err:  # noqa: BLE001 - as in start()
-        message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {type(err).__name__}"
-        if cfg.tracking.required:
-            raise ConfigError(message + " (set tracking.required=false to sweep without it)") from None
-        log.warning("%s; the sweep continues without tracking", message)
+    def parent_run(client, experiment_id) -> str:
+        if previous_run_id:
+            client.update_run(previous_run_id, status="RUNNING")
+            return previous_run_id
+        run = client.create_run(experiment_id, run_name=name, tags={
+            "rayssl.version": rayssl.__version__, "rayssl.sweep": name})
+        _log_params(client, run.info.run_id, {k: mask_uri(_param(v)) for k, v in params.items()})
+        return run.info.run_id
+
+    opened = _open(cfg, uri, parent_run, "the sweep")
+    if opened is None:
         return None
-    return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id}
+    _, experiment_id, run_id = opened
+    return {"uri": uri, "run_id": run_id, "experiment_id": experiment_id}
 
 
 def finish_parent(parent: dict | None, summary: dict, files: list[Path]) -> None:
