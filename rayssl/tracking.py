@@ -223,10 +223,15 @@ def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id
 
 
 def finish_parent(parent: dict | None, summary: dict, files: list[Path]) -> None:
-    """The sweep's outcome on its parent run: best value and params, the trials table, best.yaml."""
+    """The sweep's outcome on its parent run: best value and params, the trials table, best.yaml.
+    Child runs of trials that Tune stopped (ASHA, collapse, time budget) are marked KILLED."""
     if not parent:
         return
     logger = RunLogger(parent)
+    stopped = logger._safe(logger.client.search_runs, [parent["experiment_id"]],
+                           f"tags.`mlflow.parentRunId` = '{parent['run_id']}' AND attributes.status = 'RUNNING'")
+    for run in stopped or []:
+        logger._safe(logger.client.set_terminated, run.info.run_id, status="KILLED")
     logger.numbers({"best_value": summary["best_value"], "num_trials": summary["num_trials"],
                     "stopped_early": summary["stopped_early"], "seconds": summary.get("seconds", 0)}, 0)
     from mlflow.entities import RunTag

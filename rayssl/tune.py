@@ -234,13 +234,18 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: dic
         raise
 
 
+def _trial_cpus(base: Config, sweep: SweepConfig) -> float:
+    """CPUs one trial holds: its driver, its workers and one for its Ray Data tasks."""
+    return base.scaling.num_workers * base.scaling.cpus_per_worker + sweep.trial_cpu + 1
+
+
 def default_concurrency(base: Config, sweep: SweepConfig) -> int:
-    """Trials that fit at once: each needs its workers' CPUs (+1 for Ray Data) or GPUs."""
+    """Trials that fit at once: each needs ``_trial_cpus`` (and its workers' GPUs)."""
     import ray
 
     resources = ray.cluster_resources()
     s = base.scaling
-    fits = resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker + sweep.trial_cpu + 1)
+    fits = resources.get("CPU", 1) // _trial_cpus(base, sweep)
     if s.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
     return max(1, int(fits))
@@ -292,7 +297,8 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     from rayssl.train.launch import init_ray, steps_per_epoch
 
     sweep = sweep.model_copy(update={"name": sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"})
-    init_ray(base.scaling.address)
+    # a local Ray must fit one trial: its driver, its workers and a CPU for Ray Data
+    init_ray(base.scaling.address, min_cpus=_trial_cpus(base, sweep))
     _, meta = build_datasets(base)  # inputs checked (and Fashion-MNIST shards built) once, up front
     steps = steps_per_epoch(base, meta.num_train)
     metric = resolve_metric(sweep, meta.num_eval > 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -18,15 +19,17 @@ from rayssl import tracking
 from rayssl.train.loop import train_loop_per_worker
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a local Ray."""
+def init_ray(address: str | None, min_cpus: float = 0) -> None:
+    """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a
+    local Ray with at least ``min_cpus`` logical CPUs (oversubscribing a small machine)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
 
 
 def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
