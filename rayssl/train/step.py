@@ -46,7 +46,8 @@ class ClusterUsage:
     def add(self, teacher_logits: Tensor, targets: Tensor, teacher_temperature: float) -> None:
         z = teacher_logits.float().flatten(0, 1)
         self.sums[0] += torch.softmax(z / teacher_temperature, dim=-1).sum(0, dtype=torch.float64)
-        self.sums[1] += torch.bincount(targets.flatten(0, 1).argmax(-1), minlength=self.sums.shape[1])
+        hard = targets.flatten(0, 1).argmax(-1)  # index_add_, unlike bincount, never syncs with the host
+        self.sums[1].index_add_(0, hard, torch.ones_like(hard, dtype=self.sums.dtype))
         self.count += z.shape[0]
 
     def collect(self) -> tuple[np.ndarray, np.ndarray]:
