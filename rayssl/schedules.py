@@ -40,3 +40,19 @@ def build_schedules(cfg, steps_per_epoch: int, global_batch: int) -> dict[str, n
             np.linspace(obj.teacher_temperature_warmup, obj.teacher_temperature, warm_t, endpoint=False),
             np.full(total - warm_t, obj.teacher_temperature)]),
     }
+
+
+def online_knn_every(cfg, steps_per_epoch: int) -> int:
+    """Steps between online k-NN evaluations (0: none): ``eval.every_epochs`` rounded to the
+    nearest multiple of ``train.log_every``, since evaluations happen at logged steps."""
+    if not cfg.eval.every_epochs:
+        return 0
+    every = cfg.eval.every_epochs * steps_per_epoch
+    return max(1, round(every / cfg.train.log_every)) * cfg.train.log_every
+
+
+def knn_evaluations(cfg, steps_per_epoch: int) -> int:
+    """Teacher k-NN results one run reports: the online ones before the last step, and the final one."""
+    total = max(1, round(cfg.train.epochs * steps_per_epoch))  # as build_schedules
+    every = online_knn_every(cfg, steps_per_epoch)
+    return (len(range(every, total, every)) if every else 0) + 1

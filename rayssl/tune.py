@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from rayssl.config import Config, ConfigError, _known_keys, _one_line, load_config
+from rayssl.schedules import knn_evaluations
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint")
 SWEEP_FILE = "rayssl_sweep.json"  # in the sweep folder: the MLflow parent run, for a restore
@@ -304,8 +305,9 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     metric = resolve_metric(sweep, meta.num_eval > 0)
     if metric.startswith("knn/") and meta.num_eval == 0:
         raise ConfigError(f"sweep.metric: {metric} needs labelled data.source and data.eval_source")
-    if metric.startswith("knn/"):
-        max_t = sweep.evaluations
+    if metric.startswith("knn/"):  # ASHA counts evaluations: reports without the metric never reach Tune
+        probe = trial_config(base, {}, "probe", base.run.storage_path, metric, sweep.evaluations)
+        max_t = knn_evaluations(probe, steps)
     else:
         max_t = math.ceil(steps * base.train.epochs / base.train.log_every)
     folder = Path(sweep.storage_path).expanduser().resolve() / sweep.name
@@ -316,8 +318,10 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
         tune.with_parameters(run_trial, base=base.model_dump(), sweep=sweep.model_dump(), metric=metric,
                              parent=parent),
         {"CPU": sweep.trial_cpu})
+    # stop_last_trials=False: a trial whose sampled values give it more reports than the base
+    # config's max_t still runs to its end
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=sweep.grace_period,
-                              reduction_factor=sweep.reduction_factor)
+                              reduction_factor=sweep.reduction_factor, stop_last_trials=False)
     concurrency = sweep.max_concurrent_trials or default_concurrency(base, sweep)
     tune_config = tune.TuneConfig(metric=metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                   # the random search limits itself (Tune ignores this for it)

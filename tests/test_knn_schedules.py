@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rayssl.config import load_config
 from rayssl.knn import knn_accuracy, merge_neighbours, topk_neighbours, weighted_vote
-from rayssl.schedules import build_schedules, cosine_schedule
+from rayssl.schedules import build_schedules, cosine_schedule, knn_evaluations, online_knn_every
 
 
 def test_knn_separable_clusters_is_perfect_and_random_is_chance() -> None:
@@ -60,3 +61,18 @@ def test_run_schedules_follow_config() -> None:
     assert abs(s["lr"].max() - 0.002) < 1e-12  # linear scaling: 0.001 x 512 / 256
     assert s["teacher_temperature"][0] == 0.02 and np.all(s["teacher_temperature"][50:] == 0.07)
     assert s["momentum"][0] == cfg.optim.teacher_momentum and np.all(np.diff(s["momentum"]) >= 0)
+
+
+@pytest.mark.parametrize("epochs, every_epochs, log_every, steps_per_epoch, every, evaluations", [
+    (2, 0.5, 20, 78, 40, 4),   # 39 steps rounds to the nearest logged step, 40: 40, 80, 120 + final
+    (2, 1.0, 2, 6, 6, 2),      # 6 + final at 12
+    (3, 1.0, 20, 10, 20, 2),   # never more often than logging: 20 + final at 30
+    (4, None, 20, 234, 0, 1),  # only the final evaluation
+])
+def test_online_knn_cadence_matches_logged_steps(epochs, every_epochs, log_every, steps_per_epoch,
+                                                 every, evaluations) -> None:
+    cfg = load_config(None, [f"train.epochs={epochs}", f"eval.every_epochs={every_epochs}",
+                             f"train.log_every={log_every}"] if every_epochs else
+                      [f"train.epochs={epochs}", f"train.log_every={log_every}"])
+    assert online_knn_every(cfg, steps_per_epoch) == every
+    assert knn_evaluations(cfg, steps_per_epoch) == evaluations

@@ -25,7 +25,7 @@ from rayssl.eval.checkpoint import CHECKPOINT_FILE
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.objective import ClusterObjective, ObjectiveSpec
-from rayssl.schedules import build_schedules
+from rayssl.schedules import build_schedules, online_knn_every
 from rayssl.tracking import RUN_FILE, RunLogger, checkpoint_record
 from rayssl.train.step import Stepper, build_optimizer
 from rayssl.transforms import MultiCrop
@@ -227,10 +227,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     shard = ray.train.get_dataset_shard("train")
     # online k-NN every eval.every_epochs (at a logged step, so all workers evaluate together)
-    online_every = 0
-    if knn and cfg.eval.every_epochs:
-        every = max(1, round(cfg.eval.every_epochs * steps_per_epoch))
-        online_every = max(cfg.train.log_every, every // cfg.train.log_every * cfg.train.log_every)
+    online_every = online_knn_every(cfg, steps_per_epoch) if knn else 0
     step, started = start_step, time.time()
     window_start, window_images, wait = time.time(), 0, 0.0
     losses: list[torch.Tensor] = []
