@@ -153,9 +153,13 @@ def resolve_metric(sweep: SweepConfig, labelled: bool) -> str:
 
 def trial_config(base: Config, params: dict[str, Any], name: str, storage_path: str,
                  metric: str, evaluations: int) -> Config:
-    """The config of one trial: base + sampled values, its own run name and storage, and
-    online k-NN ``evaluations`` times per run when the metric needs it."""
+    """The config of one trial: base + sampled values, its own run name and storage, the base's
+    MLflow store (not one beside the trial's storage), and online k-NN ``evaluations`` times per
+    run when the metric needs it."""
+    from rayssl.tracking import tracking_uri
+
     data = base.model_dump()
+    data["tracking"]["uri"] = tracking_uri(base)
     for key, value in params.items():
         *parents, leaf = key.split(".")
         node = data

@@ -66,6 +66,17 @@ def test_invalid_sweep_settings_and_cli_fail_before_any_trial(tmp_path) -> None:
     assert not sweeps.exists()  # nothing started, nothing written
 
 
+def test_trials_log_to_the_base_store_and_evaluate_as_often_as_asked(tmp_path) -> None:
+    from rayssl.tracking import default_uri
+    from rayssl.tune import trial_config
+
+    base = load_config(None, [f"run.storage_path={tmp_path}", "train.epochs=2"])
+    trial = trial_config(base, {"objective.mode": "center"}, "t1", str(tmp_path / "sweeps/s/trials"), "knn/teacher", 4)
+    assert trial.tracking.uri == default_uri(str(tmp_path)) and trial.run.name == "t1"
+    assert trial.objective.mode == "center" and trial.eval.every_epochs == 0.5
+    assert trial.run.storage_path == str(tmp_path / "sweeps/s/trials")
+
+
 def test_four_trial_sweep_with_asha_mlflow_and_a_runnable_best_config(ray_cluster, shard_cache, tmp_path) -> None:
     """Two trials at a time (1 worker each); a 1-channel-wide ConvNet is the arm ASHA must stop
     at its first k-NN evaluation once a width-8 trial has set the bar."""
