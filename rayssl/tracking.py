@@ -245,11 +245,14 @@ def finish_parent(parent: dict | None, summary: dict, files: list[Path]) -> None
 
 
 def finish(settings: dict | None, failed: bool) -> None:
-    """Driver side, after ``fit``: mark a failed run FAILED (rank 0 marks success FINISHED)."""
+    """Driver side, after ``fit``: mark a failed run FAILED (rank 0 marks success FINISHED).
+    A run rank 0 already finished stays FINISHED (Tune may stop a trial after its last report)."""
     if settings and failed:
         try:
             with _quick_http():
-                _client(settings["uri"]).set_terminated(settings["run_id"], status="FAILED")
+                client = _client(settings["uri"])
+                if client.get_run(settings["run_id"]).info.status == "RUNNING":
+                    client.set_terminated(settings["run_id"], status="FAILED")
         except Exception as err:  # noqa: BLE001 - the training error matters more
             log.warning("MLflow: could not mark run %s failed: %s", settings["run_id"], err)
 
@@ -358,6 +361,7 @@ class RunLogger:
         self._safe(log)
 
     def end(self) -> None:
+        self.paused_until = 0.0  # the final status matters most: try it even while paused
         self._safe(self.client.set_terminated, self.run_id, status="FINISHED")
 
 
