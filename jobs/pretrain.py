@@ -60,6 +60,18 @@ tuning advice:
   tracking.required=false   train on (with a warning) when the MLflow server is unreachable.
   eval.every_epochs         online teacher k-NN (metric knn/teacher) every N epochs; each costs one pass
                             over the bank (eval.knn_train_limit) and the queries (data.test_limit).
+
+reliability:
+  run.max_failures          restarts after a lost worker (preemption, OOM, dead node), each from the newest
+                            intact checkpoint (at most train.checkpoint_every steps are recomputed); -1: no limit.
+  train.skip_nonfinite      NaN/inf steps to skip (no update) before stopping; 0 stops at the first, keeping the
+                            last good checkpoint (exit code 1).
+  monitor.min_mutual_information, monitor.patience
+                            collapse alarm: I(X;K) of the normalised teacher below the threshold for that many
+                            logged steps warns and tags the MLflow run (rayssl.collapse);
+  monitor.stop_on_collapse  ... and stops the run (exit code 3).
+  data.deterministic        replayable data order (with data.decode_on=worker): a resumed run ends bitwise
+                            equal to an uninterrupted one on CPU. Slower; for debugging.
 """
 
 
@@ -78,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"config error: {err}\n")
 
     from rayssl.train.launch import pretrain
+    from rayssl.train.step import NonFiniteError
 
     try:
         results = pretrain(cfg)
     except ConfigError as err:  # inputs found wrong once Ray and the data are in reach
         parser.exit(2, f"error: {err}\n")
+    except NonFiniteError as err:
+        parser.exit(1, f"stopped: {err}\n")
     print("\nk-NN accuracy (weighted 20-NN, data.eval_source queries):")
     for key in ("raw_pixels", "random_init", "teacher"):
         if f"knn/{key}" in results:
@@ -90,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run: {results['run_path']}")
     if "mlflow" in results:
         print(results["mlflow"])
+    if results.get("stopped") == "collapse":
+        print(f"stopped early: {results['stop_reason']}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -22,7 +22,7 @@ ADVICE = """
 space file (YAML, three sections; every key is checked before any trial starts):
   sweep:   name, num_samples, max_concurrent_trials, metric, mode, search_alg (random | optuna |
            hyperopt), time_budget_s, evaluations, grace_period, reduction_factor,
-           collapse_mutual_information, collapse_patience, trial_cpu, storage_path, seed
+           trial_cpu, storage_path, seed
   fixed:   {dotted.key: value} for every trial, e.g. train.epochs: 2, data.train_limit: 20000
   space:   {dotted.key: {choice: [..]} | {grid: [..]} | {uniform: [lo, hi]} |
            {loguniform: [lo, hi]} | {randint: [lo, hi]} | {lograndint: [lo, hi]}}  (ints inclusive)
@@ -34,8 +34,8 @@ tuning advice:
   Short trials rank configs well enough: use `fixed` to cut epochs and data, then rerun the
   best.yaml at full length. ASHA compares trials at each online k-NN evaluation
   (sweep.evaluations per trial); without labels it ranks by norm/mutual_information, I(X;K) of
-  the normalised teacher. Trials whose I(X;K) stays below sweep.collapse_mutual_information
-  for sweep.collapse_patience reports have collapsed and are stopped.
+  the normalised teacher. A trial whose I(X;K) stays below monitor.min_mutual_information for
+  monitor.patience logged steps has collapsed and stops itself (marked "collapse" in trials.csv).
   Each trial reserves scaling.num_workers x scaling.cpus_per_worker CPUs (or GPUs); by default
   as many trials run at once as the cluster fits, so a small cluster never deadlocks.
   Rerunning with the same sweep.name resumes an interrupted sweep (Tune's restore).

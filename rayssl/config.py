@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from rayssl.models.backbones import BACKBONES
 from rayssl.objective import MODES, TARGET_PRIORS
@@ -56,6 +56,11 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (plus file order).")
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
     test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
+    deterministic: bool = Field(False, description=(
+        "Replayable training stream (needs data.decode_on=worker): fixed file order, ordered reads, the "
+        "local shuffle seeded per epoch, and a resume skips the batches its epoch already used, so a run "
+        "resumed after a failure ends bitwise equal to one that never stopped (CPU). Slower; for "
+        "debugging and audits."))
 
 
 class AugmentConfig(_Section):
@@ -123,6 +128,9 @@ class TrainConfig(_Section):
     checkpoint_every: PositiveInt = 200
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    skip_nonfinite: int = Field(0, ge=0, description=(
+        "Steps with a NaN/inf loss or gradient that may be skipped (no update) before the run stops; "
+        "0: stop at the first, keeping the last good checkpoint."))
 
 
 class ScalingConfig(_Section):
@@ -146,6 +154,14 @@ class EvalConfig(_Section):
     baselines: bool = True
     every_epochs: float | None = Field(None, gt=0.0, description=(
         "Online k-NN of the teacher every this many epochs (metric knn/teacher); default: only at the end."))
+
+
+class MonitorConfig(_Section):
+    min_mutual_information: float = Field(0.05, ge=0.0, description=(
+        "Collapse alarm: I(X;K) of the normalised teacher (norm/mutual_information, nats) below this ..."))
+    patience: PositiveInt = Field(10, description="... for this many consecutive logged steps raises the alarm.")
+    stop_on_collapse: bool = Field(False, description=(
+        "On the alarm, stop the run early (checkpoint kept) instead of only warning and tagging it."))
 
 
 class TrackingConfig(_Section):
@@ -172,7 +188,22 @@ class Config(_Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        """Rules across fields; the message starts with the field to change."""
+        a, o = self.augment, self.optim
+        if a.local_crops and a.local_crop_size > a.global_crop_size:
+            raise ValueError(f"augment.local_crop_size: {a.local_crop_size} exceeds augment.global_crop_size "
+                             f"{a.global_crop_size}")
+        if o.min_lr > o.lr:
+            raise ValueError(f"optim.min_lr: {o.min_lr} exceeds optim.lr {o.lr}")
+        if self.data.deterministic and self.data.decode_on != "worker":
+            raise ValueError("data.deterministic: needs data.decode_on=worker (Ray Data tasks crop with "
+                             "their own random seeds)")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as ``{dotted.key: value}``, secrets masked (see ``redacted``)."""
@@ -185,11 +216,14 @@ class Config(_Section):
         return _mask(self.model_dump(mode="json", round_trip=True), self, mask)
 
 _URI_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):([^/@\s]+)@")
+_QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|password|secret|signature|credential|key)[^=&\s]*=)[^&\s]+",
+                           re.IGNORECASE)
 
 
 def mask_uri(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
-    return _URI_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, and the values of query
+    parameters named like a secret (``?token=``, ``X-Amz-Signature=``, ...) -> ``***``."""
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, _URI_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text))
 
 
 def _mask(data: dict, model: BaseModel, mask: str | None) -> dict:

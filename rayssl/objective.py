@@ -318,6 +318,10 @@ class ClusterObjective(nn.Module):
                 self.log_prior_ema.copy_(torch.logsumexp(stat, dim=0) - math.log(len(stat)))
             self._pending.clear()
 
+    def discard_pending(self) -> None:
+        """Drop the statistics of a step that is skipped (non-finite), leaving the state as it was."""
+        self._pending.clear()
+
     @torch.no_grad()
     def diagnostics(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> dict[str, float]:
         """THEORY.md section 6 for the raw teacher, the normalised teacher and the student.

@@ -310,6 +310,9 @@ class RunLogger:
                  if k != "step" and isinstance(v, (int, float)) and np.isfinite(v)]
         self._safe(self.client.log_batch, self.run_id, metrics=batch)
 
+    def tag(self, key: str, value: str) -> None:
+        self._safe(self.client.set_tag, self.run_id, key, mask_uri(value)[:5000])
+
     def epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
         """The cluster-prior histogram and the cluster-usage bars of one epoch."""
         from rayssl.plots import prior_figure, usage_figure

@@ -2,15 +2,15 @@
 
 A space file holds three sections, all checked before any trial starts:
 
-    sweep:  SweepConfig (samples, concurrency, metric, ASHA, collapse stop, time budget)
+    sweep:  SweepConfig (samples, concurrency, metric, ASHA, time budget)
     fixed:  {dotted.key: value} applied to the base config for every trial (shorter runs)
     space:  {dotted.key: {choice|grid|uniform|loguniform|randint|lograndint: ...}}
 
 Trials follow the Tune + Train pattern of this Ray version: a Tune function trainable that
 builds and fits a ``TorchTrainer``, whose reports reach Tune through a Train callback. ASHA
 stops weak trials on ``sweep.metric`` (``knn/teacher`` with labels, else the label-free
-``norm/mutual_information``); ``CollapseStop`` stops trials whose normalised teacher's
-I(X;K) stays near 0. MLflow gets one parent run per sweep and a child run per trial.
+``norm/mutual_information``); a trial stops itself on rayssl's collapse alarm (its normalised
+teacher's I(X;K) stays near 0; ``monitor.*``). MLflow gets one parent run per sweep and a child run per trial.
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ class SweepConfig(BaseModel):
         "Online k-NN evaluations per trial (labelled data): ASHA's time unit, so its rungs."))
     grace_period: PositiveInt = Field(1, description="Evaluations before ASHA may stop a trial.")
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps 1/reduction_factor per rung.")
-    collapse_mutual_information: float = Field(0.05, ge=0.0, description=(
-        "Stop a trial once norm/mutual_information stays below this (nats) ..."))
-    collapse_patience: PositiveInt = Field(3, description="... for this many consecutive reports.")
     trial_cpu: PositiveFloat = Field(0.1, description="CPU held by each trial's driver (its workers reserve their own).")
     seed: int | None = Field(None, description="Seed of the search algorithm.")
 
@@ -155,7 +152,8 @@ def trial_config(base: Config, params: dict[str, Any], name: str, storage_path: 
                  metric: str, evaluations: int) -> Config:
     """The config of one trial: base + sampled values, its own run name and storage, the base's
     MLflow store (not one beside the trial's storage), and online k-NN ``evaluations`` times per
-    run when the metric needs it."""
+    run when the metric needs it. Trials stop themselves on the collapse alarm
+    (``monitor.stop_on_collapse``; threshold and patience from the base's ``monitor.*``)."""
     from rayssl.tracking import tracking_uri
 
     data = base.model_dump()
@@ -167,39 +165,10 @@ def trial_config(base: Config, params: dict[str, Any], name: str, storage_path: 
             node = node[k]
         node[leaf] = value
     data["run"].update(name=name, storage_path=storage_path)
+    data["monitor"]["stop_on_collapse"] = True
     if metric.startswith("knn/") and data["eval"]["every_epochs"] is None:
         data["eval"]["every_epochs"] = data["train"]["epochs"] / evaluations
     return Config.model_validate(data)
-
-
-class CollapseStop:
-    """Tune stopper: a trial whose ``norm/mutual_information`` stays below ``threshold`` for
-    ``patience`` consecutive reports has collapsed (THEORY.md: I(X;K) -> 0); stop it."""
-
-    def __init__(self, threshold: float, patience: int) -> None:
-        from ray import tune
-
-        class _Stopper(tune.Stopper):
-            def __call__(inner, trial_id: str, result: dict) -> bool:  # noqa: N805
-                return self.observe(trial_id, result)
-
-            def stop_all(inner) -> bool:  # noqa: N805
-                return False
-
-        self.threshold, self.patience = threshold, patience
-        self.low: dict[str, int] = {}
-        self.collapsed: set[str] = set()
-        self.stopper = _Stopper()
-
-    def observe(self, trial_id: str, result: dict) -> bool:
-        value = result.get("norm/mutual_information")
-        if value is None:
-            return False
-        self.low[trial_id] = self.low.get(trial_id, 0) + 1 if value < self.threshold else 0
-        if self.low[trial_id] >= self.patience:
-            self.collapsed.add(trial_id)
-            return True
-        return False
 
 
 def _report_callback(metric: str):
@@ -221,6 +190,7 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: dic
     from rayssl import tracking
     from rayssl.data.datasets import build_datasets
     from rayssl.train.launch import build_trainer, steps_per_epoch, storage
+    from rayssl.train.step import NonFiniteError
 
     settings = SweepConfig.model_validate(sweep)
     context = tune.get_context()
@@ -233,7 +203,9 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: dic
     run = tracking.start(cfg, f"{path}/{cfg.run.name}", filesystem, parent_run_id=parent and parent["run_id"])
     trainer = build_trainer(cfg, datasets, meta, run, path, filesystem, callbacks=[_report_callback(metric)])
     try:
-        trainer.fit()
+        result = trainer.fit()
+        if (result.return_value or {}).get("stopped") == "nonfinite":
+            raise NonFiniteError(result.return_value["stop_reason"])
     except BaseException:
         tracking.finish(run, failed=True)
         raise
@@ -317,7 +289,6 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     folder = Path(sweep.storage_path).expanduser().resolve() / sweep.name
     sweep = sweep.model_copy(update={"storage_path": str(folder.parent)})
     parent = _parent_run(base, sweep, space, folder)
-    collapse = CollapseStop(sweep.collapse_mutual_information, sweep.collapse_patience)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.model_dump(), sweep=sweep.model_dump(), metric=metric,
                              parent=parent),
@@ -333,27 +304,26 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
                                   scheduler=scheduler,
                                   search_alg=_search_alg(sweep, metric, space, concurrency),
                                   time_budget_s=sweep.time_budget_s)
-    run_config = tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), stop=collapse.stopper,
-                                verbose=1)
+    run_config = tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), verbose=1)
     started = time.time()
     if tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True, param_space=domains(space))
     else:
         tuner = tune.Tuner(trainable, param_space=domains(space), tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
-    summary = summarise(results, base, space, metric, sweep, collapse, folder)
+    summary = summarise(results, base, space, metric, sweep, folder)
     summary["seconds"] = time.time() - started
     summary["max_concurrent_trials"] = concurrency
     tracking.finish_parent(parent, summary, [folder / "trials.csv", folder / "best.yaml"])
     return summary
 
 
-def summarise(results, base: Config, space: dict, metric: str, sweep: SweepConfig,
-              collapse: CollapseStop, folder: Path) -> dict:
+def summarise(results, base: Config, space: dict, metric: str, sweep: SweepConfig, folder: Path) -> dict:
     """The trials table (``trials.csv``) and the best trial's full config (``best.yaml``).
 
-    A trial ran to the end when its last report is the final one (it carries ``train_seconds``);
-    otherwise ASHA, the collapse stop or the time budget stopped it.
+    A trial ran to the end when its last report is the final one (it carries ``train_seconds``)
+    and it did not stop itself on the collapse alarm (``stopped``); otherwise ASHA or the time
+    budget stopped it ("early").
     """
     import pandas as pd
 
@@ -363,8 +333,8 @@ def summarise(results, base: Config, space: dict, metric: str, sweep: SweepConfi
         rows.append({"trial": metrics.get("trial_id"), **{key: config.get(key) for key in space},
                      metric: metrics.get(metric), "reports": int(metrics.get("training_iteration", 0)),
                      "step": metrics.get("step"),
-                     "stopped": ("error" if result.error else "" if "train_seconds" in metrics else
-                                 "collapse" if metrics.get("trial_id") in collapse.collapsed else "early")})
+                     "stopped": ("error" if result.error else metrics.get("stopped") or
+                                 ("" if "train_seconds" in metrics else "early"))})
     table = pd.DataFrame(rows).sort_values(metric, ascending=sweep.mode == "min", na_position="last")
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "trials.csv", index=False)

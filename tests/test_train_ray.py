@@ -10,7 +10,7 @@ import torch
 
 from rayssl.config import ConfigError, load_config
 from rayssl.train.launch import pretrain
-from rayssl.train.loop import CHECKPOINT_FILE
+from rayssl.checkpoint import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -81,8 +81,9 @@ def _adapt(stats: list[float], channels: int) -> tuple[float, ...]:
     return (float(np.mean(stats)),) if channels == 1 else tuple(stats) * 3
 
 
-def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle: bool) -> ray.data.Dataset:
-    """``read_parquet`` over the manifest's shards (file order reshuffled every epoch if ``shuffle``).
+def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle) -> ray.data.Dataset:
+    """``read_parquet`` over the manifest's shards; ``shuffle`` is read_parquet's: ``"files"``
+    (file order reshuffled every epoch), a ``FileShuffleConfig`` or None.
 
     Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
     pass, which cost 4 s per epoch against 0.6 s here (2 cores, 8 shards; docs/benchmarks.md).
@@ -91,7 +92,7 @@ def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle: bool) -> ra
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         return ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs,
-                                     shuffle="files" if shuffle else None)
+                                     shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = v2
 
@@ -109,7 +110,7 @@ def sources(data_cfg) -> tuple[str, dict, str | None, dict | None]:
     return train_uri, train, eval_uri, query
 
 
-def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle: bool):
+def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle=None):
     """The shards' ``columns``, the first ``limit`` rows (all when None)."""
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     ds = read_shards(uri, manifest, fs, root, shuffle=shuffle).select_columns(columns)
@@ -170,7 +171,9 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
                     classes=tuple(train["classes"]), mean=_adapt(train["mean"], channels),
                     std=_adapt(train["std"], channels))
 
-    stream = read(train_uri, train, d, ["image"], d.train_limit, shuffle=True)
+    # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
+    order = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=False) if d.deterministic else "files"
+    stream = read(train_uri, train, d, ["image"], d.train_limit, shuffle=order)
     if d.decode_on == "data":
         stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, channels),
                                     batch_format="numpy", fn_kwargs={"augment": cfg.augment.model_dump(),
@@ -179,8 +182,6 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     if labelled:
         decode = {"fn_kwargs": {"channels": channels, "size": size}, "batch_format": "numpy", "batch_size": 512}
         bank_limit = min(num_train, cfg.eval.knn_train_limit or num_train)
-        datasets["knn_bank"] = read(train_uri, train, d, ["image", "label"], bank_limit,
-                                     shuffle=False).map_batches(decode_stage, **decode)
-        datasets["knn_query"] = read(eval_uri, query, d, ["image", "label"], d.test_limit,
-                                      shuffle=False).map_batches(decode_stage, **decode)
+        datasets["knn_bank"] = read(train_uri, train, d, ["image", "label"], bank_limit).map_batches(decode_stage, **decode)
+        datasets["knn_query"] = read(eval_uri, query, d, ["image", "label"], d.test_limit).map_batches(decode_stage, **decode)
     return datasets, meta

@@ -7,51 +7,54 @@ v2 preprocessing that matches what it saw in training.
 from __future__ import annotations
 
 import io
-import posixpath
 
 import pyarrow.fs
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from rayssl import checkpoint as checkpoints
+from rayssl.checkpoint import CHECKPOINT_FILE, CheckpointError
 from rayssl.config import Config, ConfigError
 from rayssl.data import storage
 from rayssl.data.datasets import DataMeta
 from rayssl.models import Encoder, build_encoder
 
-CHECKPOINT_FILE = "checkpoint.pt"
 
-
-def _checkpoint_path(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> str:
-    """``path`` itself (a file), its ``checkpoint.pt``, or that of its latest ``checkpoint_*`` folder."""
+def _read(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> dict:
+    """The state at ``path``: a ``checkpoint.pt`` file as it is, or the newest intact checkpoint
+    of a checkpoint folder or a run folder (see ``rayssl.checkpoint``)."""
     info = fs.get_file_info(path)
-    if info.type == pyarrow.fs.FileType.File:
-        return path
     if info.type == pyarrow.fs.FileType.NotFound:
         raise storage.StorageError(f"{uri}: not found")
+    if info.type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            raw = f.read()
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+            raise ConfigError(f"{uri}: not a rayssl checkpoint ({type(err).__name__})") from None
     if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
-        return f"{path}/{CHECKPOINT_FILE}"
-    folders = sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
-                     if i.type == pyarrow.fs.FileType.Directory
-                     and posixpath.basename(i.path).startswith("checkpoint_"))
-    if not folders:
-        raise storage.StorageError(f"{uri}: no {CHECKPOINT_FILE} and no checkpoint_* folder in it")
-    return f"{folders[-1]}/{CHECKPOINT_FILE}"
+        state = checkpoints.load_intact(fs, path)
+        if state is None:
+            raise CheckpointError(f"{uri}: checkpoint is incomplete or corrupt (size or SHA-256 "
+                                  f"differ from its {checkpoints.MANIFEST_FILE})")
+        return state
+    found = checkpoints.latest_intact(fs, path)
+    if found is None:
+        raise CheckpointError(f"{uri}: no intact checkpoint_* folder in it")
+    return found[1]
 
 
 def read_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict:
     """The state saved by training, from a ``checkpoint.pt``, a checkpoint folder or a run folder
-    (its latest checkpoint). Raises ``StorageError`` / ``ConfigError`` (one line naming ``uri``)."""
+    (its newest intact checkpoint). Raises ``StorageError`` / ``ConfigError`` /
+    ``CheckpointError`` (one line naming ``uri``)."""
     fs, path = storage.resolve(uri, s3)
     try:
-        with fs.open_input_stream(_checkpoint_path(fs, path, uri)) as f:
-            raw = f.read()
+        state = _read(fs, path, uri)
     except OSError as err:
         raise storage.explain(uri, err, s3) from None
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
-        raise ConfigError(f"{uri}: not a rayssl checkpoint ({type(err).__name__})") from None
     missing = {"teacher", "config", "meta"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise ConfigError(f"{uri}: not a rayssl checkpoint (missing {', '.join(sorted(missing))})")

@@ -53,7 +53,7 @@ def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int |
     """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``."""
     d = cfg.data
     size = d.image_size or min(manifest.get("image_size") or [cfg.augment.global_crop_size])
-    ds = (read(uri, manifest, d, ["id", "image", "label"], limit, shuffle=False)
+    ds = (read(uri, manifest, d, ["id", "image", "label"], limit)
           .map_batches(decode_stage, batch_size=256, batch_format="numpy",
                        fn_kwargs={"channels": d.channels or manifest["channels"], "size": size})
           .map_batches(FeatureActor, batch_size=256, batch_format="numpy",

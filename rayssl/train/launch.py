@@ -17,6 +17,7 @@ from rayssl.data import storage as data_storage
 from rayssl.data.datasets import build_datasets
 from rayssl import tracking
 from rayssl.train.loop import train_loop_per_worker
+from rayssl.train.step import NonFiniteError
 
 
 def init_ray(address: str | None, min_cpus: float = 0) -> None:
@@ -76,6 +77,7 @@ def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | N
     ``storage``, the MLflow run from ``rayssl.tracking.start`` (or None) and Train
     ``callbacks`` (a sweep's report to Tune)."""
     s = cfg.scaling
+    ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -89,13 +91,14 @@ def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | N
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ("knn_bank", "knn_query")}),
+        dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ordered}),
     )
 
 
 def _ordered():
     """Ray Train's ingest options with ``preserve_order``: limited k-NN sets are then the same
-    first N rows on every evaluation (and in ``jobs/evaluate.py``), not whichever blocks came first."""
+    first N rows on every evaluation (and in ``jobs/evaluate.py``), not whichever blocks came
+    first; with ``data.deterministic`` the training stream too."""
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
@@ -113,6 +116,8 @@ def pretrain(cfg: Config) -> dict:
 
     Storage, data and the MLflow store are checked before anything trains, and the MLflow run
     is created only once the inputs are known good; it is marked FAILED if training raises.
+    A NaN/inf step beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED,
+    its checkpoints ending at the last good step); a collapse stop returns ``stopped="collapse"``.
     """
     path, filesystem = storage(cfg)
     init_ray(cfg.scaling.address)
@@ -125,6 +130,9 @@ def pretrain(cfg: Config) -> dict:
         tracking.finish(settings, failed=True)
         raise
     out = dict(result.return_value or {})
+    if out.get("stopped") == "nonfinite":
+        tracking.finish(settings, failed=True)
+        raise NonFiniteError(out["stop_reason"])
     out["run_path"] = result.path
     if settings:
         out["mlflow_run_id"] = settings["run_id"]

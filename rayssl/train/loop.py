@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import posixpath
 import sys
 import tempfile
 import time
@@ -18,16 +19,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
 from rayssl.data.datasets import DataMeta
 from rayssl.data.images import decode_batch
-from rayssl.eval.checkpoint import CHECKPOINT_FILE
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 from rayssl.models import build_encoder, make_teacher, unwrap
+from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules, online_knn_every
 from rayssl.tracking import RUN_FILE, RunLogger, checkpoint_record
-from rayssl.train.step import Stepper, build_optimizer
+from rayssl.train.step import NonFiniteError, Stepper, build_optimizer
 from rayssl.transforms import MultiCrop
 
 
@@ -118,23 +120,33 @@ def knn_eval(cfg: Config, meta: DataMeta, fn, names: list[str], device) -> dict[
 def _report(metrics: dict, state: dict | None) -> None:
     """``ray.train.report`` on every rank; with a state, rank 0 attaches it as a checkpoint.
 
-    The state is written to a temporary folder that Ray copies to ``run.storage_path``
-    before ``report`` returns (synchronous upload); the folder is then removed. Beside it,
-    ``RUN_FILE`` names the MLflow run, so a relaunch finds it without loading the state.
+    The state is written (``rayssl.checkpoint.save``: the file, then its manifest) to a
+    temporary folder that Ray copies to ``run.storage_path`` before ``report`` returns
+    (synchronous upload); the folder is then removed. Beside it, ``RUN_FILE`` names the MLflow
+    run, so a relaunch finds it without loading the state.
     """
     with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
         checkpoint = None
         if state is not None and ray.train.get_context().get_world_rank() == 0:
-            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
             if state.get("tracking"):
                 (Path(tmp) / RUN_FILE).write_text(json.dumps(state["tracking"]))
+            checkpoints.save(state, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+def restore(checkpoint: ray.train.Checkpoint, say_skipped) -> dict:
+    """The state of the newest *intact* checkpoint of the run Ray's latest ``checkpoint`` belongs
+    to: a folder whose write or upload was cut short (or was truncated since) is passed over."""
+    run_path = posixpath.dirname(checkpoint.path.rstrip("/"))
+    skipped: list[str] = []
+    found = checkpoints.latest_intact(checkpoint.filesystem, run_path, skipped)
+    for folder in skipped:
+        say_skipped(f"[rayssl] checkpoint {posixpath.basename(folder)} is incomplete or corrupt: skipped")
+    if found is None:
+        raise checkpoints.CheckpointError(f"{run_path}: no intact checkpoint to resume from; "
+                                          "start a new run.name (or remove the run folder)")
+    return found[1]
 
 
 def say(line: str) -> None:
@@ -182,16 +194,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     knn = meta.num_eval > 0  # labelled training shards and data.eval_source
     tracking = loop_config.get("tracking")
     mlflow_run = RunLogger(tracking, say) if tracking and rank == 0 else None
+    alarm = CollapseAlarm.of(cfg.monitor)
 
-    start_step, results = 0, {}
+    start_step, results, position = 0, {}, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
+        state = restore(checkpoint, say if rank == 0 else lambda line: None)
         stepper.load_state_dict(state)
         start_step, results = state["step"], state["results"]
         skipped_before = state.get("skipped_images", 0)
         results["resumed_from_step"] = start_step
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+        if cfg.data.deterministic and "data_position" in state:
+            position = state["data_position"][rank % len(state["data_position"])]
         if rank == 0:
             say(f"[rayssl] resumed from step {start_step}/{total_steps}")
     else:
@@ -223,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 "tracking": checkpoint_record(tracking),
                 "meta": meta.to_dict(),
                 "skipped_images": history[-1]["data/skipped_images"],
-                "rng": _all_gather(torch.get_rng_state())}
+                "rng": _all_gather(torch.get_rng_state()), "data_position": _all_gather(position)}
 
     shard = ray.train.get_dataset_shard("train")
     # online k-NN every eval.every_epochs (at a logged step, so all workers evaluate together)
@@ -232,11 +247,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     window_start, window_images, wait = time.time(), 0, 0.0
     losses: list[torch.Tensor] = []
     history: list[dict] = []  # this launch's reported metrics, returned to the driver
-    while step < total_steps:
+    stopped, last_checkpoint = None, start_step
+    while step < total_steps and stopped is None:
         epoch_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
         batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                           drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                          local_shuffle_seed=cfg.train.seed + step + rank))
+                                          local_shuffle_seed=_shuffle_seed(cfg, step, steps_per_epoch, rank)))
+        for _ in range(position):  # data.deterministic: the batches this epoch used before the resume
+            next(batches, None)
         for _ in range(epoch_steps):
             student.train(), teacher.train()
             for micro in range(cfg.optim.accumulate_steps):
@@ -246,13 +264,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     if batch is None:
                         raise RuntimeError(f"worker {rank}: data shard ran out at step {step}; "
                                            "set train.steps_per_epoch lower")
+                    position += 1
                     views = views_of(batch)
                 wait += time.time() - t0
-                losses.append(stepper.micro_batch(views, step, micro == cfg.optim.accumulate_steps - 1))
+                stepper.micro_batch(views, step, micro == cfg.optim.accumulate_steps - 1)
                 window_images += len(views[0]) * world
-            stepper.finish(step)
+            try:
+                losses += stepper.finish(step)
+            except NonFiniteError as err:
+                stopped = "nonfinite"
+                results["stop_reason"] = (f"{err}; nothing saved after the checkpoint of step {last_checkpoint}: "
+                                          "lower optim.lr, raise objective.teacher_temperature, set "
+                                          "train.precision=fp32 or train.skip_nonfinite")
+                break
             step += 1
             if step % steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
+                position = 0
                 prior, assigned = stepper.usage.collect()
                 if mlflow_run:
                     mlflow_run.epoch_plots(step // steps_per_epoch, prior, assigned)
@@ -260,10 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             ckpt_now = step % cfg.train.checkpoint_every == 0 or step == total_steps
             if not (log_now or ckpt_now):
                 continue
-            loss = float(torch.stack(losses).mean())
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at step {step}; "
-                                         "lower optim.lr or raise objective.teacher_temperature")
+            loss = float(torch.stack(losses).mean()) if losses else float("nan")  # nan: all skipped
             if online_every and step % online_every == 0 and step < total_steps:
                 online = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
             else:
@@ -276,24 +300,65 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                        "images_per_second": window_images / elapsed,
                        "data_wait_fraction": wait / elapsed,
                        "data/skipped_images": _global_sum(views_of.skipped) + skipped_before,
+                       "nonfinite_steps": stepper.nonfinite_steps,
                        **stepper.diagnostics(), **({"knn/teacher": online} if online is not None else {})}
             if rank == 0:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
+            if ckpt_now and not _finite(student, teacher):  # a finite loss can still leave inf weights
+                stopped = "nonfinite"
+                results["stop_reason"] = (f"non-finite weights after step {step}; nothing saved after the "
+                                          f"checkpoint of step {last_checkpoint}: lower optim.lr")
+                break
+            collapse = alarm.observe(step, metrics)
+            if collapse:
+                if rank == 0:
+                    say(f"[rayssl] WARNING {collapse}")
+                if mlflow_run:
+                    mlflow_run.tag("rayssl.collapse", collapse)
+                if cfg.monitor.stop_on_collapse:
+                    stopped, results["stop_reason"], metrics["stopped"] = "collapse", collapse, "collapse"
+                    ckpt_now = True
             history.append(metrics)
             if mlflow_run:
                 mlflow_run.metrics(step, metrics)
             _report(metrics, state_dict(step) if ckpt_now else None)
+            last_checkpoint = step if ckpt_now else last_checkpoint
             losses, window_start, window_images, wait = [], time.time(), 0, 0.0
+            if stopped:
+                break
 
+    if stopped:
+        results["stopped"] = stopped
+        if rank == 0:
+            say(f"[rayssl] stopped at step {step}: {results['stop_reason']}")
+        if mlflow_run:
+            mlflow_run.tag("rayssl.stopped", results["stop_reason"])
+    if stopped == "nonfinite":  # the driver marks the MLflow run FAILED
+        ray.train.report({"step": step, **results})
+        return {**results, "history": history}
     if knn:
         results["knn/teacher"] = knn_eval(cfg, meta, features(teacher), ["teacher"], device)["teacher"]
         if rank == 0:
             say(f"[rayssl] teacher k-NN {results['knn/teacher']:.2%}")
     results["train_seconds"] = time.time() - started
     if mlflow_run:
-        finish_tracking(mlflow_run, cfg, meta, teacher, results, total_steps)
-    ray.train.report({"step": total_steps, **results})
+        finish_tracking(mlflow_run, cfg, meta, teacher, results, step)
+    ray.train.report({"step": step, **results})
     return {**results, "history": history}
+
+
+def _finite(*models: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one host sync; at checkpoint steps)."""
+    checks = [t.isfinite().all() for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(checks).all())
+
+
+def _shuffle_seed(cfg: Config, step: int, steps_per_epoch: int, rank: int) -> int:
+    """The local shuffle seed of the pass that starts at ``step``: per epoch with
+    ``data.deterministic`` (a resume replays its epoch), otherwise per pass."""
+    if cfg.data.deterministic:
+        return cfg.train.seed + 7919 * (step // steps_per_epoch) + rank
+    return cfg.train.seed + step + rank
 
 
 def finish_tracking(run: RunLogger, cfg: Config, meta: DataMeta, teacher: torch.nn.Module,

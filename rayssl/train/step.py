@@ -10,7 +10,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rayssl.models import ema_update, unwrap
-from rayssl.objective import ClusterObjective, cross_entropy_loss
+from rayssl.objective import ClusterObjective, cross_entropy_loss, global_max
+
+
+class NonFiniteError(FloatingPointError):
+    """A step with a NaN/inf loss or gradient beyond ``train.skip_nonfinite``; one line."""
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -80,6 +84,8 @@ class Stepper:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.last_outputs: tuple | None = None  # (student, teacher, tau_t) of the last micro-batch
         self.usage = ClusterUsage(objective.spec.num_clusters, device)
+        self.step_losses: list[Tensor] = []  # this step's micro-batch losses
+        self.nonfinite_steps = 0  # skipped so far (restored from the checkpoint)
 
     def _set_hyperparameters(self, step: int) -> None:
         for g in self.optimizer.param_groups:
@@ -102,31 +108,58 @@ class Stepper:
             (loss / self.cfg.optim.accumulate_steps).backward()
         self.usage.add(teacher_out, targets, tau_t)
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
+        self.step_losses.append(loss.detach())
         return loss.detach()
 
-    def finish(self, step: int) -> None:
-        """Clip, step the optimizer, update the objective state and the teacher."""
+    def finish(self, step: int) -> list[Tensor]:
+        """Clip, step the optimizer, update the objective state and the teacher; the step's
+        micro-batch losses, or ``[]`` for a step skipped because its loss or gradient is not
+        finite (no update at all; ``NonFiniteError`` once more than ``train.skip_nonfinite``).
+
+        The check costs one host sync per step (as DINO's). It reads the gradient norm after
+        DDP's all-reduce, the same on every rank, so every rank skips or stops together.
+        """
+        losses, self.step_losses = self.step_losses, []
         self._set_hyperparameters(step)
         if step < self.freeze_steps:
             for p in unwrap(self.student).head.prototype_parameters():
                 p.grad = None
+        params = [p for p in self.student.parameters() if p.grad is not None]
         if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not bool(torch.isfinite(norm)):
+            self._skip(step, losses, float(norm))
+            return []
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.update_state()
         ema_update(self.teacher, self.student, float(self.schedules["momentum"][step]))
+        return losses
+
+    def _skip(self, step: int, losses: list[Tensor], norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.discard_pending()
+        self.nonfinite_steps += 1
+        bad_loss = global_max(torch.stack([~torch.isfinite(x) for x in losses]).any().float().reshape(1))
+        term = "loss" if bool(bad_loss) else f"gradient (norm {norm})"
+        if self.nonfinite_steps > self.cfg.train.skip_nonfinite:
+            raise NonFiniteError(f"non-finite {term} at step {step + 1} (train.skip_nonfinite="
+                                 f"{self.cfg.train.skip_nonfinite}, {self.nonfinite_steps} seen)")
 
     def state_dict(self) -> dict:
         """Student, teacher, optimizer and objective state (centre / prior EMA)."""
         return {"student": unwrap(self.student).state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
+                "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.student).load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
 
     def diagnostics(self) -> dict[str, float]:
         """THEORY.md section 6 on the last micro-batch (global statistics)."""

@@ -1,0 +1,144 @@
+"""Faults on real Ray runs: a worker killed mid-run, NaN steps, a collapsing objective."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+import torch
+
+from rayssl import checkpoint as checkpoints
+from rayssl.train.launch import pretrain
+from rayssl.train.step import NonFiniteError
+from test_train_ray import tiny_config
+
+
+def final_state(run_dir: Path) -> dict:
+    found = checkpoints.latest_intact(pyarrow.fs.LocalFileSystem(), str(run_dir))
+    assert found is not None, run_dir
+    return found[1]
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if a.pid]
+
+
+def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_cluster, tmp_path, shard_cache) -> None:
+    """SIGKILL one of two workers mid-run: Ray Train restarts the group from the newest
+    checkpoint and the run ends bitwise equal to the same run without the fault (CPU,
+    data.deterministic), weights, optimizer, prior state and all; MLflow has each step once."""
+    import mlflow
+
+    common = ("train.epochs=5", "train.log_every=3", "train.checkpoint_every=3", "eval.baselines=false",
+              "objective.prior_momentum=0.9", "data.deterministic=true", "data.decode_on=worker",
+              "run.max_failures=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    clean = pretrain(tiny_config(tmp_path, shard_cache, f"clean-{uuid.uuid4().hex[:6]}", *common))
+    assert "resumed_from_step" not in clean
+
+    name = f"killed-{uuid.uuid4().hex[:6]}"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        pretrain(tiny_config(tmp_path, shard_cache, name, *common))))
+    thread.start()
+    deadline, killed = time.time() + 240, None
+    while killed is None and time.time() < deadline and thread.is_alive():
+        if list((tmp_path / name).glob(f"checkpoint_*/{checkpoints.MANIFEST_FILE}")):
+            workers = train_worker_pids()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "no checkpoint appeared while the run was going"
+    assert not thread.is_alive() and outcome, "the run did not finish after the worker was killed"
+
+    resumed = outcome["resumed_from_step"]
+    assert 3 <= resumed < 30 and resumed % 3 == 0
+    assert outcome["history"][0]["step"] == resumed + 3  # at most one checkpoint interval recomputed
+    assert outcome["history"][-1]["step"] == 30
+    a, b = final_state(tmp_path / clean["run_path"].split("/")[-1]), final_state(tmp_path / name)
+    assert a["step"] == b["step"] == 30
+    for key in ("student", "teacher", "optimizer", "objective", "rng", "data_position"):
+        assert_bitwise_equal(a[key], b[key], key)
+    assert not torch.allclose(b["objective"]["log_prior_ema"],
+                              torch.full_like(b["objective"]["log_prior_ema"], -torch.log(torch.tensor(32.0))))
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(outcome["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(3, 31, 3))
+
+
+def test_nan_steps_are_skipped_up_to_the_bound_then_stop_the_run(ray_cluster, tmp_path, shard_cache) -> None:
+    """An absurd learning rate makes the weights overflow: the NaN steps are skipped up to
+    train.skip_nonfinite, then the run stops with the step and the term; every checkpoint left
+    is finite and older than the stop; the MLflow run is FAILED and says why."""
+    import mlflow
+
+    name = f"nan-{uuid.uuid4().hex[:6]}"
+    cfg = tiny_config(tmp_path, shard_cache, name, "scaling.num_workers=1", "optim.lr=1e30",
+                      "train.log_every=1", "train.checkpoint_every=1", "train.skip_nonfinite=2",
+                      "eval.baselines=false", "train.epochs=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(NonFiniteError) as err:
+        pretrain(cfg)
+    message = str(err.value)
+    assert message.startswith("non-finite ") and "\n" not in message
+    assert "nothing saved after the checkpoint of step" in message
+    saved = final_state(tmp_path / name)
+    assert saved["step"] < 12
+    for part in ("student", "teacher"):
+        assert all(t.isfinite().all() for t in saved[part].values() if t.is_floating_point())
+    if "loss at step" in message:  # NaN losses: skipped twice, stopped at the third
+        assert "train.skip_nonfinite=2, 3 seen" in message
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("rayssl").experiment_id],
+                             f"tags.mlflow.runName = '{name}'")[0]
+    assert run.info.status == "FAILED" and run.data.tags["rayssl.stopped"].startswith("non-finite")
+
+
+def test_collapse_alarm_tags_the_run_and_stops_it(ray_cluster, tmp_path, shard_cache) -> None:
+    """objective.mode=none collapses: the alarm warns, tags the MLflow run and, with
+    monitor.stop_on_collapse, stops early with a checkpoint at that step."""
+    import mlflow
+
+    name = f"collapse-{uuid.uuid4().hex[:6]}"
+    cfg = tiny_config(tmp_path, shard_cache, name, "scaling.num_workers=1", "objective.mode=none",
+                      "train.epochs=4", "train.log_every=1", "monitor.patience=3", "monitor.stop_on_collapse=true",
+                      "eval.baselines=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    result = pretrain(cfg)
+    assert result["stopped"] == "collapse" and result["stop_reason"].startswith("collapse at step")
+    steps = [m["step"] for m in result["history"]]
+    low = [m["norm/mutual_information"] < cfg.monitor.min_mutual_information for m in result["history"]]
+    first_alarm = next(i for i in range(2, len(low)) if all(low[i - 2:i + 1]))
+    assert steps[-1] == steps[first_alarm] < 24  # stopped at the first 3 low steps in a row
+    assert final_state(tmp_path / name)["step"] == steps[-1]
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["rayssl.collapse"] == result["stop_reason"]
+    assert run.data.tags["rayssl.stopped"] == result["stop_reason"]
