@@ -216,8 +216,8 @@ class Config(_Section):
         return _mask(self.model_dump(mode="json", round_trip=True), self, mask)
 
 _URI_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):([^/@\s]+)@")
-_QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:token|password|secret|signature|credential|key)[^=&\s]*=)[^&\s]+",
-                           re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&](?:key|[^=&\s]*(?:token|passw(?:or)?d|secret|signature|credential|"
+                           r"api[-_]?key|access[-_]?key)[^=&\s]*)=)[^&\s]+", re.IGNORECASE)
 
 
 def mask_uri(text: str) -> str:

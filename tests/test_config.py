@@ -37,6 +37,11 @@ def test_overrides_are_typed_and_nested() -> None:
     ("augment.local_crop_scale=[0.5, 0.2]", "augment.local_crop_scale"),
     ("model.backbone=vgg", "model.backbone"),
     ("objective.prior_momentum=1", "objective.prior_momentum"),
+    ("augment.local_crop_size=32", "augment.local_crop_size"),  # across fields: larger than the global crop
+    ("optim.min_lr=0.1", "optim.min_lr"),
+    ("data.deterministic=true", "data.deterministic"),  # needs data.decode_on=worker
+    ("monitor.patience=0", "monitor.patience"),
+    ("train.skip_nonfinite=-1", "train.skip_nonfinite"),
 ])
 def test_invalid_values_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -91,3 +96,14 @@ def test_invalid_secret_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.secret_access_key=12345678"])  # YAML reads an int
     assert str(err.value).startswith("data.secret_access_key:") and "12345678" not in str(err.value)
+
+
+def test_secrets_in_uris_are_masked() -> None:
+    from rayssl.config import mask_uri
+
+    cfg = load_config(None, ["tracking.uri=https://alice:pa55word@mlflow.example.com/?token=t0k3n&x=1",
+                             "data.endpoint_url=https://s3.example.com/b?X-Amz-Signature=s1gn&X-Amz-Credential=cr3d"])
+    text = str(cfg.redacted()) + str(cfg.flat())
+    assert "pa55word" not in text and "t0k3n" not in text and "s1gn" not in text and "cr3d" not in text
+    assert cfg.flat()["tracking.uri"] == "https://alice:***@mlflow.example.com/?token=***&x=1"
+    assert mask_uri("see http://h/p?monkey=banana") == "see http://h/p?monkey=banana"  # a name like 'key' is not a secret

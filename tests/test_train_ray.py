@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import torch
 
 from rayssl.config import ConfigError, load_config
 from rayssl.train.launch import pretrain
-from rayssl.checkpoint import CHECKPOINT_FILE
+from rayssl.checkpoint import CHECKPOINT_FILE, candidates, load_intact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,10 @@ def tiny_config(tmp_path: Path, cache: str, name: str, *extra: str):
 
 
 def checkpoints(run_dir: Path) -> list[dict]:
-    files = sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    """The intact checkpoints of a run folder, oldest step first."""
+    fs = pyarrow.fs.LocalFileSystem()
+    states = [load_intact(fs, folder) for folder in candidates(fs, str(run_dir))]
+    return [s for s in reversed(states) if s is not None]
 
 
 FAKE_KEY, FAKE_SECRET = "AKIAFAKE7RAYSSL0TEST", "fake+Secret/Key0of0the0rayssl0tests"
@@ -35,7 +38,8 @@ FAKE_KEY, FAKE_SECRET = "AKIAFAKE7RAYSSL0TEST", "fake+Secret/Key0of0the0rayssl0t
 
 def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_cache, mlflow_server,
                                                  monkeypatch) -> None:
-    """Two launches of one run: the second resumes the first's checkpoint and its MLflow run."""
+    """Two launches of one run: the second resumes the first's newest *intact* checkpoint (the
+    last one is truncated on purpose in between) and continues its MLflow run."""
     name = f"it-{uuid.uuid4().hex[:8]}"
     uri, store = mlflow_server
     cfg = tiny_config(tmp_path, shard_cache, name, "train.epochs=2", "objective.prior_momentum=0.9",
@@ -54,10 +58,14 @@ def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path, shard_ca
     uniform = torch.full_like(prior_at_12, -torch.log(torch.tensor(32.0)))
     assert not torch.allclose(prior_at_12, uniform)  # the EMA moved: there is state to restore
 
-    # Relaunch with the same run name and a longer schedule: resumes at step 12.
+    # Truncate the newest checkpoint (a crash while copying it), then relaunch with the same run
+    # name and a longer schedule: resumes at step 6, the newest intact one.
+    newest = candidates(pyarrow.fs.LocalFileSystem(), str(tmp_path / name))[0]
+    data = Path(newest, CHECKPOINT_FILE).read_bytes()
+    Path(newest, CHECKPOINT_FILE).write_bytes(data[:len(data) // 2])
     second = pretrain(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})}))
-    assert second["resumed_from_step"] == 12
-    assert [m["step"] for m in second["history"]] == [14, 16, 18]
+    assert second["resumed_from_step"] == 6
+    assert [m["step"] for m in second["history"]] == [8, 10, 12, 14, 16, 18]
     assert second["knn/raw_pixels"] == first["knn/raw_pixels"]  # baselines carried, not recomputed
     final = checkpoints(tmp_path / name)[-1]
     assert final["step"] == 18

@@ -82,7 +82,8 @@ def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(), "tracking": tracking_settings,
-                           "steps_per_epoch": steps_per_epoch(cfg, meta.num_train)},
+                           "steps_per_epoch": steps_per_epoch(cfg, meta.num_train),
+                           "run_path": f"{path}/{run_name(cfg)}", "filesystem": filesystem},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

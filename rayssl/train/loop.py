@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import ray.train.v2._internal.execution.context as train_context
@@ -135,18 +136,23 @@ def _report(metrics: dict, state: dict | None) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def restore(checkpoint: ray.train.Checkpoint, say_skipped) -> dict:
-    """The state of the newest *intact* checkpoint of the run Ray's latest ``checkpoint`` belongs
-    to: a folder whose write or upload was cut short (or was truncated since) is passed over."""
-    run_path = posixpath.dirname(checkpoint.path.rstrip("/"))
+def restore(loop_config: dict, say_skipped) -> dict | None:
+    """The state of the newest *intact* checkpoint in the run folder, or None for a new run.
+
+    The folder is read directly rather than trusting only Ray's latest registered checkpoint:
+    a folder whose write or upload was cut short (or that was truncated since) is passed over,
+    and one that was fully uploaded just before a worker died is used although Ray never
+    registered it.
+    """
+    fs = loop_config["filesystem"] or pyarrow.fs.LocalFileSystem()
     skipped: list[str] = []
-    found = checkpoints.latest_intact(checkpoint.filesystem, run_path, skipped)
+    found = checkpoints.latest_intact(fs, loop_config["run_path"], skipped)
     for folder in skipped:
         say_skipped(f"[rayssl] checkpoint {posixpath.basename(folder)} is incomplete or corrupt: skipped")
-    if found is None:
-        raise checkpoints.CheckpointError(f"{run_path}: no intact checkpoint to resume from; "
+    if found is None and ray.train.get_checkpoint() is not None:  # Ray saw one: never restart silently
+        raise checkpoints.CheckpointError(f"{loop_config['run_path']}: no intact checkpoint to resume from; "
                                           "start a new run.name (or remove the run folder)")
-    return found[1]
+    return found and found[1]
 
 
 def say(line: str) -> None:
@@ -197,9 +203,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     alarm = CollapseAlarm.of(cfg.monitor)
 
     start_step, results, position = 0, {}, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore(checkpoint, say if rank == 0 else lambda line: None)
+    state = restore(loop_config, say if rank == 0 else lambda line: None)
+    if state is not None:
         stepper.load_state_dict(state)
         start_step, results = state["step"], state["results"]
         skipped_before = state.get("skipped_images", 0)

@@ -86,6 +86,9 @@ class Stepper:
         self.usage = ClusterUsage(objective.spec.num_clusters, device)
         self.step_losses: list[Tensor] = []  # this step's micro-batch losses
         self.nonfinite_steps = 0  # skipped so far (restored from the checkpoint)
+        # forward passes update the BatchNorm statistics: a skipped step puts them back
+        self.buffers = [b for m in (unwrap(student), teacher) for b in m.buffers()]
+        self.saved_buffers = [b.clone() for b in self.buffers]
 
     def _set_hyperparameters(self, step: int) -> None:
         for g in self.optimizer.param_groups:
@@ -96,6 +99,9 @@ class Stepper:
     def micro_batch(self, views: list[Tensor], step: int, last: bool) -> Tensor:
         """Forward and backward of one micro-batch; returns the (unscaled) loss."""
         tau_t = float(self.schedules["teacher_temperature"][step])
+        if not self.step_losses:  # the step's first micro-batch
+            for saved, buffer in zip(self.saved_buffers, self.buffers):
+                saved.copy_(buffer)
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         sync = contextlib.nullcontext() if last or not hasattr(self.student, "no_sync") else self.student.no_sync()
         with sync:
@@ -141,6 +147,8 @@ class Stepper:
     def _skip(self, step: int, losses: list[Tensor], norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.discard_pending()
+        for saved, buffer in zip(self.saved_buffers, self.buffers):
+            buffer.copy_(saved)
         self.nonfinite_steps += 1
         bad_loss = global_max(torch.stack([~torch.isfinite(x) for x in losses]).any().float().reshape(1))
         term = "loss" if bool(bad_loss) else f"gradient (norm {norm})"
