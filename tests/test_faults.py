@@ -129,7 +129,7 @@ def test_collapse_alarm_tags_the_run_and_stops_it(ray_cluster, tmp_path, shard_c
     name = f"collapse-{uuid.uuid4().hex[:6]}"
     cfg = tiny_config(tmp_path, shard_cache, name, "scaling.num_workers=1", "objective.mode=none",
                       "train.epochs=4", "train.log_every=1", "monitor.patience=3", "monitor.stop_on_collapse=true",
-                      "eval.baselines=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+                      "eval.baselines=false", "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = pretrain(cfg)
     assert result["stopped"] == "collapse" and result["stop_reason"].startswith("collapse at step")
     steps = [m["step"] for m in result["history"]]
