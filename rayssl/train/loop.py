@@ -278,9 +278,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 losses += stepper.finish(step)
             except NonFiniteError as err:
                 stopped = "nonfinite"
-                results["stop_reason"] = (f"{err}; nothing saved after the checkpoint of step {last_checkpoint}: "
-                                          "lower optim.lr, raise objective.teacher_temperature, set "
-                                          "train.precision=fp32 or train.skip_nonfinite")
+                results["stop_reason"] = (f"{err}; {_kept(last_checkpoint)}: lower optim.lr, raise "
+                                          "objective.teacher_temperature, set train.precision=fp32 or "
+                                          "train.skip_nonfinite")
                 break
             step += 1
             if step % steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
@@ -311,8 +311,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 say(_progress(step - 1, total_steps, metrics, started, start_step))
             if ckpt_now and not _finite(student, teacher):  # a finite loss can still leave inf weights
                 stopped = "nonfinite"
-                results["stop_reason"] = (f"non-finite weights after step {step}; nothing saved after the "
-                                          f"checkpoint of step {last_checkpoint}: lower optim.lr")
+                results["stop_reason"] = f"non-finite weights after step {step}; {_kept(last_checkpoint)}: lower optim.lr"
                 break
             collapse = alarm.observe(step, metrics)
             if collapse:
@@ -335,7 +334,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if stopped:
         results["stopped"] = stopped
         if rank == 0:
-            say(f"[rayssl] stopped at step {step}: {results['stop_reason']}")
+            say(f"[rayssl] stopped: {results['stop_reason']}")
         if mlflow_run:
             mlflow_run.tag("rayssl.stopped", results["stop_reason"])
     if stopped == "nonfinite":  # the driver marks the MLflow run FAILED
@@ -350,6 +349,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         finish_tracking(mlflow_run, cfg, meta, teacher, results, step)
     ray.train.report({"step": step, **results})
     return {**results, "history": history}
+
+
+def _kept(last_checkpoint: int) -> str:
+    if last_checkpoint == 0:
+        return "no checkpoint was saved"
+    return f"nothing saved after the checkpoint of step {last_checkpoint}"
 
 
 def _finite(*models: torch.nn.Module) -> bool:
