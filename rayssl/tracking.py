@@ -111,17 +111,13 @@ def _param(value: Any) -> str:
 
 
 def stored_run_id(filesystem, run_path: str) -> str | None:
-    """The MLflow run id saved in the latest checkpoint of ``run_path`` (a Ray Train run folder)."""
+    """The MLflow run id saved beside the newest checkpoint of ``run_path`` (a Ray Train run folder)."""
     import pyarrow.fs
 
+    from rayssl.checkpoint import candidates
+
     fs = filesystem or pyarrow.fs.LocalFileSystem()
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
-    except OSError:
-        return None
-    folders = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                     and i.base_name.startswith("checkpoint_"))
-    for folder in reversed(folders):
+    for folder in candidates(fs, run_path):
         try:
             with fs.open_input_stream(f"{folder}/{RUN_FILE}") as f:
                 return json.loads(f.read())["run_id"]
