@@ -64,7 +64,10 @@ def global_log_sum_exp(log_x: Tensor) -> tuple[Tensor, Tensor]:
     """
     local_max = log_x.amax(dim=0) if log_x.shape[0] else torch.full_like(log_x[0:1].sum(0), -math.inf)
     m = global_max(local_max.detach()).clamp_min(torch.finfo(log_x.dtype).min)
-    packed = torch.cat([torch.exp(log_x - m).sum(dim=0), log_x.new_tensor([log_x.shape[0]])])
+    # Terms are floored at sqrt(smallest normal float) (1e-19 in float32): each column's sum holds
+    # exp(0) = 1, which absorbs them, and exp near the subnormal range is ~4x slower on x86 CPUs.
+    shifted = (log_x - m).clamp_min(math.log(torch.finfo(log_x.dtype).tiny) / 2)
+    packed = torch.cat([torch.exp(shifted).sum(dim=0), log_x.new_tensor([log_x.shape[0]])])
     packed = global_sum(packed)
     return m + torch.log(packed[:-1]), packed[-1]
 
@@ -116,6 +119,18 @@ def prior_step(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float = 1.
     return torch.log_softmax(log_q - alpha * log_pi + log_rho, dim=-1)
 
 
+def prior_targets(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float = 1.0) -> Tensor:
+    """``prior_step`` in probabilities, the teacher targets:
+
+        qt_i = exp(prior_step(log q_i)) = softmax(log q_i - alpha log pi + log rho)
+
+    Computed with ``softmax`` (one fused pass) rather than ``exp`` of the log result: most
+    log-probabilities at tau_t = 0.04 lie below log(FLT_MIN), where ``exp`` makes subnormals,
+    ~4x slower on x86 CPUs (docs/benchmarks.md, objective overhead).
+    """
+    return torch.softmax(log_q - alpha * log_pi + log_rho, dim=-1)
+
+
 def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0) -> Tensor:
     """n repeated prior steps, each with the global marginal of the previous iterate.
 
@@ -162,9 +177,12 @@ def normalize_teacher(
         log_q = torch.log_softmax(z / temperature, dim=-1)
         if mode == "prior":
             lp = global_log_prior(log_q) if log_pi is None else log_pi
-            return prior_step(log_q, lp, log_rho, alpha).exp()
-        if mode == "sinkhorn":
-            return sinkhorn(log_q, log_rho, sinkhorn_iters, alpha).exp()
+            return prior_targets(log_q, lp, log_rho, alpha)
+        if mode == "sinkhorn" and sinkhorn_iters == 0:
+            return log_q.exp()
+        if mode == "sinkhorn":  # the last of the iterations straight to probabilities
+            log_q = sinkhorn(log_q, log_rho, sinkhorn_iters - 1, alpha)
+            return prior_targets(log_q, global_log_prior(log_q), log_rho, alpha)
     raise ValueError(f"objective.mode: unknown mode {mode!r}; choose one of {MODES}")
 
 
@@ -295,7 +313,7 @@ class ClusterObjective(nn.Module):
             log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
             log_pi = self._batch_log_pi(log_q)
             self._pending.append(log_pi)
-            out = prior_step(log_q, log_pi, self.log_rho, s.alpha).exp()
+            out = prior_targets(log_q, log_pi, self.log_rho, s.alpha)
         else:
             out = normalize_teacher(z, s.mode, teacher_temperature, log_rho=self.log_rho,
                                     alpha=s.alpha, sinkhorn_iters=s.sinkhorn_iters)
