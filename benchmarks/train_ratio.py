@@ -112,7 +112,7 @@ def main() -> None:
     log_mlflow("train_ratio", result, OUT)
 
 
-def log_mlflow(name: str, result: dict, artifact: Path) -> None:
+def log_mlflow(name: str, result: dict, *artifacts: Path) -> None:
     """One run in experiment ``rayssl-benchmarks`` of the default store (see rayssl.tracking)."""
     import mlflow
 
@@ -123,7 +123,8 @@ def log_mlflow(name: str, result: dict, artifact: Path) -> None:
     with mlflow.start_run(run_name=name):
         mlflow.log_params({k: v for k, v in result.items() if not isinstance(v, (list, dict))})
         mlflow.log_metrics({k: v for k, v in result.items() if isinstance(v, float)})
-        mlflow.log_artifact(str(artifact))
+        for artifact in artifacts:
+            mlflow.log_artifact(str(artifact))
 
 
 if __name__ == "__main__":
