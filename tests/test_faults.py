@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -112,8 +113,9 @@ def test_nan_steps_are_skipped_up_to_the_bound_then_stop_the_run(ray_cluster, tm
     assert saved["step"] < 12
     for part in ("student", "teacher"):
         assert all(t.isfinite().all() for t in saved[part].values() if t.is_floating_point())
-    if "loss at step" in message:  # NaN losses: skipped twice, stopped at the third
-        assert "train.skip_nonfinite=2, 3 seen" in message
+    # NaN losses skipped twice and stopped at the third, or weights already inf at a checkpoint
+    assert re.match(r"non-finite (loss at step \d+ \(train.skip_nonfinite=2, 3 seen\)|weights after step \d+);",
+                    message), message
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("rayssl").experiment_id],
