@@ -45,6 +45,8 @@ tuning advice:
   objective.num_clusters    K; 256-1024 for small data, 65536 for ImageNet. Too large a K for the
                             batch leaves unused clusters (see norm/unused_clusters).
   objective.prior_momentum  0 = per-batch prior; 0.9-0.99 smooths it when the global batch is small.
+  objective.scope           global (default): pi and the centre over every worker's batch, all-reduced.
+                            local: each worker's own batch; only for the ablation in docs/benchmarks.md.
   optim.teacher_momentum    0.99 for short runs, 0.996 (DINO) for long ones; the EMA ends at
                             optim.teacher_momentum_end.
   optim.lr                  peak LR per 256 images (scaled by the global batch); lower it first if

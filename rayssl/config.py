@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator, model_validator)
 
 from rayssl.models.backbones import BACKBONES
-from rayssl.objective import MODES, TARGET_PRIORS
+from rayssl.objective import MODES, SCOPES, TARGET_PRIORS
 
 
 MASK = "***"
@@ -104,6 +104,9 @@ class ObjectiveConfig(_Section):
     prior_momentum: float = Field(0.0, ge=0.0, lt=1.0)
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     sinkhorn_iters: PositiveInt = 3
+    scope: Literal[SCOPES] = Field("global", description=(  # type: ignore[valid-type]
+        "Batch statistics of the normalisation (pi, centre, Sinkhorn marginals): global = all-reduced "
+        "over every worker (THEORY.md); local = each worker's own batch, an ablation only."))
 
 
 class OptimConfig(_Section):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 MODES = ("none", "center", "prior", "sinkhorn")
 TARGET_PRIORS = ("uniform", "powerlaw")
+SCOPES = ("global", "local")
 
 
 # --------------------------------------------------------------------------- global reductions
@@ -39,36 +40,37 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_sum(x: Tensor) -> Tensor:
-    """Sum of ``x`` over all workers (a copy; the identity in a single process)."""
+def global_sum(x: Tensor, local: bool = False) -> Tensor:
+    """Sum of ``x`` over all workers (a copy; the identity in a single process or if ``local``)."""
     x = x.clone()
-    if _distributed():
+    if _distributed() and not local:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
-def global_max(x: Tensor) -> Tensor:
-    """Element-wise max of ``x`` over all workers (a copy; the identity in a single process)."""
+def global_max(x: Tensor, local: bool = False) -> Tensor:
+    """Element-wise max of ``x`` over all workers (a copy; the identity in a single process or if ``local``)."""
     x = x.clone()
-    if _distributed():
+    if _distributed() and not local:
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
-def global_log_sum_exp(log_x: Tensor) -> tuple[Tensor, Tensor]:
+def global_log_sum_exp(log_x: Tensor, local: bool = False) -> tuple[Tensor, Tensor]:
     """Global ``log sum_i exp(log_x_ik)`` per column, and the global row count N.
 
     Stays in the log domain: each column is shifted by its global max M_k before the linear
     sum is all-reduced, ``lse_k = M_k + log sum_i exp(log_x_ik - M_k)``. The count travels in
     the same SUM collective as the sums but is a separate element, never a weight.
+    ``local=True`` keeps this worker's rows only (the ``objective.scope=local`` ablation).
     """
     local_max = log_x.amax(dim=0) if log_x.shape[0] else torch.full_like(log_x[0:1].sum(0), -math.inf)
-    m = global_max(local_max.detach()).clamp_min(torch.finfo(log_x.dtype).min)
+    m = global_max(local_max.detach(), local).clamp_min(torch.finfo(log_x.dtype).min)
     # Terms are floored at sqrt(smallest normal float) (1e-19 in float32): each column's sum holds
     # exp(0) = 1, which absorbs them, and exp near the subnormal range is ~4x slower on x86 CPUs.
     shifted = (log_x - m).clamp_min(math.log(torch.finfo(log_x.dtype).tiny) / 2)
     packed = torch.cat([torch.exp(shifted).sum(dim=0), log_x.new_tensor([log_x.shape[0]])])
-    packed = global_sum(packed)
+    packed = global_sum(packed, local)
     return m + torch.log(packed[:-1]), packed[-1]
 
 
@@ -83,15 +85,17 @@ def log_prior(log_probs: Tensor) -> Tensor:
     return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
 
 
-def global_log_prior(log_probs: Tensor) -> Tensor:
-    """``log_prior`` over the global batch: sums and counts all-reduced separately."""
-    lse, n = global_log_sum_exp(log_probs)
+def global_log_prior(log_probs: Tensor, local: bool = False) -> Tensor:
+    """``log_prior`` over the global batch: sums and counts all-reduced separately
+    (over this worker's batch if ``local``)."""
+    lse, n = global_log_sum_exp(log_probs, local)
     return lse - torch.log(n)
 
 
-def global_mean(x: Tensor) -> Tensor:
-    """Column mean over the global batch, ``c = sum_i x_i / N`` (sum and N all-reduced)."""
-    packed = global_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))
+def global_mean(x: Tensor, local: bool = False) -> Tensor:
+    """Column mean over the global batch, ``c = sum_i x_i / N`` (sum and N all-reduced;
+    this worker's rows only if ``local``)."""
+    packed = global_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]), local)
     return packed[:-1] / packed[-1]
 
 
@@ -131,7 +135,7 @@ def prior_targets(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float =
     return torch.softmax(log_q + (log_rho - alpha * log_pi), dim=-1)  # the K-vector first: one pass less
 
 
-def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0) -> Tensor:
+def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0, local: bool = False) -> Tensor:
     """n repeated prior steps, each with the global marginal of the previous iterate.
 
         log qt^(0) = log q,   log qt^(n+1) = log_softmax(log qt^(n) - alpha log pi(qt^(n)) + log rho)
@@ -140,7 +144,7 @@ def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0) -> 
     rho falls geometrically with n (THEORY.md section 7.7).
     """
     for _ in range(iters):
-        log_q = prior_step(log_q, global_log_prior(log_q), log_rho, alpha)
+        log_q = prior_step(log_q, global_log_prior(log_q, local), log_rho, alpha)
     return log_q
 
 
@@ -154,6 +158,7 @@ def normalize_teacher(
     log_rho: Tensor | None = None,
     alpha: float = 1.0,
     sinkhorn_iters: int = 3,
+    local: bool = False,
 ) -> Tensor:
     """Teacher targets qt (probabilities, no gradient) for ``logits`` (N, K).
 
@@ -163,26 +168,27 @@ def normalize_teacher(
                     log marginal of softmax(z / tau_t)
     - ``sinkhorn``: ``prior`` repeated ``sinkhorn_iters`` times
 
-    ``log_rho`` defaults to the uniform prior.
+    ``log_rho`` defaults to the uniform prior. ``local=True`` takes the batch statistics (c, pi)
+    over this worker's rows instead of the global batch: the ``objective.scope=local`` ablation.
     """
     with torch.no_grad():
         z = logits.float()
         if mode == "none":
             return torch.softmax(z / temperature, dim=-1)
         if mode == "center":
-            c = global_mean(z) if center is None else center
+            c = global_mean(z, local) if center is None else center
             return torch.softmax((z - c) / temperature, dim=-1)
         if log_rho is None:
             log_rho = target_log_prior(z.shape[-1]).to(z.device)
         log_q = torch.log_softmax(z / temperature, dim=-1)
         if mode == "prior":
-            lp = global_log_prior(log_q) if log_pi is None else log_pi
+            lp = global_log_prior(log_q, local) if log_pi is None else log_pi
             return prior_targets(log_q, lp, log_rho, alpha)
         if mode == "sinkhorn" and sinkhorn_iters == 0:
             return log_q.exp()
         if mode == "sinkhorn":  # the last of the iterations straight to probabilities
-            log_q = sinkhorn(log_q, log_rho, sinkhorn_iters - 1, alpha)
-            return prior_targets(log_q, global_log_prior(log_q), log_rho, alpha)
+            log_q = sinkhorn(log_q, log_rho, sinkhorn_iters - 1, alpha, local)
+            return prior_targets(log_q, global_log_prior(log_q, local), log_rho, alpha)
     raise ValueError(f"objective.mode: unknown mode {mode!r}; choose one of {MODES}")
 
 
@@ -263,6 +269,7 @@ class ObjectiveSpec:
     prior_momentum: float = 0.0
     center_momentum: float = 0.9
     sinkhorn_iters: int = 3
+    scope: str = "global"
 
     @classmethod
     def from_mapping(cls, values: dict) -> "ObjectiveSpec":
@@ -281,22 +288,29 @@ class ClusterObjective(nn.Module):
     - center: c <- m c + (1 - m) c_batch, used for the *next* step (as DINO).
     - prior:  pi_used = m pi_ema + (1 - m) pi_batch  (m = ``prior_momentum``; m = 0 is per batch),
               and the EMA then becomes pi_used; the EMA starts at rho.
+
+    ``scope``: ``global`` takes c_batch, pi_batch and Sinkhorn's marginals over the global batch
+    (THEORY.md); ``local`` over each worker's own batch, an ablation whose state then differs
+    between workers. The diagnostics are always over the global batch.
     """
 
     def __init__(self, spec: ObjectiveSpec):
         super().__init__()
         if spec.mode not in MODES:
             raise ValueError(f"objective.mode: unknown mode {spec.mode!r}; choose one of {MODES}")
+        if spec.scope not in SCOPES:
+            raise ValueError(f"objective.scope: unknown scope {spec.scope!r}; choose one of {SCOPES}")
         self.spec = spec
         k = spec.num_clusters
         self.register_buffer("log_rho", target_log_prior(k, spec.target_prior, spec.target_prior_exponent))
         self.register_buffer("center", torch.zeros(k))
         self.register_buffer("log_prior_ema", self.log_rho.clone())
         self._pending: list[Tensor] = []
+        self._local = spec.scope == "local"
 
     def _batch_log_pi(self, log_q: Tensor) -> Tensor:
         m = self.spec.prior_momentum
-        log_pi = global_log_prior(log_q)
+        log_pi = global_log_prior(log_q, self._local)
         if m > 0:
             log_pi = torch.logaddexp(math.log(m) + self.log_prior_ema, math.log1p(-m) + log_pi)
         return log_pi
@@ -307,7 +321,7 @@ class ClusterObjective(nn.Module):
         s = self.spec
         z = teacher_logits.float().flatten(0, 1)
         if s.mode == "center":
-            self._pending.append(global_mean(z))
+            self._pending.append(global_mean(z, self._local))
             out = normalize_teacher(z, "center", teacher_temperature, center=self.center)
         elif s.mode == "prior":
             log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
@@ -316,7 +330,7 @@ class ClusterObjective(nn.Module):
             out = prior_targets(log_q, log_pi, self.log_rho, s.alpha)
         else:
             out = normalize_teacher(z, s.mode, teacher_temperature, log_rho=self.log_rho,
-                                    alpha=s.alpha, sinkhorn_iters=s.sinkhorn_iters)
+                                    alpha=s.alpha, sinkhorn_iters=s.sinkhorn_iters, local=self._local)
         return out.view_as(teacher_logits)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> Tensor:

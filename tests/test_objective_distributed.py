@@ -8,6 +8,7 @@ compares them with the single-process computation (no process group in the paren
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import socket
@@ -42,6 +43,7 @@ OBJ_SPECS = {
                                  target_prior="powerlaw", prior_momentum=0.0),
     "sinkhorn": ObjectiveSpec(mode="sinkhorn", num_clusters=K, student_temperature=TAU_S, sinkhorn_iters=4),
 }
+LOCAL_SPECS = {name: dataclasses.replace(spec, scope="local") for name, spec in OBJ_SPECS.items()}
 STEPS = 2
 
 
@@ -72,7 +74,8 @@ def _compute(case: dict, rows: slice) -> dict:
         out[f"normalize/{mode}"] = normalize_teacher(z, mode, TAU_T, sinkhorn_iters=3)
     if min(case["sizes"]) == 0:
         return out
-    for name, spec in OBJ_SPECS.items():
+    specs = {**OBJ_SPECS, **{f"local/{name}": spec for name, spec in LOCAL_SPECS.items()}}
+    for name, spec in specs.items():
         obj = ClusterObjective(spec)
         steps = []
         for s in range(STEPS):
@@ -183,3 +186,24 @@ def test_cluster_objective_matches_single_process(distributed_results, case, nam
             assert set(x["diag"]) == set(ref["diag"])
             for key, val in ref["diag"].items():
                 close(x["diag"][key], val, 1e-4, 1e-4, msg=f"step {s} rank {r} diag {key}")
+
+
+@pytest.mark.parametrize("case", [i for i, s in enumerate(CASES) if min(s) > 0],
+                         ids=[f"{a}+{b}" for a, b in CASES if min(a, b) > 0])
+@pytest.mark.parametrize("name", list(LOCAL_SPECS))
+def test_local_scope_uses_each_workers_own_batch(distributed_results, case, name):
+    """objective.scope=local: each rank's targets and state are what one process computes on
+    that rank's rows alone, and differ from the global ones (so the switch does something)."""
+    cases, ranks, reference = distributed_results
+    n0 = CASES[case][0]
+    differs = []
+    for r, rows in enumerate((slice(0, n0), slice(n0, None))):
+        alone = _compute(cases[case], rows)  # no process group in the parent: a single process
+        for s, ref in enumerate(alone[f"obj/local/{name}"]):
+            got = ranks[r][case][f"obj/local/{name}"][s]
+            close(got["targets"], ref["targets"], 1e-6, 1e-5, msg=f"rank {r} step {s} local targets")
+            close(got["center"], ref["center"], 1e-6, 1e-5, msg=f"rank {r} step {s} local center")
+            close(got["log_prior_ema"], ref["log_prior_ema"], 1e-6, 1e-5, msg=f"rank {r} step {s} local ema")
+            glob = ranks[r][case][f"obj/{name}"][s]
+            differs += [not torch.allclose(got[k], glob[k], atol=1e-4) for k in ("targets", "center", "log_prior_ema")]
+    assert any(differs)  # centering lags one step, so its targets differ only from the second step on
