@@ -65,6 +65,12 @@ def test_invalid_sweep_settings_and_cli_fail_before_any_trial(tmp_path) -> None:
     assert not sweeps.exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize("space", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_space_files_load(space) -> None:
+    settings, base, checked = load_sweep(space, ROOT / "configs/fashion_mnist.yaml")
+    assert checked and all(key in base.flat() for key in checked)
+
+
 def test_trials_log_to_the_base_store_and_evaluate_as_often_as_asked(tmp_path) -> None:
     from rayssl.tracking import default_uri
     from rayssl.tune import trial_config
