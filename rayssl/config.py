@@ -70,7 +70,11 @@ class AugmentConfig(_Section):
     local_crop_size: PositiveInt = 14
     local_crop_scale: tuple[float, float] = (0.1, 0.4)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.4, ge=0.0)
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description=(
+        "Random rotation of every crop, uniform in +-this many degrees (0: none)."))
+    color_jitter: float = Field(0.4, ge=0.0, description=(
+        "Colour jitter strength s, torchvision's ColorJitter(s, s, s/2, s/4) with p=0.8: brightness and "
+        "contrast factors in [1-s, 1+s]; 0.4 is DINO's. 0 disables it."))
     blur_prob: float = Field(0.0, ge=0.0, le=1.0)
     solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
 
@@ -89,6 +93,9 @@ class ModelConfig(_Section):
     head_hidden_dim: PositiveInt = 512
     head_bottleneck_dim: PositiveInt = 128
     head_layers: PositiveInt = 3
+    head_norm: bool = Field(False, description=(
+        "BatchNorm1d after each hidden layer of the projection MLP (DINO's use_bn_in_head, the usual "
+        "choice for convnets)."))
 
 
 class ObjectiveConfig(_Section):

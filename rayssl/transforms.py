@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
@@ -41,14 +42,27 @@ def _gray(x: Tensor) -> Tensor:
     return TF.rgb_to_grayscale(x) if x.shape[1] == 3 else x
 
 
+def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Each image of (B, C, H, W) rotated about its centre by its own angle, bilinear, black fill."""
+    rad = torch.deg2rad(degrees)
+    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 class MultiCrop:
     """DINO-style multi-crop: 2 global views, then ``cfg.local_crops`` local views per image.
 
     ``cfg`` needs ``global_crop_size, global_crop_scale, local_crops, local_crop_size,
-    local_crop_scale, flip_prob, color_jitter, blur_prob, solarize_prob``. Every image gets its
-    own random parameters. Colour jitter of strength s (applied with p = 0.8): brightness and
-    contrast 0.4 s, plus saturation 0.2 s, hue 0.1 s and 20 % random grayscale for RGB;
-    single-channel images never get saturation, hue or grayscale ops. Global views are blurred
+    local_crop_scale, flip_prob, rotation, color_jitter, blur_prob, solarize_prob``. Every image
+    gets its own random parameters. ``rotation`` (degrees) rotates each crop by an angle drawn
+    uniformly from [-rotation, rotation], filling with black. Colour jitter of strength s
+    (applied with p = 0.8) is torchvision's ``ColorJitter(brightness=s, contrast=s,
+    saturation=s / 2, hue=s / 4)``: brightness and contrast factors uniform in [1 - s, 1 + s];
+    RGB images also get saturation, hue and 20 % random grayscale. s = 0.4 is DINO's
+    ``ColorJitter(0.4, 0.4, 0.2, 0.1)``; single-channel images never get saturation, hue or
+    grayscale ops. Global views are blurred
     with ``blur_prob``, local views with ``blur_prob / 2``; only the second global view is
     solarised (``solarize_prob``), as in DINO.
     """
@@ -57,6 +71,7 @@ class MultiCrop:
         if not len(mean) == len(std) == channels:
             raise ValueError(f"mean and std need {channels} values each, got {len(mean)} and {len(std)}")
         self.channels, self.flip_prob, self.jitter = channels, cfg.flip_prob, cfg.color_jitter
+        self.rotation = cfg.rotation
         g = (cfg.global_crop_size, tuple(cfg.global_crop_scale))
         local = _View(cfg.local_crop_size, tuple(cfg.local_crop_scale), cfg.blur_prob / 2, 0.0)
         self.views = [_View(*g, cfg.blur_prob, 0.0), _View(*g, cfg.blur_prob, cfg.solarize_prob),
@@ -85,11 +100,11 @@ class MultiCrop:
         def blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:  # v2's _blend, per sample
             return torch.where(on, (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp(0, 1), a)
 
-        x = blend(x, torch.zeros_like(x), _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, dev))
-        x = blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), _uniform(n, 1 - 0.4 * s, 1 + 0.4 * s, dev))
+        x = blend(x, torch.zeros_like(x), _uniform(n, max(0.0, 1 - s), 1 + s, dev))
+        x = blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), _uniform(n, max(0.0, 1 - s), 1 + s, dev))
         if self.channels == 3:
-            x = blend(x, _gray(x), _uniform(n, max(0.0, 1 - 0.2 * s), 1 + 0.2 * s, dev))
-            hue = _uniform(n, -0.1 * s, 0.1 * s, dev).clamp(-0.5, 0.5)
+            x = blend(x, _gray(x), _uniform(n, max(0.0, 1 - s / 2), 1 + s / 2, dev))
+            hue = _uniform(n, -s / 4, s / 4, dev).clamp(-0.5, 0.5)
             for i in torch.nonzero(on.flatten() & (hue != 0)).flatten().tolist():
                 x[i] = TF.adjust_hue(x[i], float(hue[i]))
             x = torch.where(_chance(n, 0.2, dev).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
@@ -99,6 +114,8 @@ class MultiCrop:
         n, dev = x.shape[0], x.device
         out = roi_align(x, self.crop_boxes(x, view.scale), view.size, sampling_ratio=-1, aligned=True)
         out = torch.where(_chance(n, self.flip_prob, dev).view(-1, 1, 1, 1), out.flip(-1), out)
+        if self.rotation > 0:
+            out = _rotate(out, _uniform(n, -self.rotation, self.rotation, dev))
         if self.jitter > 0:
             out = self._colour(out)
         if view.blur_prob > 0:

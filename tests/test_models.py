@@ -20,7 +20,8 @@ FEATURE_DIMS = {"convnet4": 64, "resnet18": 512, "resnet50": 2048, "vit_tiny": 1
 
 def model_cfg(backbone: str = "convnet4", **overrides) -> SimpleNamespace:
     """A small model config."""
-    cfg = dict(backbone=backbone, small_stem=True, width=8, head_hidden_dim=32, head_bottleneck_dim=16, head_layers=3)
+    cfg = dict(backbone=backbone, small_stem=True, width=8, head_hidden_dim=32, head_bottleneck_dim=16, head_layers=3,
+               head_norm=False)
     return SimpleNamespace(**{**cfg, **overrides})
 
 
@@ -121,6 +122,29 @@ def test_head_prototype_magnitude_frozen() -> None:
     assert not torch.equal(direction, before)
     trainable = ClusterHead(12, 7, hidden_dim=24, bottleneck_dim=8, norm_last_layer=False)
     assert trainable.prototypes.parametrizations.weight.original0.requires_grad
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_head_norm_puts_batchnorm_after_hidden_layers_only(num_layers: int) -> None:
+    head = ClusterHead(12, 7, hidden_dim=24, bottleneck_dim=8, num_layers=num_layers, norm=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU"] * (num_layers - 1) + ["Linear"]
+    head.train()
+    hidden = head.mlp[:2](3 + 5 * torch.randn(64, 12)) if num_layers > 1 else None
+    if hidden is not None:  # batch statistics: each hidden unit has mean 0 and variance 1
+        torch.testing.assert_close(hidden.mean(0), torch.zeros(24), atol=1e-5, rtol=0)
+
+
+def test_prototype_logits_stay_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    head = ClusterHead(12, 7, hidden_dim=24, bottleneck_dim=8)
+    x = torch.randn(5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+    assert logits.dtype == torch.float32
+    exact = head.prototypes(torch.nn.functional.normalize(head.mlp(x).float(), dim=-1))
+    # the MLP ran in bf16 (about 3 significant digits), the cosine logits did not lose more
+    torch.testing.assert_close(logits, exact, atol=3e-2, rtol=0)
 
 
 @pytest.mark.parametrize("backbone", ["convnet4", "vit_tiny"])

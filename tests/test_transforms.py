@@ -22,6 +22,7 @@ def crop_cfg(**overrides) -> SimpleNamespace:
         local_crop_size=14,
         local_crop_scale=(0.1, 0.4),
         flip_prob=0.5,
+        rotation=0.0,
         color_jitter=0.5,
         blur_prob=0.5,
         solarize_prob=0.2,
@@ -80,6 +81,34 @@ def test_grayscale_jitter_varies_per_sample_and_keeps_one_channel() -> None:
     assert all(v.shape[1] == 1 for v in views)
     per_sample = views[0].flatten(1).mean(1)
     assert per_sample.std() > 0.05  # brightness/contrast differ between images
+
+
+def test_colour_jitter_strength_is_torchvisions_brightness_range() -> None:
+    """augment.color_jitter = s means ColorJitter(brightness=s): factors uniform in [1 - s, 1 + s],
+    on 80 % of the images (a constant image isolates brightness: contrast keeps it)."""
+    torch.manual_seed(0)
+    s = 0.5
+    crop = make(1, color_jitter=s, flip_prob=0.0, blur_prob=0.0, solarize_prob=0.0, local_crops=0)
+    views = crop(torch.full((4000, 1, 28, 28), 100, dtype=torch.uint8), normalize=False)
+    factor = views[0][:, 0, 0, 0] / (100 / 255)
+    assert factor.min() >= 1 - s - 1e-4 and factor.max() <= 1 + s + 1e-4
+    assert factor.min() < 1 - 0.95 * s and factor.max() > 1 + 0.95 * s
+    assert 0.17 < (factor - 1).abs().lt(1e-6).float().mean() < 0.23  # p = 0.8 of being jittered
+
+
+def test_rotation_turns_each_crop_by_its_own_angle_within_range() -> None:
+    torch.manual_seed(0)
+    image = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    image[..., 12:16, 2:26] = 255  # a horizontal bar through the centre
+    crop = make(1, rotation=30.0, global_crop_scale=(1.0, 1.0), color_jitter=0.0, flip_prob=0.0,
+                blur_prob=0.0, solarize_prob=0.0, local_crops=0)
+    views = crop(image.expand(256, -1, -1, -1).contiguous(), normalize=False)[0][:, 0]
+    ys, xs = torch.meshgrid(torch.arange(28.0) - 13.5, torch.arange(28.0) - 13.5, indexing="ij")
+    w = views / views.sum((1, 2), keepdim=True)
+    cov_xy, var_x = (w * xs * ys).sum((1, 2)), (w * xs * xs).sum((1, 2))
+    var_y = (w * ys * ys).sum((1, 2))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * cov_xy, var_x - var_y)).abs()  # the bar's tilt
+    assert angle.max() < 32 and angle.max() > 25 and angle.std() > 5
 
 
 def test_rgb_random_grayscale_hits_some_samples_only() -> None:

@@ -40,7 +40,7 @@ class Encoder(nn.Module):
 
 
 def build_encoder(model_cfg: Any, in_chans: int, image_size: int, num_clusters: int) -> Encoder:
-    """Encoder from a config with `backbone, small_stem, width, head_hidden_dim, head_bottleneck_dim, head_layers`."""
+    """Encoder from a config with `backbone, small_stem, width, head_hidden_dim, head_bottleneck_dim, head_layers, head_norm`."""
     backbone, dim = build_backbone(model_cfg.backbone, in_chans, image_size, model_cfg.small_stem, model_cfg.width)
     head = ClusterHead(
         dim,
@@ -48,6 +48,7 @@ def build_encoder(model_cfg: Any, in_chans: int, image_size: int, num_clusters: 
         hidden_dim=model_cfg.head_hidden_dim,
         bottleneck_dim=model_cfg.head_bottleneck_dim,
         num_layers=model_cfg.head_layers,
+        norm=model_cfg.head_norm,
     )
     return Encoder(backbone, head)
 

@@ -9,8 +9,9 @@ from torch.nn.utils.parametrizations import weight_norm
 class ClusterHead(nn.Module):
     """MLP -> L2-normalise -> prototype layer, giving (N, num_clusters) logits.
 
-    The MLP has `num_layers` linear layers (GELU between them), the last one
-    projecting to `bottleneck_dim`. The prototypes are a bias-free,
+    The MLP has `num_layers` linear layers (GELU between them, after a BatchNorm1d when
+    `norm` is set, as DINO's `use_bn_in_head` for convnets), the last one projecting to
+    `bottleneck_dim`. The prototypes are a bias-free,
     weight-normalised linear layer; with `norm_last_layer` their magnitude is
     fixed to 1, so the logits are cosine similarities in [-1, 1].
     """
@@ -23,6 +24,7 @@ class ClusterHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -30,8 +32,8 @@ class ClusterHead(nn.Module):
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(c_in, c_out), nn.GELU()]
-        self.mlp = nn.Sequential(*layers[:-1])
+            layers += [nn.Linear(c_in, c_out), *([nn.BatchNorm1d(c_out)] if norm else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers[:-2 if norm else -1])
         prototypes = nn.Linear(bottleneck_dim, num_clusters, bias=False)
         for module in [*self.mlp, prototypes]:
             if isinstance(module, nn.Linear):
@@ -49,4 +51,8 @@ class ClusterHead(nn.Module):
         return list(self.prototypes.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+        z = self.mlp(x)
+        # the cosine logits are divided by temperatures as small as 0.02: bf16's 8-bit mantissa
+        # would quantise them to ~0.1 logit, so the prototype layer always runs in float32
+        with torch.autocast(z.device.type, enabled=False):
+            return self.prototypes(F.normalize(z.float(), dim=-1))
