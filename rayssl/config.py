@@ -137,7 +137,9 @@ class TrainConfig(_Section):
     log_every: PositiveInt = 20
     checkpoint_every: PositiveInt = 200
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "bf16 autocast or fp32; auto = bf16 on a GPU and on CPUs with native bf16 (AVX-512 BF16 or AMX: "
+        "about 2x faster at equal accuracy), fp32 on other CPUs."))
     skip_nonfinite: int = Field(0, ge=0, description=(
         "Steps with a NaN/inf loss or gradient that may be skipped (no update) before the run stops; "
         "0: stop at the first, keeping the last good checkpoint."))

@@ -30,7 +30,7 @@ from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules, online_knn_every
 from rayssl.tracking import RUN_FILE, RunLogger, checkpoint_record
-from rayssl.train.step import NonFiniteError, Stepper, build_optimizer
+from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.transforms import MultiCrop
 
 
@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(cfg.train.precision, device)
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     student = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)

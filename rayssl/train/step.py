@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,25 @@ from torch import Tensor, nn
 
 from rayssl.models import ema_update, unwrap
 from rayssl.objective import ClusterObjective, cross_entropy_loss, global_max
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo).
+
+    Only there is bf16 autocast a win on the CPU: the default convnet4 step runs 1.8x faster at
+    the same k-NN (docs/benchmarks.md, the levers table); elsewhere oneDNN emulates it, slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``train.precision``: bf16, fp32, or auto = bf16 on a GPU or on a CPU with native bf16."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 class NonFiniteError(FloatingPointError):
