@@ -24,6 +24,12 @@ what it reports (results.json, and a table here):
                             eval.knn_train_limit caps the bank (ImageNet: 100k-200k is plenty).
   linear/top1               logistic regression on frozen features, LR x weight decay picked on a
                             10 % validation split of the bank.
+  raw_pixels/*, random_init/*
+                            the floors of both (eval.baselines, default true): the same k-NN and
+                            linear probe on the image's pixels (resized as for the teacher, in
+                            [0, 1]) and on the backbone at its random initialisation (train.seed,
+                            built as training builds it; same preprocessing). They roughly triple
+                            the probe time; eval.baselines=false skips them.
   cluster/nmi, ari, hungarian_accuracy, majority_accuracy
                             how the teacher's argmax clusters match the classes (sklearn / scipy);
                             with K >> classes, majority_accuracy is the meaningful one.
@@ -35,6 +41,26 @@ overrides:
   --actors N                feature-extraction actors (default: GPUs if any, else 1); each holds a
                             copy of the backbone; give Ray Data spare CPUs for decoding.
 """
+
+
+def baselines(results: dict) -> list[tuple[str, str]]:
+    """(name, key prefix) of each baseline evaluated in ``results``."""
+    from rayssl.eval.evaluate import BASELINES
+
+    return [(name, f"{name}/") for name in BASELINES if f"{name}/linear/top1" in results]
+
+
+def summary(results: dict, ks: tuple[int, ...]) -> list[str]:
+    """Top-1 of the teacher and its floors (rows) by k-NN per k and linear probe (columns), then
+    the teacher's other numbers."""
+    cells, floors = [*(f"knn/top1_k{k}" for k in ks), "linear/top1"], baselines(results)
+    lines = [f"  {'top-1':12s}" + "".join(f"{h:>12s}" for h in [*(f"k-NN k={k}" for k in ks), "linear"])]
+    lines += [f"  {name:12s}" + "".join(f"{results[prefix + c]:12.4f}" for c in cells)
+              for name, prefix in [("teacher", ""), *floors]]
+    lines += [f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}"
+              for key, value in results.items()
+              if "/" in key and key not in cells and not key.startswith(tuple(p for _, p in floors))]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,16 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n".replace("\n", " ").rstrip() + "\n")
     print(f"\nevaluation of {args.checkpoint} (step {results['step']}): "
           f"{results['num_train']} bank / {results['num_eval']} eval images")
-    for key, value in results.items():
-        if "/" in key:
-            print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    print("\n".join(summary(results, ks)))
     print(f"results: {Path(output) / 'results.json'}")
     from rayssl.tracking import log_evaluation
 
     files = [p for p in (Path(output) / "results.json", Path(output) / "cluster_usage.png") if p.exists()]
     run_id = log_evaluation(state.get("tracking"), results["step"], results, files, args.tracking_uri)
     if run_id:
-        print(f"logged to MLflow run {run_id} (metrics knn/top1_k*, linear/*, cluster/*; artifacts evaluation/)")
+        names = ", ".join(["knn/top1_k*", "linear/*", "cluster/*", *(f"{name}/*" for name, _ in baselines(results))])
+        print(f"logged to MLflow run {run_id} (metrics {names}; artifacts evaluation/)")
     return 0
 
 

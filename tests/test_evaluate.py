@@ -18,8 +18,10 @@ from PIL import Image
 import rayssl
 from rayssl.config import ConfigError, load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
+from rayssl.eval import metrics
 from rayssl.eval.checkpoint import read_checkpoint
-from rayssl.eval.evaluate import evaluate
+from rayssl.eval.evaluate import BASELINES, FeatureActor, evaluate
+from rayssl.models import build_encoder
 from rayssl.train.launch import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +60,7 @@ def test_evaluate_writes_metrics_plot_and_exports(tiny_run, tmp_path) -> None:
         assert key in saved and saved[key] == pytest.approx(results[key])
     assert 0.3 < saved["knn/top1_k20"] <= 1 and 0.3 < saved["linear/top1"] <= 1  # 10 classes: chance 0.1
     assert saved["cluster/used_clusters"] + saved["cluster/empty_clusters"] == 32
+    assert not [key for key in saved if key.startswith(BASELINES)]  # the run's config: eval.baselines=false
     assert saved["cluster/mutual_information"] == pytest.approx(
         saved["cluster/marginal_entropy"] - saved["cluster/conditional_entropy"], abs=1e-5)
     assert saved["cluster/effective_clusters"] == pytest.approx(np.exp(saved["cluster/marginal_entropy"]), rel=1e-4)
@@ -87,6 +90,58 @@ def _row_index(row_id: str) -> int:
     from rayssl.data.shards import row_id as make_id
 
     return next(i for i in range(256) if make_id(f"t10k-images-idx3-ubyte.gz#{i}") == row_id)
+
+
+def _raw_pixels(table_path: Path, split: str, file: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Pixels in [0, 1] (N, 784) and labels of the exported rows, in their order, from the IDX files."""
+    from rayssl.data.shards import row_id as make_id
+
+    images, labels = load_fashion_mnist("/usr/share/datasets/fashion-mnist", split)
+    index = {make_id(f"{file}#{i}"): i for i in range(len(images))}
+    rows = [index[i] for i in pq.read_table(table_path)["id"].to_pylist()]
+    return torch.from_numpy(images[rows]).flatten(1).float() / 255, labels[rows]
+
+
+def test_baselines_get_the_teachers_probes(tiny_run, tmp_path) -> None:
+    """eval.baselines=true: the same k-NN and linear probe on raw pixels (equal to the metrics
+    computed directly on the shards' images) and on the randomly initialised backbone."""
+    run, _ = tiny_run
+    cfg = load_config(None, ["eval.baselines=true"], base=read_checkpoint(str(run))["config"])
+    results = evaluate(str(run), cfg, output=tmp_path, ks=(5, 20), do_export=True)
+    bank, bank_labels = _raw_pixels(tmp_path / "embeddings-train.parquet", "train", "train-images-idx3-ubyte.gz")
+    query, query_labels = _raw_pixels(tmp_path / "embeddings-eval.parquet", "test", "t10k-images-idx3-ubyte.gz")
+    direct = {**metrics.knn_accuracies(bank, bank_labels, query, query_labels, ks=(5, 20), num_classes=10,
+                                       temperature=cfg.eval.knn_temperature),
+              **metrics.linear_probe(bank, bank_labels, query, query_labels)}
+    assert {key: results[f"raw_pixels/{key}"] for key in direct} == pytest.approx(direct)
+    assert 0.5 < direct["knn/top1_k20"] < 1  # raw-pixel k-NN on Fashion-MNIST: about 0.75
+    for key in ("knn/top1_k5", "knn/top1_k20", "linear/top1", "linear/val_top1"):
+        assert 0.1 < results[f"random_init/{key}"] <= 1
+    assert [results[f"random_init/knn/top1_k{k}"] for k in (5, 20)] != [results[f"knn/top1_k{k}"] for k in (5, 20)]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {f"{name}/linear/top1" for name in BASELINES} <= set(saved)
+
+
+def test_feature_actor_baseline_columns(tiny_run) -> None:
+    """random_init is the backbone as training initialises it (seeded, then built), in eval mode,
+    on the teacher's normalised input; raw_pixels the image in [0, 1]; neither without eval.baselines."""
+    run, _ = tiny_run
+    state = read_checkpoint(str(run))
+    cfg = load_config(None, ["eval.baselines=true"], base=state["config"])
+    images, labels = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 8)
+    batch = {"id": np.arange(8), "image": images[..., None], "label": labels, "ok": np.ones(8, bool)}
+    out = FeatureActor(str(run), cfg.model_dump(), None)(batch)
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).backbone.eval()
+    mean, std = state["meta"]["mean"][0], state["meta"]["std"][0]
+    x = torch.tensor(images).float()[:, None] / 255
+    with torch.no_grad():
+        expected = backbone((x - mean) / std)
+    assert torch.allclose(torch.from_numpy(out["random_init"]), expected, atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(out["feature"]), expected, rtol=1e-3, atol=1e-3)
+    assert torch.equal(torch.from_numpy(out["raw_pixels"]), x.flatten(1))
+    plain = FeatureActor(str(run), state["config"], None)(batch)
+    assert set(plain) == {"id", "label", "feature"} and np.array_equal(plain["feature"], out["feature"])
 
 
 def test_mismatched_config_and_bad_checkpoint_fail_clearly(tiny_run, tmp_path) -> None:

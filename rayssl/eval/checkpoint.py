@@ -61,6 +61,18 @@ def read_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict:
     return state
 
 
+def _encoder(cfg: Config, meta: DataMeta) -> Encoder:
+    return build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+
+
+def random_init(cfg: Config, meta: DataMeta) -> Encoder:
+    """The encoder at training's initialisation (``torch.manual_seed(train.seed)``, then built, as
+    ``rayssl.train.loop`` does), eval mode, CPU; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return _encoder(cfg, meta).eval()
+
+
 def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder, Config, DataMeta]:
     """The teacher encoder (eval mode, CPU), the config and the data description of a checkpoint.
 
@@ -69,7 +81,7 @@ def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder,
     """
     cfg = cfg or Config.model_validate(state["config"])
     meta = DataMeta(**state["meta"])
-    teacher = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+    teacher = _encoder(cfg, meta)
     try:
         teacher.load_state_dict(state["teacher"])
     except RuntimeError as err:

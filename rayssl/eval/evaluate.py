@@ -1,5 +1,8 @@
 """Evaluate a checkpoint: features by a Ray Data actor pool, then k-NN, linear probe, clusters.
 
+k-NN and linear probe also score two floors with ``eval.baselines``: raw pixels and the
+backbone at its random initialisation, with the same preprocessing.
+
 Extraction is ``read_parquet`` -> ``decode_stage`` (CPU tasks) -> ``map_batches(FeatureActor)``
 on an actor pool (one GPU each when ``use_gpu``), so it scales to a cluster. The driver runs
 the small cluster head on the gathered features (teacher posterior ``softmax(z / tau_t)``),
@@ -21,19 +24,24 @@ from rayssl.config import Config, ConfigError
 from rayssl.data.datasets import decode_stage, read, sources
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
-from rayssl.eval.checkpoint import read_checkpoint, teacher_from_state
+from rayssl.eval.checkpoint import random_init, read_checkpoint, teacher_from_state
 
 KS = (10, 20, 100, 200)
+BASELINES = ("raw_pixels", "random_init")  # the floors of every k-NN / linear number, with eval.baselines
 
 
 class FeatureActor:
-    """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded)."""
+    """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded),
+    with ``eval.baselines`` also ``raw_pixels`` (the resized image in [0, 1], flattened) and
+    ``random_init`` (the backbone at training's initialisation, same preprocessing)."""
 
     def __init__(self, checkpoint: str, config: dict, s3: S3Options) -> None:
         cfg = Config.model_validate(config)
         teacher, _, meta = teacher_from_state(read_checkpoint(checkpoint, s3), cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.backbone = teacher.backbone.to(self.device)
+        nets = {"feature": teacher, **({"random_init": random_init(cfg, meta)} if cfg.eval.baselines else {})}
+        self.backbones = {name: net.backbone.to(self.device) for name, net in nets.items()}
+        self.raw_pixels = cfg.eval.baselines
         self.size = cfg.augment.global_crop_size
         self.mean = torch.tensor(meta.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(meta.std, device=self.device).view(1, -1, 1, 1)
@@ -44,13 +52,17 @@ class FeatureActor:
         x = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(self.device).float() / 255
         if x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        feats = self.backbone((x - self.mean) / self.std).float().cpu().numpy()
-        return {"id": batch["id"][ok], "feature": feats, "label": batch["label"][ok]}
+        normed = (x - self.mean) / self.std
+        out = {name: net(normed).float().cpu().numpy() for name, net in self.backbones.items()}
+        if self.raw_pixels:
+            out["raw_pixels"] = x.flatten(1).cpu().numpy()
+        return {"id": batch["id"][ok], "label": batch["label"][ok], **out}
 
 
 def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
             actors: int, use_gpu: bool) -> dict[str, np.ndarray]:
-    """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``."""
+    """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``,
+    and the ``BASELINES`` columns with ``eval.baselines``."""
     d = cfg.data
     size = d.image_size or min(manifest.get("image_size") or [cfg.augment.global_crop_size])
     ds = (read(uri, manifest, d, ["id", "image", "label"], limit)
@@ -64,7 +76,7 @@ def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int |
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise ConfigError(f"{uri}: no decodable images to evaluate")
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("id", "feature", "label")}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
@@ -93,13 +105,22 @@ def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: n
     pq.write_table(table, path)
 
 
+def probes(train: dict, test: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
+    """k-NN (``knn/top1_kK``) and linear probe (``linear/*``) of one feature ``column``."""
+    out = metrics.knn_accuracies(train[column], train["label"], test[column], test["label"], ks=tuple(ks),
+                                 temperature=cfg.eval.knn_temperature, num_classes=num_classes)
+    return {**out, **metrics.linear_probe(train[column], train["label"], test[column], test["label"])}
+
+
 def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "eval", *, ks=KS,
              do_export: bool = False, actors: int = 1, use_gpu: bool = False) -> dict:
     """All metrics of a checkpoint on ``data.source`` (bank / linear train) and ``data.eval_source``.
 
     ``cfg`` defaults to the checkpoint's config; its ``model``/``objective`` must match the
-    weights (``ConfigError`` otherwise). Writes ``results.json``, ``cluster_usage.png`` and,
-    with ``do_export``, ``embeddings-{train,eval}.parquet`` under ``output``.
+    weights (``ConfigError`` otherwise). With ``eval.baselines`` the same k-NN and linear probe
+    also score each of ``BASELINES`` (keys ``raw_pixels/knn/top1_kK``, ``random_init/linear/top1``,
+    ...). Writes ``results.json``, ``cluster_usage.png`` and, with ``do_export``,
+    ``embeddings-{train,eval}.parquet`` under ``output``.
     """
     state = read_checkpoint(checkpoint, S3Options.of(cfg.data) if cfg else None)
     teacher, cfg, meta = teacher_from_state(state, cfg)
@@ -113,10 +134,9 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
 
     results: dict = {"checkpoint": checkpoint, "step": state.get("step"), "num_train": len(train["label"]),
                      "num_eval": len(test["label"])}
-    results.update(metrics.knn_accuracies(train["feature"], train["label"], test["feature"], test["label"],
-                                          ks=tuple(ks), temperature=cfg.eval.knn_temperature,
-                                          num_classes=num_classes))
-    results.update(metrics.linear_probe(train["feature"], train["label"], test["feature"], test["label"]))
+    results.update(probes(train, test, "feature", cfg, ks, num_classes))
+    for name in BASELINES if cfg.eval.baselines else ():
+        results.update({f"{name}/{key}": v for key, v in probes(train, test, name, cfg, ks, num_classes).items()})
     clusters, max_prob, diagnostics = assign(teacher.head, test["feature"], cfg.objective.teacher_temperature)
     results.update(metrics.clustering_metrics(clusters, test["label"], k))
     results.update(diagnostics.result())
