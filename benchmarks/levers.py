@@ -16,6 +16,7 @@ exactly the same treatment). Appends one JSON line per probe to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -81,10 +82,23 @@ def main() -> None:
                            for i in range(0, FULL, 1000)])
         return f[:TRAIN], f[TRAIN:]
 
+    def recalibrated(model):
+        """A copy whose BatchNorm statistics are recomputed on 10k clean training images (precise BN)."""
+        model = copy.deepcopy(model).train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches
+        with torch.no_grad():
+            for i in range(0, 10_000, 500):
+                model.features(crops.eval_transform(train[i:i + 500], 28).contiguous(memory_format=torch.channels_last))
+        return model
+
     result: dict = {"name": args.name, "overrides": args.overrides, "steps": total, "global_batch": batch}
     bank_y, query_y = labels[:TRAIN], labels[TRAIN:]
     score("raw_pixels", (images[:TRAIN].flatten(1).float(), images[TRAIN:].flatten(1).float()), bank_y, query_y, result)
     score("random_init", extract(teacher), bank_y, query_y, result)
+    score("random_init/bn", extract(recalibrated(teacher)), bank_y, query_y, result)
     start = time.time()
     for step in range(total):
         idx = torch.randint(0, TRAIN, (batch,))
@@ -97,6 +111,7 @@ def main() -> None:
     result["images_per_second"] = round(total * batch / (time.time() - start), 1)
     result.update({k: round(v, 4) for k, v in stepper.diagnostics().items() if k.startswith("norm/")})
     score("teacher", extract(teacher), bank_y, query_y, result)
+    score("teacher/bn", extract(recalibrated(teacher)), bank_y, query_y, result)
     score("student", extract(student), bank_y, query_y, result)
     print(json.dumps(result), flush=True)
     with open(args.out, "a") as f:
