@@ -1,7 +1,7 @@
 """Validation-split A/B probe of one pretraining recipe, without Ray (the [1/5] levers table).
 
     python benchmarks/levers.py --name base
-    python benchmarks/levers.py --name jitter1 augment.color_jitter=1.0
+    python benchmarks/levers.py --name jit08 augment.color_jitter=0.8
 
 Honest protocol: training uses the first 50k Fashion-MNIST *train* images only; the k-NN bank
 is those 50k and the queries are the held-out last 10k of train (the validation split). The
@@ -9,8 +9,9 @@ test split is never read. Trains one process (``--threads`` torch threads) with 
 Stepper, MultiCrop, objective and schedules as the Ray job, for the default run's number of
 optimizer steps at its global batch (``--steps``; default: ``train.epochs`` x 60k / global
 batch, as ``jobs/pretrain.py`` would run), then scores the teacher, the raw pixels and the
-same network at random init under every feature protocol of ``rayssl.knn`` (so each row gets
-exactly the same treatment). Appends one JSON line per probe to ``--out``.
+same network at random init under each feature protocol: as is, centred by the bank mean, and
+(for networks) with BatchNorm statistics recomputed on clean images, so each row gets exactly
+the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 on native-bf16 CPUs). Appends one JSON line per probe to ``--out``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from rayssl.knn import knn_accuracy  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
 from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
 from rayssl.schedules import build_schedules  # noqa: E402
-from rayssl.train.step import Stepper, build_optimizer  # noqa: E402
+from rayssl.train.step import Stepper, build_optimizer, use_bf16  # noqa: E402
 from rayssl.transforms import MultiCrop  # noqa: E402
 
 TRAIN, FULL = 50_000, 60_000
@@ -71,7 +72,7 @@ def main() -> None:
     schedules = build_schedules(cfg, spe, batch)
     total = args.steps or len(schedules["lr"])
     stepper = Stepper(student, teacher, objective, build_optimizer(student, cfg.optim),
-                      schedules, cfg, spe, torch.device("cpu"), cfg.train.precision == "bf16")
+                      schedules, cfg, spe, torch.device("cpu"), use_bf16(cfg.train.precision, torch.device("cpu")))
     crops = MultiCrop(cfg.augment, 1, mean, std)
 
     def extract(model) -> tuple[torch.Tensor, torch.Tensor]:
