@@ -1,6 +1,7 @@
 # Quick start (fresh Debian machine, fresh clone):
 #   make run    # pretrain on Fashion-MNIST with a local Ray (creates .venv, installs the data)
 #   make test   # the whole test suite
+#   make test-fast  # the tests that need no Ray cluster: the inner loop while you work
 # Extra arguments for the job: make run ARGS="objective.mode=center train.epochs=3"
 
 PYTHON ?= python3
@@ -10,12 +11,16 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test env data
+.PHONY: run test test-fast env data
 run: env data
 	$(PY) jobs/pretrain.py $(ARGS)
 
 test: env data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...).
+test-fast: env data
+	$(PY) -m pytest -q -m "not ray" $(PYTEST_ARGS)
 
 env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

@@ -4,7 +4,7 @@
     python jobs/pretrain.py run.name=gap-center objective.mode=center
     python benchmarks/jensen_gap.py gap-prior gap-center
 
-THEORY.md: per cluster, Delta_k = log pi_k - log G_k >= 0 (arithmetic vs geometric mean of
+docs/theory.md §4: per cluster, Delta_k = log pi_k - log G_k >= 0 (arithmetic vs geometric mean of
 the raw teacher's q_ik over the global batch); centering is exact when Delta is the same for
 every cluster, so the spread over clusters is what separates ``center`` from ``prior``. Each
 run logs ``jensen_gap_mean`` and ``jensen_gap_std`` (over clusters) at every logged step; this

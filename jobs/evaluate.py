@@ -34,8 +34,8 @@ what it reports (results.json, and a table here):
                             how the teacher's argmax clusters match the classes (sklearn / scipy);
                             with K >> classes, majority_accuracy is the meaningful one.
   cluster/mutual_information, effective_clusters, empty_clusters
-                            THEORY.md section 6 over the whole evaluation set; a collapsed run has
-                            I(X;K) near 0 and few effective clusters.
+                            docs/theory.md section 6 over the whole evaluation set; a collapsed run
+                            has I(X;K) near 0 and few effective clusters.
 overrides:
   data.*, eval.* change what is evaluated; model.* and objective.* must match the checkpoint.
   --actors N                feature-extraction actors (default: GPUs if any, else 1); each holds a

@@ -9,7 +9,6 @@ Both take the tracking URI explicitly (an ``MlflowClient``), leaving MLflow's gl
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from rayssl.config import mask_uri
+from rayssl.mlflow_client import mlflow_client
 
 # column -> run param (logged as a string, converted to the dtype given)
 PARAMS = {"mode": ("objective.mode", "string"), "K": ("objective.num_clusters", "Int64"),
@@ -36,11 +36,10 @@ class CompareError(LookupError):
 
 def _client(tracking_uri: str) -> MlflowClient:
     """A client of ``tracking_uri``; a SQLite file must exist (MLflow would create an empty one)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.exists():
-            raise CompareError(f"no MLflow store at {db} (pass --tracking-uri, or set MLFLOW_TRACKING_URI)")
-    return MlflowClient(tracking_uri)
+    try:
+        return mlflow_client(tracking_uri, create=False)
+    except FileNotFoundError as err:
+        raise CompareError(f"no MLflow store at {err} (pass --tracking-uri, or set MLFLOW_TRACKING_URI)") from None
 
 
 def _search(client: MlflowClient, experiment: str, filter_string: str) -> list[Run]:

@@ -16,8 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError,
                       field_validator, model_validator)
 
-from rayssl.models.backbones import BACKBONES
-from rayssl.objective import MODES, SCOPES, TARGET_PRIORS
+from rayssl.names import BACKBONES, MODES, SCOPES, TARGET_PRIORS
 
 
 MASK = "***"
@@ -113,7 +112,7 @@ class ObjectiveConfig(_Section):
     sinkhorn_iters: PositiveInt = 3
     scope: Literal[SCOPES] = Field("global", description=(  # type: ignore[valid-type]
         "Batch statistics of the normalisation (pi, centre, Sinkhorn marginals): global = all-reduced "
-        "over every worker (THEORY.md); local = each worker's own batch, an ablation only."))
+        "over every worker (docs/theory.md section 3.4); local = each worker's own batch, an ablation only."))
 
 
 class OptimConfig(_Section):
@@ -305,6 +304,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data[a][b] = value`` for ``key`` ``"a.b"``, creating missing sections on the way.
+
+    Raises ``ConfigError`` (``"a.b: a is not a section"``) when a part on the way holds a value
+    that is not a mapping.
+    """
+    *parents, leaf = key.split(".")
+    node = data
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {k} is not a section")
+    node[leaf] = value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> Config:
     """Build a validated Config from an optional YAML file (or a ``base`` mapping, e.g. a
@@ -322,12 +336,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
         keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
-        node[keys[-1]] = value
+        set_dotted(data, ".".join(keys), value)
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -1,6 +1,6 @@
 """The collapse alarm: a pure rule over the logged diagnostics (no Ray, no MLflow).
 
-THEORY.md section 6: I(X;K) = H(K) - H(K|X) is 0 under either collapse (one cluster for
+docs/theory.md §6: I(X;K) = H(K) - H(K|X) is 0 under either collapse (one cluster for
 every image, or the same flat posterior for every image). The alarm watches the normalised
 teacher's ``norm/mutual_information`` at each logged step; every rank sees the same global
 value, so every rank raises the alarm at the same step.

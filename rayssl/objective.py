@@ -1,6 +1,6 @@
-"""The clustering SSL objective of THEORY.md, as pure torch.
+"""The clustering SSL objective of docs/theory.md, as pure torch.
 
-Notation (THEORY.md): K clusters, global batch i = 1..N summed over *all* workers, teacher
+Notation (docs/theory.md §0): K clusters, global batch i = 1..N summed over *all* workers, teacher
 logits z_i, student logits s_i, temperatures tau_t and tau_s.
 
     q_i  = softmax(z_i / tau_t)        raw teacher posterior
@@ -9,15 +9,15 @@ logits z_i, student logits s_i, temperatures tau_t and tau_s.
 
     L = mean over (teacher view v', student view v != v') of  mean_i CE(qt_i^{v'}, p_i^{v})
 
-The modes form one family (THEORY.md section 5):
+The modes form one family (docs/theory.md §5):
 
     none      qt = softmax(z / tau_t)                                  collapses (control)
     center    qt = softmax((z - c) / tau_t),  c = EMA of the batch mean   Jensen bound (DINO)
     prior     log qt = log_softmax(z / tau_t - alpha log pi + log rho)     inverse cluster prior
     sinkhorn  the prior step repeated n times                               Sinkhorn-Knopp
 
-Every global statistic is a *sum* and a *count* all-reduced separately (``torch.distributed``
-when a process group is initialised, the identity otherwise), so W workers with unequal batches
+Every global statistic is a *sum* and a *count* all-reduced separately (``rayssl.dist``: all
+ranks together when a process group is up, the identity otherwise), so W workers with unequal batches
 give exactly what one process gives on the concatenated batch. Nothing here knows about Ray.
 """
 
@@ -27,33 +27,22 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-MODES = ("none", "center", "prior", "sinkhorn")
-TARGET_PRIORS = ("uniform", "powerlaw")
-SCOPES = ("global", "local")
+from rayssl import dist
+
+from rayssl.names import MODES, SCOPES, TARGET_PRIORS  # noqa: F401 - the objective's choices, by name
 
 
 # --------------------------------------------------------------------------- global reductions
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def global_sum(x: Tensor, local: bool = False) -> Tensor:
     """Sum of ``x`` over all workers (a copy; the identity in a single process or if ``local``)."""
-    x = x.clone()
-    if _distributed() and not local:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    return x.clone() if local else dist.all_sum(x)
 
 
 def global_max(x: Tensor, local: bool = False) -> Tensor:
     """Element-wise max of ``x`` over all workers (a copy; the identity in a single process or if ``local``)."""
-    x = x.clone()
-    if _distributed() and not local:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return x.clone() if local else dist.all_max(x)
 
 
 def global_log_sum_exp(log_x: Tensor, local: bool = False) -> tuple[Tensor, Tensor]:
@@ -118,7 +107,7 @@ def prior_step(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float = 1.
 
         log qt_i = log_softmax(log q_i - alpha log pi + log rho)
 
-    With pi = rho and alpha = 1 this is the identity (THEORY.md section 7.1).
+    With pi = rho and alpha = 1 this is the identity (docs/theory.md §3.1, §7.1).
     """
     return torch.log_softmax(log_q - alpha * log_pi + log_rho, dim=-1)
 
@@ -141,7 +130,7 @@ def sinkhorn(log_q: Tensor, log_rho: Tensor, iters: int, alpha: float = 1.0, loc
         log qt^(0) = log q,   log qt^(n+1) = log_softmax(log qt^(n) - alpha log pi(qt^(n)) + log rho)
 
     This is Sinkhorn-Knopp started from the row softmax (SwAV, DINOv2); the marginal's KL to
-    rho falls geometrically with n (THEORY.md section 7.7).
+    rho falls geometrically with n (docs/theory.md §3.6, §7.7).
     """
     for _ in range(iters):
         log_q = prior_step(log_q, global_log_prior(log_q, local), log_rho, alpha)
@@ -199,7 +188,7 @@ def cross_entropy_loss(student_logits: Tensor, targets: Tensor, student_temperat
 
     ``student_logits`` (Vs, B, K) with the global views first, ``targets`` (Vt, B, K) the
     teacher targets of the Vt global views. Since qt is constant, this equals the KL objective
-    up to H(qt), and d L / d s = (p - qt) / tau_s per pair (THEORY.md section 7.9).
+    up to H(qt), and d L / d s = (p - qt) / tau_s per pair (docs/theory.md §1, §7.9).
     """
     log_p = torch.log_softmax(student_logits.float() / student_temperature, dim=-1)
     total, pairs = log_p.new_zeros(()), 0
@@ -250,7 +239,7 @@ def jensen_gap(log_q: Tensor) -> Tensor:
     """Per-cluster Jensen gap Delta_k = log pi_k - log G_k >= 0 over the global batch.
 
     log G_k = mean_i log q_ik is the log geometric mean; centering divides by G, prior
-    normalisation by pi, and the two agree iff Delta_k is constant in k (THEORY.md section 4).
+    normalisation by pi, and the two agree iff Delta_k is constant in k (docs/theory.md §4).
     """
     return global_log_prior(log_q) - global_mean(log_q)
 
@@ -290,7 +279,7 @@ class ClusterObjective(nn.Module):
               and the EMA then becomes pi_used; the EMA starts at rho.
 
     ``scope``: ``global`` takes c_batch, pi_batch and Sinkhorn's marginals over the global batch
-    (THEORY.md); ``local`` over each worker's own batch, an ablation whose state then differs
+    (docs/theory.md §3.4); ``local`` over each worker's own batch, an ablation whose state then differs
     between workers. The diagnostics are always over the global batch.
     """
 
@@ -356,7 +345,7 @@ class ClusterObjective(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> dict[str, float]:
-        """THEORY.md section 6 for the raw teacher, the normalised teacher and the student.
+        """docs/theory.md §6 for the raw teacher, the normalised teacher and the student.
 
         Uses the state as it stands (call before ``update_state`` of the same step, or after; the
         difference is one EMA step). Names: ``{raw,norm,student}/<stat>``, ``jensen_gap_mean``,

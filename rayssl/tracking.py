@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import rayssl
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage
+from rayssl.mlflow_client import mlflow_client
 
 DEFAULT_STORE = "~/rayssl_results"
 RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
@@ -35,6 +37,17 @@ MODEL_NAME = "backbone"
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MlflowRun:
+    """The MLflow run a launch logs into (what ``start`` returns and ``RunLogger`` writes to)."""
+
+    uri: str
+    run_id: str
+    experiment_id: str | None = None  # None when only a checkpoint's record names the run
+    log_model: bool = False  # tracking.log_model: log the teacher's backbone at the end
+    register_as: str | None = None  # tracking.register_as: the registered model's name
 
 
 def default_uri(storage_path: str = DEFAULT_STORE) -> str:
@@ -68,14 +81,6 @@ def _quick_http() -> Iterator[None]:
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -126,9 +131,8 @@ def stored_run_id(filesystem, run_path: str) -> str | None:
     return None
 
 
-def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None = None) -> dict | None:
-    """Driver side, before training: the MLflow run this launch logs into, as the settings
-    ``RunLogger`` needs (``None`` when tracking is off or, with ``tracking.required=false``,
+def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None = None) -> MlflowRun | None:
+    """Driver side, before training: the MLflow run this launch logs into (``None`` when tracking is off or, with ``tracking.required=false``,
     unreachable). Raises ``ConfigError`` naming ``tracking.uri`` when the store is unreachable.
 
     A relaunch of a run with a checkpoint continues the MLflow run stored in that checkpoint;
@@ -166,8 +170,7 @@ def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None
         client.log_batch(run.info.run_id, tags=[RunTag(f"resumed.{k}", v) for k, v in changed.items()])
         client.update_run(run.info.run_id, status="RUNNING")
     _log_params(client, run.info.run_id, new)
-    return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id,
-            "log_model": cfg.tracking.log_model, "register_as": cfg.tracking.register_as}
+    return MlflowRun(uri, run.info.run_id, experiment_id, cfg.tracking.log_model, cfg.tracking.register_as)
 
 
 def _open(cfg: Config, uri: str, work: Callable, activity: str):
@@ -176,7 +179,7 @@ def _open(cfg: Config, uri: str, work: Callable, activity: str):
     ``tracking.required=false`` a warning and None."""
     try:
         with _quick_http():
-            client = _client(uri)
+            client = mlflow_client(uri)
             experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
             return client, experiment_id, work(client, experiment_id)
     except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
@@ -196,7 +199,7 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
 
 
-def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id: str | None) -> dict | None:
+def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id: str | None) -> MlflowRun | None:
     """The parent run of a sweep (``previous_run_id``'s, when a restored sweep had one)."""
     if not cfg.tracking.enabled:
         return None
@@ -215,48 +218,48 @@ def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id
     if opened is None:
         return None
     _, experiment_id, run_id = opened
-    return {"uri": uri, "run_id": run_id, "experiment_id": experiment_id}
+    return MlflowRun(uri, run_id, experiment_id)
 
 
-def finish_parent(parent: dict | None, summary: dict, files: list[Path]) -> None:
+def finish_parent(parent: MlflowRun | None, summary: dict, files: list[Path]) -> None:
     """The sweep's outcome on its parent run: best value and params, the trials table, best.yaml.
     Child runs of trials that Tune stopped (ASHA, collapse, time budget) are marked KILLED."""
     if not parent:
         return
     logger = RunLogger(parent)
-    stopped = logger._safe(logger.client.search_runs, [parent["experiment_id"]],
-                           f"tags.`mlflow.parentRunId` = '{parent['run_id']}' AND attributes.status = 'RUNNING'")
+    stopped = logger._safe(logger.client.search_runs, [parent.experiment_id],
+                           f"tags.`mlflow.parentRunId` = '{parent.run_id}' AND attributes.status = 'RUNNING'")
     for run in stopped or []:
         logger._safe(logger.client.set_terminated, run.info.run_id, status="KILLED")
     logger.numbers({"best_value": summary["best_value"], "num_trials": summary["num_trials"],
                     "stopped_early": summary["stopped_early"], "seconds": summary.get("seconds", 0)}, 0)
     from mlflow.entities import RunTag
 
-    logger._safe(logger.client.log_batch, parent["run_id"], tags=[
+    logger._safe(logger.client.log_batch, parent.run_id, tags=[
         RunTag(f"best.{k}", _param(v)) for k, v in summary["best_params"].items()] + [
         RunTag("sweep.metric", summary["metric"])])
     for path in files:
-        logger._safe(logger.client.log_artifact, parent["run_id"], str(path))
+        logger._safe(logger.client.log_artifact, parent.run_id, str(path))
     logger.end()
 
 
-def finish(settings: dict | None, failed: bool) -> None:
+def finish(settings: MlflowRun | None, failed: bool) -> None:
     """Driver side, after ``fit``: mark a failed run FAILED (rank 0 marks success FINISHED).
     A run rank 0 already finished stays FINISHED (Tune may stop a trial after its last report)."""
     if settings and failed:
         try:
             with _quick_http():
-                client = _client(settings["uri"])
-                if client.get_run(settings["run_id"]).info.status == "RUNNING":
-                    client.set_terminated(settings["run_id"], status="FAILED")
+                client = mlflow_client(settings.uri)
+                if client.get_run(settings.run_id).info.status == "RUNNING":
+                    client.set_terminated(settings.run_id, status="FAILED")
         except Exception as err:  # noqa: BLE001 - the training error matters more
-            log.warning("MLflow: could not mark run %s failed: %s", settings["run_id"], err)
+            log.warning("MLflow: could not mark run %s failed: %s", settings.run_id, err)
 
 
 def ui_hint(settings: dict) -> str:
-    uri = settings["uri"]
+    uri = settings.uri
     where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else mask_uri(uri)
-    return f"MLflow run {settings['run_id']} (experiment {settings['experiment_id']}): {where}"
+    return f"MLflow run {settings.run_id} (experiment {settings.experiment_id}): {where}"
 
 
 class RunLogger:
@@ -267,13 +270,13 @@ class RunLogger:
     are not logged again, so every metric history has one point per step.
     """
 
-    def __init__(self, settings: dict, say: Callable[[str], None] = print, retry_seconds: float = 60.0):
+    def __init__(self, settings: MlflowRun, say: Callable[[str], None] = print, retry_seconds: float = 60.0):
         # a dead server must cost seconds per call, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        self.settings, self.run_id, self.say = settings, settings["run_id"], say
+        self.settings, self.run_id, self.say = settings, settings.run_id, say
         self.retry_seconds, self.paused_until, self.warned = retry_seconds, 0.0, False
-        self.client = _client(settings["uri"])
+        self.client = mlflow_client(settings.uri)
         history = self._safe(self.client.get_metric_history, self.run_id, "loss") or []
         self.last_step = max((m.step for m in history), default=0)
 
@@ -347,14 +350,14 @@ class RunLogger:
             import torch
             import torchvision
 
-            mlflow.set_tracking_uri(self.settings["uri"])
+            mlflow.set_tracking_uri(self.settings.uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
                     backbone, name=MODEL_NAME, input_example=example, metadata=metadata,
                     code_paths=[str(Path(rayssl.__file__).parent)],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                       f"torchvision=={torchvision.__version__.split('+')[0]}"],
-                    registered_model_name=self.settings.get("register_as"))
+                    registered_model_name=self.settings.register_as)
                 mlflow.set_tag("rayssl.model_uri", info.model_uri)
 
         self._safe(log)
@@ -364,9 +367,9 @@ class RunLogger:
         self._safe(self.client.set_terminated, self.run_id, status="FINISHED")
 
 
-def checkpoint_record(settings: dict | None) -> dict | None:
+def checkpoint_record(settings: MlflowRun | None) -> dict | None:
     """What a checkpoint keeps of tracking: the run id and the URI (password masked)."""
-    return {"run_id": settings["run_id"], "uri": mask_uri(settings["uri"])} if settings else None
+    return {"run_id": settings.run_id, "uri": mask_uri(settings.uri)} if settings else None
 
 
 def log_evaluation(record: dict | None, step: int, results: dict, files: list[Path],
@@ -376,16 +379,16 @@ def log_evaluation(record: dict | None, step: int, results: dict, files: list[Pa
     ``checkpoint_record``; ``uri`` overrides its URI). The run id, or None when not logged."""
     if not record:
         return None
-    settings = {**record, "uri": uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"]}
+    settings = MlflowRun(uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"], record["run_id"])
     try:
         with _quick_http():
-            _client(settings["uri"]).get_run(settings["run_id"])
+            mlflow_client(settings.uri).get_run(settings.run_id)
     except Exception as err:  # noqa: BLE001 - the evaluation itself is written already
-        print(f"MLflow: run {settings['run_id']} not reachable at {mask_uri(settings['uri'])} "
+        print(f"MLflow: run {settings.run_id} not reachable at {mask_uri(settings.uri)} "
               f"({type(err).__name__}); evaluation not logged", file=sys.stderr)
         return None
     logger = RunLogger(settings)
     logger.numbers(results, step)
     for path in files:
-        logger._safe(logger.client.log_artifact, settings["run_id"], str(path), "evaluation")
-    return settings["run_id"]
+        logger._safe(logger.client.log_artifact, settings.run_id, str(path), "evaluation")
+    return settings.run_id

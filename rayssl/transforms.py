@@ -6,12 +6,15 @@ averaging, which antialiases downscaling), and flips, brightness/contrast/satura
 random grayscale and solarisation are per-sample masks and factors on the whole batch. Hue
 and blur fall back to torchvision v2 functionals on the selected images only. On a GPU the
 whole view is a handful of kernels; on a CPU it costs a fraction of a per-image pipeline.
+
+``EvalPreprocess`` is the one deterministic preprocessing of frozen features: the evaluator's,
+the online k-NN's and the one ``rayssl.load_backbone`` publishes with a checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,39 @@ def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _to_unit(images: Tensor) -> Tensor:
+    """uint8 -> float32 in [0, 1], exactly ``images.float() / 255``."""
+    return images.float() / 255
+
+
+class EvalPreprocess(v2.Compose):
+    """Deterministic preprocessing for features: a PIL image, a uint8 tensor (C, H, W) or a batch
+    (B, C, H, W), on any device -> float32 (..., ``channels``, ``size``, ``size``).
+
+    Grayscale or RGB to ``channels``, the shorter side resized to ``size`` (bilinear, antialiased,
+    on uint8; a no-op at that size already), the centre ``size`` x ``size`` crop, scaled to [0, 1]
+    and normalised with the dataset ``mean`` / ``std``. ``pixels`` stops before the normalisation.
+    """
+
+    def __init__(self, size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        if not len(mean) == len(std) == channels:
+            raise ValueError(f"mean and std need {channels} values each, got {len(mean)} and {len(std)}")
+        super().__init__([v2.ToImage(), v2.Grayscale(1) if channels == 1 else v2.RGB(),
+                          v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.Lambda(_to_unit),
+                          v2.Normalize(list(mean), list(std))])
+        self.size, self.channels = size, channels
+
+    def pixels(self, images: Any) -> Tensor:
+        """The resized, centre-cropped images in [0, 1], not normalised (the raw-pixel baseline)."""
+        for transform in self.transforms[:-1]:
+            images = transform(images)
+        return images
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """``pixels`` (from ``pixels``) normalised with the dataset mean and std."""
+        return self.transforms[-1](pixels)
+
+
 class MultiCrop:
     """DINO-style multi-crop: 2 global views, then ``cfg.local_crops`` local views per image.
 
@@ -78,6 +114,7 @@ class MultiCrop:
                       *[local] * cfg.local_crops]
         self._samplers = {v.scale: v2.RandomResizedCrop(v.size, scale=v.scale) for v in self.views}
         self.normalize = v2.Normalize(list(mean), list(std))
+        self._eval: dict[int, EvalPreprocess] = {}  # by size, built on first use
 
     def _check(self, images: Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
@@ -138,8 +175,9 @@ class MultiCrop:
         return [self.normalize(v) for v in views] if normalize else views
 
     def eval_transform(self, images: Tensor, size: int) -> Tensor:
-        """Deterministic preprocessing for feature extraction: resize to ``size``, scale, normalise."""
+        """Deterministic preprocessing of a uint8 (B, C, H, W) batch for feature extraction:
+        ``EvalPreprocess(size, ...)`` with this multi-crop's channels, mean and std."""
         self._check(images)
-        if images.shape[-2:] != (size, size):
-            images = TF.resize(images, [size, size], antialias=True)
-        return self.normalize(images.float() / 255)
+        if size not in self._eval:
+            self._eval[size] = EvalPreprocess(size, self.channels, self.normalize.mean, self.normalize.std)
+        return self._eval[size](images)

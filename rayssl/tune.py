@@ -19,13 +19,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
-from rayssl.config import Config, ConfigError, _known_keys, _one_line, load_config
+from rayssl.config import Config, ConfigError, _known_keys, _one_line, load_config, set_dotted
 from rayssl.schedules import knn_evaluations
+
+if TYPE_CHECKING:
+    from rayssl.tracking import MlflowRun
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint")
 SWEEP_FILE = "rayssl_sweep.json"  # in the sweep folder: the MLflow parent run, for a restore
@@ -56,11 +59,7 @@ class SweepConfig(BaseModel):
 def _check_value(base: dict, key: str, value: Any) -> None:
     """Raise ``ConfigError`` if ``key=value`` makes ``base`` an invalid Config."""
     data = json.loads(json.dumps(base))
-    node = data
-    *parents, leaf = key.split(".")
-    for k in parents:
-        node = node.setdefault(k, {})
-    node[leaf] = value
+    set_dotted(data, key, value)
     try:
         Config.model_validate(data)
     except ValidationError as err:
@@ -159,11 +158,7 @@ def trial_config(base: Config, params: dict[str, Any], name: str, storage_path: 
     data = base.model_dump()
     data["tracking"]["uri"] = tracking_uri(base)
     for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for k in parents:
-            node = node[k]
-        node[leaf] = value
+        set_dotted(data, key, value)
     data["run"].update(name=name, storage_path=storage_path)
     data["monitor"]["stop_on_collapse"] = True
     if metric.startswith("knn/") and data["eval"]["every_epochs"] is None:
@@ -183,32 +178,18 @@ def _report_callback(metric: str):
     return ReportWithMetric()
 
 
-def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: dict | None) -> None:
+def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: MlflowRun | None) -> None:
     """The Tune function trainable: one full pretraining run (TorchTrainer) for ``params``."""
     from ray import tune
 
-    from rayssl import tracking
-    from rayssl.data.datasets import build_datasets
-    from rayssl.train.launch import build_trainer, steps_per_epoch, storage
-    from rayssl.train.step import NonFiniteError
+    from rayssl.train.launch import check_inputs, fit
 
     settings = SweepConfig.model_validate(sweep)
     context = tune.get_context()
     cfg = trial_config(Config.model_validate(base), params, f"{settings.name}-{context.get_trial_id()}",
                        str(Path(settings.storage_path).expanduser() / settings.name / "trials"),
                        metric, settings.evaluations)
-    path, filesystem = storage(cfg)
-    datasets, meta = build_datasets(cfg)
-    steps_per_epoch(cfg, meta.num_train)
-    run = tracking.start(cfg, f"{path}/{cfg.run.name}", filesystem, parent_run_id=parent and parent["run_id"])
-    trainer = build_trainer(cfg, datasets, meta, run, path, filesystem, callbacks=[_report_callback(metric)])
-    try:
-        result = trainer.fit()
-        if (result.return_value or {}).get("stopped") == "nonfinite":
-            raise NonFiniteError(result.return_value["stop_reason"])
-    except BaseException:
-        tracking.finish(run, failed=True)
-        raise
+    fit(check_inputs(cfg), parent_run_id=parent and parent.run_id, callbacks=[_report_callback(metric)])
 
 
 def _trial_cpus(base: Config, sweep: SweepConfig) -> float:
@@ -248,7 +229,7 @@ def _search_alg(sweep: SweepConfig, metric: str, space: dict, concurrency: int):
                           f"(pip install {sweep.search_alg}): {err}".splitlines()[0]) from None
 
 
-def _parent_run(base: Config, sweep: SweepConfig, space: dict, folder: Path) -> dict | None:
+def _parent_run(base: Config, sweep: SweepConfig, space: dict, folder: Path) -> MlflowRun | None:
     """The sweep's MLflow parent run (the one of an earlier launch of this sweep, if any)."""
     from rayssl import tracking
 
@@ -259,7 +240,7 @@ def _parent_run(base: Config, sweep: SweepConfig, space: dict, folder: Path) -> 
     parent = tracking.start_parent(base, sweep.name, params, previous)
     if parent:
         folder.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"run_id": parent["run_id"]}))
+        saved.write_text(json.dumps({"run_id": parent.run_id}))
     return parent
 
 
@@ -270,14 +251,13 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     from ray.tune.schedulers import ASHAScheduler
 
     from rayssl import tracking
-    from rayssl.data.datasets import build_datasets
-    from rayssl.train.launch import init_ray, steps_per_epoch
+    from rayssl.train.launch import check_inputs, init_ray
 
     sweep = sweep.model_copy(update={"name": sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"})
+    launch = check_inputs(base)  # inputs checked (and Fashion-MNIST shards built) once, before Ray
+    meta, steps = launch.data.meta, launch.steps_per_epoch
     # a local Ray must fit one trial: its driver, its workers and a CPU for Ray Data
     init_ray(base.scaling.address, min_cpus=_trial_cpus(base, sweep))
-    _, meta = build_datasets(base)  # inputs checked (and Fashion-MNIST shards built) once, up front
-    steps = steps_per_epoch(base, meta.num_train)
     metric = resolve_metric(sweep, meta.num_eval > 0)
     if metric.startswith("knn/") and meta.num_eval == 0:
         raise ConfigError(f"sweep.metric: {metric} needs labelled data.source and data.eval_source")

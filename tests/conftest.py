@@ -15,6 +15,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends on them
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture):
+    ``make test-fast`` runs ``-m "not ray"``, the inner loop; ``make test`` runs all."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

@@ -125,3 +125,13 @@ def test_help() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--filter" in out and "--max-runs" in out and "differ in one knob" in out
+
+
+def test_mlflow_client_makes_the_sqlite_folder_or_refuses_a_missing_store(tmp_path: Path) -> None:
+    from rayssl.mlflow_client import mlflow_client
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'store' / 'mlflow.db'}"
+    with pytest.raises(FileNotFoundError, match="mlflow.db"):
+        mlflow_client(uri, create=False)
+    assert not (tmp_path / "new").exists()
+    assert mlflow_client(uri).tracking_uri == uri and (tmp_path / "new" / "store").is_dir()

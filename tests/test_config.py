@@ -107,3 +107,25 @@ def test_secrets_in_uris_are_masked() -> None:
     assert "pa55word" not in text and "t0k3n" not in text and "s1gn" not in text and "cr3d" not in text
     assert cfg.flat()["tracking.uri"] == "https://alice:***@mlflow.example.com/?token=***&x=1"
     assert mask_uri("see http://h/p?monkey=banana") == "see http://h/p?monkey=banana"  # a name like 'key' is not a secret
+
+
+def test_set_dotted_creates_sections_and_refuses_a_value_on_the_way() -> None:
+    from rayssl.config import set_dotted
+
+    data = {"train": {"epochs": 2}}
+    set_dotted(data, "train.batch_size", 64)
+    set_dotted(data, "objective.mode", "center")
+    set_dotted(data, "top", 1)
+    assert data == {"train": {"epochs": 2, "batch_size": 64}, "objective": {"mode": "center"}, "top": 1}
+    with pytest.raises(ConfigError, match=r"^train\.epochs\.x: epochs is not a section$"):
+        set_dotted(data, "train.epochs.x", 1)
+    with pytest.raises(ConfigError, match=r"^train\.epochs\.x: epochs is not a section$"):
+        load_config(None, ["train.epochs=2", "train.epochs.x=1"])
+
+
+def test_loading_a_config_does_not_import_torch() -> None:
+    code = ("import sys, rayssl.config; rayssl.config.load_config(sys.argv[1], ['objective.mode=center']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs/fashion_mnist.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

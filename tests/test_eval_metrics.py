@@ -112,7 +112,7 @@ def test_linear_probe_picks_the_learning_rate_that_trains() -> None:
         assert out["linear/best_lr"] == 1e-1 and out["linear/top1"] > 0.9, out
 
 
-# --------------------------------------------------------------------------- THEORY.md section 6
+# --------------------------------------------------------------------------- docs/theory.md §6
 def test_accumulator_equals_one_shot_and_objective_diagnostics() -> None:
     g = torch.Generator().manual_seed(5)
     probs = torch.softmax(torch.randn(103, 7, generator=g) * 3, dim=1)

@@ -183,3 +183,33 @@ def test_run_in_the_default_sqlite_store_and_the_job_adds_its_evaluation(tiny_ru
     assert [(m.step, m.value) for m in history] == [(12, pytest.approx(saved["knn/top1_k20"]))]
     files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert files == {"evaluation/results.json", "evaluation/cluster_usage.png"}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_feature_actor_sees_what_the_published_preprocessing_gives(tmp_path, channels: int) -> None:
+    """No Ray: for the same image, the evaluator's features (and raw pixels) equal the published
+    backbone on the published preprocessing, here with a non-square image to resize and crop."""
+    from rayssl.data.datasets import DataMeta
+
+    cfg = load_config(None, ["model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+                             "objective.num_clusters=32", "eval.baselines=true"])
+    mean, std = (0.3, 0.4, 0.5)[:channels], (0.35, 0.3, 0.25)[:channels]
+    meta = DataMeta(4, 4, channels, 40, ("a", "b"), mean, std)
+    torch.manual_seed(1)
+    teacher = build_encoder(cfg.model, channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"teacher": teacher.state_dict(), "config": cfg.redacted(mask=None), "meta": meta.to_dict(),
+                "step": 0}, path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 40, 34, channels), dtype=np.uint8)
+    batch = {"id": np.arange(4), "image": images, "label": np.zeros(4, np.int64), "ok": np.ones(4, bool)}
+    out = FeatureActor(str(path), cfg.model_dump(), None)(batch)
+
+    backbone, preprocess = rayssl.load_backbone(str(path))
+    pictures = [Image.fromarray(im[..., 0] if channels == 1 else im) for im in images]
+    with torch.no_grad():
+        expected = backbone(torch.stack([preprocess(p) for p in pictures]))
+    assert out["feature"].shape == (4, expected.shape[1])
+    torch.testing.assert_close(torch.from_numpy(out["feature"]), expected, rtol=0, atol=1e-5)
+    pixels = torch.stack([preprocess.pixels(p) for p in pictures])
+    assert pixels.shape == (4, channels, 28, 28)  # shorter side 34 -> 28, centre crop of the 40
+    torch.testing.assert_close(torch.from_numpy(out["raw_pixels"]), pixels.flatten(1), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Tests pinning ``rayssl.objective`` to the math of THEORY.md (sections 1-7).
+"""Tests pinning ``rayssl.objective`` to the math of docs/theory.md (§1-§7; the banners are its §7 numbers).
 
 Each test compares the implementation against an independent computation (float64 where the
 function under test keeps the input dtype; float32 tolerances where it upcasts/downcasts with
@@ -478,7 +478,7 @@ def test_information_balanced_one_hot(k, reps):
 def test_information_exact_one_hot_uses_zero_log_zero(k):
     """0 log 0 = 0: exact one-hot posteriors (log 0 = -inf) are valid input.
 
-    THEORY.md section 6: H(K|X) = -(1/N) sum q log q, with the usual convention; the marginal
+    docs/theory.md §6: H(K|X) = -(1/N) sum q log q, with the usual convention; the marginal
     entropy already applies it. Exact zeros arise e.g. from log(normalize_teacher(...)) at
     tau_t = 0.04, where float32 probabilities underflow.
     """

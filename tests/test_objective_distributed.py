@@ -1,4 +1,4 @@
-"""THEORY.md section 7.8: all-reduced statistics over W workers equal one process on the
+"""docs/theory.md §7.8: all-reduced statistics over W workers equal one process on the
 concatenated batch, also with unequal per-worker batches (and a worker with 1 or 0 rows).
 
 Two real gloo processes on 127.0.0.1; each writes its results with ``torch.save`` and the parent

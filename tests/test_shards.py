@@ -203,3 +203,19 @@ def test_cli_help_and_missing_source(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     done = subprocess.run([*script, str(missing), str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {missing}: not found"]
+
+
+def test_scan_and_plan_without_ray(tmp_path) -> None:
+    """The driver's listing and packing alone: sorted, labelled inputs, contiguous shard plans."""
+    from rayssl.data.shards import pack, plan, scan
+
+    labelled_folder(tmp_path / "src")
+    inputs = scan(str(tmp_path / "src"))
+    keys = [item["key"] for item in inputs.items]
+    assert (inputs.kind, inputs.classes, inputs.ignored) == ("folder", ["cat", "dog", "zebra"], 1)
+    assert keys == sorted(keys) and len(keys) == 15 and "dog/notes.txt" not in keys
+    assert {item["label_name"]: item["label"] for item in inputs.items} == {"cat": 0, "dog": 1, "zebra": 2}
+    plans = plan(inputs, target_shard_mb=64, min_shards=4)
+    assert [p["path"] for p in plans] == [f"shard-{i:05d}.parquet" for i in range(4)]
+    assert [item["key"] for p in plans for item in p["items"]] == keys
+    assert pack([5, 1, 1, 1], target_bytes=4, min_shards=1) == [(0, 1), (1, 4)]

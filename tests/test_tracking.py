@@ -53,25 +53,25 @@ def test_a_relaunch_continues_the_run_stored_in_its_checkpoint(tmp_path) -> None
     run_path = tmp_path / "runs" / "r1"
     first = tracking.start(load_config(None, [*base, "train.epochs=2"]), str(run_path))
     client = MlflowClient(uri)
-    run = client.get_run(first["run_id"])
+    run = client.get_run(first.run_id)
     assert run.data.params["objective.mode"] == "prior" and run.data.params["train.epochs"] == "2.0"
     assert run.data.params["data.secret_access_key"] == "***"
     assert run.data.params["data.endpoint_url"] == "http://minio:***@127.0.0.1:9000"
     assert run.data.tags["rayssl.run_path"] == str(run_path) and run.data.tags["device"] == "cpu"
-    experiment = client.get_experiment(first["experiment_id"])
+    experiment = client.get_experiment(first.experiment_id)
     assert experiment.artifact_location == str(tmp_path / "mlartifacts")  # absolute, beside the store
 
     # no checkpoint yet: a relaunch is a new run
     second = tracking.start(load_config(None, [*base, "train.epochs=2"]), str(run_path))
-    assert second["run_id"] != first["run_id"]
+    assert second.run_id != first.run_id
     # a checkpoint names the first run: the relaunch continues it and records what changed
     (run_path / "checkpoint_000001").mkdir(parents=True)
     (run_path / "checkpoint_000001" / tracking.RUN_FILE).write_text(json.dumps(tracking.checkpoint_record(first)))
     third = tracking.start(load_config(None, [*base, "train.epochs=3"]), str(run_path))
-    assert third["run_id"] == first["run_id"]
-    run = client.get_run(first["run_id"])
+    assert third.run_id == first.run_id
+    run = client.get_run(first.run_id)
     assert run.data.params["train.epochs"] == "2.0" and run.data.tags["resumed.train.epochs"] == "3.0"
-    files = {a.path for a in client.list_artifacts(first["run_id"])}
+    files = {a.path for a in client.list_artifacts(first.run_id)}
     assert "config.yaml" in files and any(f.startswith("config-resumed-") for f in files)
 
     store = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
@@ -88,14 +88,14 @@ def test_run_logger_skips_logged_steps(tmp_path) -> None:
     assert again.last_step == 4
     for step in (4, 6):
         again.metrics(step, {"step": step, "loss": 9.0})
-    history = MlflowClient(uri).get_metric_history(settings["run_id"], "loss")
+    history = MlflowClient(uri).get_metric_history(settings.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25), (6, 9.0)]
 
 
 def test_run_logger_never_raises_when_the_server_dies(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     lines: list[str] = []
-    settings = {"uri": f"http://127.0.0.1:{closed_port()}", "run_id": "0" * 32}
+    settings = tracking.MlflowRun(f"http://127.0.0.1:{closed_port()}", "0" * 32)
     logger = tracking.RunLogger(settings, say=lines.append, retry_seconds=0)
     logger.metrics(1, {"loss": 1.0})
     logger.epoch_plots(1, np.full(8, 1 / 8), np.arange(8))

@@ -1,4 +1,4 @@
-"""Tests for rayssl.transforms.MultiCrop."""
+"""Tests for rayssl.transforms: MultiCrop and EvalPreprocess."""
 
 from types import SimpleNamespace
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayssl.transforms import MultiCrop
+from rayssl.transforms import EvalPreprocess, MultiCrop
 
 MEAN = {1: (0.5,), 3: (0.4, 0.5, 0.6)}
 STD = {1: (0.25,), 3: (0.2, 0.25, 0.3)}
@@ -177,6 +177,20 @@ def test_eval_transform(size: int) -> None:
     if size == 28:
         mean, std = torch.tensor(MEAN[3]).view(1, 3, 1, 1), torch.tensor(STD[3]).view(1, 3, 1, 1)
         torch.testing.assert_close(out, (images / 255 - mean) / std)
+
+
+def test_eval_preprocess_resizes_the_shorter_side_crops_the_centre_and_normalises() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8)
+    pre = EvalPreprocess(24, 3, MEAN[3], STD[3])
+    expected = TF.center_crop(TF.resize(images, [24], antialias=True), [24, 24]).float() / 255
+    assert torch.equal(pre.pixels(images), expected)
+    mean, std = torch.tensor(MEAN[3]).view(1, 3, 1, 1), torch.tensor(STD[3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(pre(images), (expected - mean) / std)
+    torch.testing.assert_close(make(3).eval_transform(images, 24), pre(images))  # the one rule
+    with pytest.raises(ValueError, match="mean and std"):
+        EvalPreprocess(24, 3, MEAN[1], STD[1])
 
 
 def test_rejects_bad_input() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +23,9 @@ import torch
 from rayssl.config import AugmentConfig, ConfigError
 from rayssl.data import storage
 from rayssl.data.images import decode_batch
+from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
 from rayssl.transforms import MultiCrop
-
-
-@dataclass(frozen=True)
-class DataMeta:
-    """What the workers need to know about the data before the first batch."""
-
-    num_train: int
-    num_eval: int
-    channels: int
-    image_size: int
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _fashion_mnist(data_cfg) -> tuple[str, str]:
@@ -149,15 +130,23 @@ def stage_rows(augment, channels: int) -> int:
     return max(16, min(512, 32 * 2**20 // (4 * channels * pixels)))
 
 
-def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
-    """``train`` plus, when both are labelled, ``knn_bank`` and ``knn_query``; and the DataMeta.
+@dataclass(frozen=True)
+class DataPlan:
+    """The run's data, checked: the sources' URIs and manifests, and what the workers need to know."""
 
-    Raises ``StorageError`` (one line naming the URI) for a missing bucket, refused
-    credentials, an unreachable endpoint or missing shards, before anything runs.
-    """
+    train_uri: str
+    train: dict
+    eval_uri: str | None
+    query: dict | None
+    meta: DataMeta
+
+
+def plan_data(cfg) -> DataPlan:
+    """Find and check the data without Ray: manifests read (Fashion-MNIST shards built once),
+    classes of both splits compared. Raises ``StorageError`` (one line naming the field and
+    URI) for a missing bucket, refused credentials, an unreachable endpoint or missing shards."""
     d = cfg.data
     train_uri, train, eval_uri, query = sources(d)
-
     channels = d.channels or train["channels"]
     common = train.get("image_size")
     size = d.image_size or (min(common) if common else math.ceil(cfg.augment.global_crop_size * 8 / 7))
@@ -170,18 +159,27 @@ def build_datasets(cfg) -> tuple[dict[str, ray.data.Dataset], DataMeta]:
     meta = DataMeta(num_train=num_train, num_eval=num_eval, channels=channels, image_size=size,
                     classes=tuple(train["classes"]), mean=_adapt(train["mean"], channels),
                     std=_adapt(train["std"], channels))
+    return DataPlan(train_uri, train, eval_uri, query, meta)
 
+
+def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
+    """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
+    ``knn_bank`` and ``knn_query``."""
+    d, meta = cfg.data, plan.meta
     # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
     order = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=False) if d.deterministic else "files"
-    stream = read(train_uri, train, d, ["image"], d.train_limit, shuffle=order)
+    stream = read(plan.train_uri, plan.train, d, ["image"], d.train_limit, shuffle=order)
     if d.decode_on == "data":
-        stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, channels),
+        stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, meta.channels),
                                     batch_format="numpy", fn_kwargs={"augment": cfg.augment.model_dump(),
-                                                                     "channels": channels, "size": size})
+                                                                     "channels": meta.channels, "size": meta.image_size})
     datasets = {"train": stream}
-    if labelled:
-        decode = {"fn_kwargs": {"channels": channels, "size": size}, "batch_format": "numpy", "batch_size": 512}
-        bank_limit = min(num_train, cfg.eval.knn_train_limit or num_train)
-        datasets["knn_bank"] = read(train_uri, train, d, ["image", "label"], bank_limit).map_batches(decode_stage, **decode)
-        datasets["knn_query"] = read(eval_uri, query, d, ["image", "label"], d.test_limit).map_batches(decode_stage, **decode)
-    return datasets, meta
+    if meta.num_eval > 0:
+        decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size}, "batch_format": "numpy",
+                  "batch_size": 512}
+        bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
+        datasets["knn_bank"] = read(plan.train_uri, plan.train, d, ["image", "label"], bank_limit).map_batches(
+            decode_stage, **decode)
+        datasets["knn_query"] = read(plan.eval_uri, plan.query, d, ["image", "label"], d.test_limit).map_batches(
+            decode_stage, **decode)
+    return datasets

@@ -11,7 +11,6 @@ import io
 import pyarrow.fs
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from rayssl import checkpoint as checkpoints
 from rayssl.checkpoint import CHECKPOINT_FILE, CheckpointError
@@ -19,6 +18,7 @@ from rayssl.config import Config, ConfigError
 from rayssl.data import storage
 from rayssl.data.datasets import DataMeta
 from rayssl.models import Encoder, build_encoder
+from rayssl.transforms import EvalPreprocess
 
 
 def _read(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> dict:
@@ -90,17 +90,15 @@ def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder,
     return teacher.eval(), cfg, meta
 
 
-def preprocessing(cfg: Config, meta: DataMeta) -> v2.Compose:
-    """PIL image or uint8 tensor -> normalised float tensor, as training evaluated the teacher:
-    shorter side resized to ``augment.global_crop_size``, centre crop, dataset mean / std."""
-    size = cfg.augment.global_crop_size
-    return v2.Compose([v2.ToImage(), v2.Grayscale(1) if meta.channels == 1 else v2.RGB(),
-                       v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(meta.mean), list(meta.std))])
+def preprocessing(cfg: Config, meta: DataMeta) -> EvalPreprocess:
+    """PIL image or uint8 tensor -> normalised float tensor, as training and ``rayssl.eval.evaluate``
+    see the teacher's input: shorter side resized to ``augment.global_crop_size``, centre crop,
+    dataset mean / std (``rayssl.transforms.EvalPreprocess``, a torchvision v2 ``Compose``)."""
+    return EvalPreprocess(cfg.augment.global_crop_size, meta.channels, meta.mean, meta.std)
 
 
 def load_backbone(checkpoint: str, endpoint_url: str | None = None, region: str | None = None
-                  ) -> tuple[nn.Module, v2.Compose]:
+                  ) -> tuple[nn.Module, EvalPreprocess]:
     """``(backbone, preprocess)``: the teacher's backbone as a plain torch module in eval mode
     (``backbone(preprocess(img)[None])`` -> (1, D) features) and its preprocessing. S3 credentials
     come from the AWS chain."""

@@ -24,7 +24,7 @@ from rayssl.config import Config, ConfigError
 from rayssl.data.datasets import decode_stage, read, sources
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
-from rayssl.eval.checkpoint import random_init, read_checkpoint, teacher_from_state
+from rayssl.eval.checkpoint import preprocessing, random_init, read_checkpoint, teacher_from_state
 
 KS = (10, 20, 100, 200)
 BASELINES = ("raw_pixels", "random_init")  # the floors of every k-NN / linear number, with eval.baselines
@@ -32,8 +32,9 @@ BASELINES = ("raw_pixels", "random_init")  # the floors of every k-NN / linear n
 
 class FeatureActor:
     """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded),
-    with ``eval.baselines`` also ``raw_pixels`` (the resized image in [0, 1], flattened) and
-    ``random_init`` (the backbone at training's initialisation, same preprocessing)."""
+    with ``eval.baselines`` also ``raw_pixels`` (the resized, centre-cropped image in [0, 1],
+    flattened) and ``random_init`` (the backbone at training's initialisation, same preprocessing).
+    The preprocessing is the checkpoint's published one (``rayssl.eval.checkpoint.preprocessing``)."""
 
     def __init__(self, checkpoint: str, config: dict, s3: S3Options) -> None:
         cfg = Config.model_validate(config)
@@ -42,17 +43,14 @@ class FeatureActor:
         nets = {"feature": teacher, **({"random_init": random_init(cfg, meta)} if cfg.eval.baselines else {})}
         self.backbones = {name: net.backbone.to(self.device) for name, net in nets.items()}
         self.raw_pixels = cfg.eval.baselines
-        self.size = cfg.augment.global_crop_size
-        self.mean = torch.tensor(meta.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(meta.std, device=self.device).view(1, -1, 1, 1)
+        self.preprocess = preprocessing(cfg, meta)  # the one published with the checkpoint
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         ok = batch["ok"]
-        x = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(self.device).float() / 255
-        if x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        normed = (x - self.mean) / self.std
+        images = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(self.device)
+        x = self.preprocess.pixels(images)
+        normed = self.preprocess.normalize(x)
         out = {name: net(normed).float().cpu().numpy() for name, net in self.backbones.items()}
         if self.raw_pixels:
             out["raw_pixels"] = x.flatten(1).cpu().numpy()

@@ -3,7 +3,7 @@
 - ``knn_accuracies``: DINO's weighted k-NN for several k from one top-max(k) search.
 - ``linear_probe``: logistic regression on standardised features, LR x weight-decay grid.
 - ``clustering_metrics`` / ``cluster_usage``: NMI, ARI, Hungarian and majority accuracy, usage.
-- ``dataset_diagnostics`` / ``DiagnosticsAccumulator``: THEORY.md section 6 over a whole dataset.
+- ``dataset_diagnostics`` / ``DiagnosticsAccumulator``: docs/theory.md §6 over a whole dataset.
 - ``usage_plot``: the sorted cluster-usage histogram as a PNG (the only function that writes).
 """
 
@@ -171,9 +171,9 @@ def clustering_metrics(clusters: ArrayLike, labels: ArrayLike, num_clusters: int
     }
 
 
-# --------------------------------------------------------------------------- THEORY.md section 6
+# --------------------------------------------------------------------------- docs/theory.md §6
 class DiagnosticsAccumulator:
-    """THEORY.md section 6 over a dataset whose posteriors q_i (rows of (n, K)) come in chunks.
+    """docs/theory.md §6 over a dataset whose posteriors q_i (rows of (n, K)) come in chunks.
 
     Keeps, in float64, S = sum_i q_i, E = sum_i H(q_i) and N; then pi = S / N and
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VisionTransformer, resnet18, resnet50
 
-BACKBONES = ("convnet4", "resnet18", "resnet50", "vit_tiny", "vit_small")
+from rayssl.names import BACKBONES
 
 # name -> (hidden_dim, num_layers, num_heads, mlp_dim)
 _VIT_CONFIGS = {

@@ -1,10 +1,15 @@
-"""Driver side: join or start Ray, build the datasets and the TorchTrainer, fit."""
+"""Driver side, the one launch path of ``jobs/pretrain.py`` and of every Tune trial.
+
+    launch = check_inputs(cfg)   # config, storage, data, batch size: all before Ray starts
+    fit(launch)                  # MLflow run, Ray, datasets, TorchTrainer.fit, FAILED on error
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs
@@ -14,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from rayssl.config import Config, ConfigError
 from rayssl.data import storage as data_storage
-from rayssl.data.datasets import build_datasets
+from rayssl.data.datasets import DataPlan, build_datasets, plan_data
 from rayssl import tracking
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.step import NonFiniteError
@@ -71,18 +76,17 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
     return available
 
 
-def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | None, path: str,
-                  filesystem, callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer of a run: datasets from ``build_datasets``, ``path``/``filesystem`` from
-    ``storage``, the MLflow run from ``rayssl.tracking.start`` (or None) and Train
-    ``callbacks`` (a sweep's report to Tune)."""
+def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer of a checked launch, with the MLflow run from ``rayssl.tracking.start``
+    (or None) and Train ``callbacks`` (a sweep's report to Tune)."""
+    cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "meta": meta.to_dict(), "tracking": tracking_settings,
-                           "steps_per_epoch": steps_per_epoch(cfg, meta.num_train),
+        train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
+                           "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
                            "run_path": f"{path}/{run_name(cfg)}", "filesystem": filesystem},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
@@ -91,7 +95,7 @@ def build_trainer(cfg: Config, datasets: dict, meta, tracking_settings: dict | N
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks),
-        datasets=datasets,
+        datasets=build_datasets(cfg, launch.data),
         dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ordered}),
     )
 
@@ -112,21 +116,39 @@ def run_name(cfg: Config) -> str:
     return cfg.run.name
 
 
-def pretrain(cfg: Config) -> dict:
-    """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results.
+@dataclass
+class Launch:
+    """A run's inputs, checked: the config, where Ray Train stores it, its data."""
 
-    Storage, data and the MLflow store are checked before anything trains, and the MLflow run
-    is created only once the inputs are known good; it is marked FAILED if training raises.
-    A NaN/inf step beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED,
-    its checkpoints ending at the last good step); a collapse stop returns ``stopped="collapse"``.
-    """
+    cfg: Config
+    path: str  # run.storage_path as Ray Train takes it (absolute, or the bucket path)
+    filesystem: pyarrow.fs.FileSystem | None
+    data: DataPlan
+    steps_per_epoch: int
+
+
+def check_inputs(cfg: Config) -> Launch:
+    """Every check that needs no Ray: storage writable, data found (Fashion-MNIST shards built
+    once), the batch fits the data. Each failure is one line naming the field."""
     path, filesystem = storage(cfg)
-    init_ray(cfg.scaling.address)
-    datasets, meta = build_datasets(cfg)
-    steps_per_epoch(cfg, meta.num_train)  # raises on a batch larger than the data
-    settings = tracking.start(cfg, f"{path}/{run_name(cfg)}", filesystem)
+    data = plan_data(cfg)
+    return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train))
+
+
+def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
+    """Train a checked launch; rank 0's results.
+
+    The MLflow run is created (or, for a run with a checkpoint, continued) first, then Ray is
+    joined or started, and the run is marked FAILED if anything after raises. A NaN/inf step
+    beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
+    ending at the last good step); a collapse stop returns ``stopped="collapse"``. A sweep's
+    trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
+    """
+    cfg = launch.cfg
+    settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
     try:
-        result = build_trainer(cfg, datasets, meta, settings, path, filesystem).fit()
+        init_ray(cfg.scaling.address)
+        result = build_trainer(launch, settings, callbacks).fit()
     except BaseException:
         tracking.finish(settings, failed=True)
         raise
@@ -136,6 +158,12 @@ def pretrain(cfg: Config) -> dict:
         raise NonFiniteError(out["stop_reason"])
     out["run_path"] = result.path
     if settings:
-        out["mlflow_run_id"] = settings["run_id"]
+        out["mlflow_run_id"] = settings.run_id
         out["mlflow"] = tracking.ui_hint(settings)
     return out
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results.
+    All inputs are checked before Ray starts (``check_inputs``), then ``fit``."""
+    return fit(check_inputs(cfg))

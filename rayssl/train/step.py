@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from rayssl import dist
 from rayssl.models import ema_update, unwrap
-from rayssl.objective import ClusterObjective, cross_entropy_loss, global_max
+from rayssl.objective import ClusterObjective, cross_entropy_loss
 
 
 def cpu_has_bf16() -> bool:
@@ -57,7 +57,7 @@ class ClusterUsage:
     """The teacher's clusters over an epoch, for the per-epoch plots (no collective per step).
 
     - prior: pi_k = mean over images and global views of softmax(z / tau_t)_k, the teacher's
-      cluster marginal *before* normalisation (THEORY.md's pi);
+      cluster marginal *before* normalisation (pi of docs/theory.md §3.1);
     - assigned: how many (image, view) pairs have k as the argmax of the normalised target q_t.
     ``collect`` all-reduces both (sums and count separately) and starts the next epoch.
     """
@@ -76,9 +76,7 @@ class ClusterUsage:
 
     def collect(self) -> tuple[np.ndarray, np.ndarray]:
         """``(prior, assigned)`` over all workers since the last call; resets."""
-        stats = torch.cat([self.sums.flatten(), self.count])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = dist.all_sum(torch.cat([self.sums.flatten(), self.count]))
         k = self.sums.shape[1]
         prior = (stats[:k] / stats[-1].clamp_min(1)).cpu().numpy()
         assigned = stats[k:2 * k].cpu().numpy()
@@ -170,7 +168,7 @@ class Stepper:
         for saved, buffer in zip(self.saved_buffers, self.buffers):
             buffer.copy_(saved)
         self.nonfinite_steps += 1
-        bad_loss = global_max(torch.stack([~torch.isfinite(x) for x in losses]).any().float().reshape(1))
+        bad_loss = dist.all_max(torch.stack([~torch.isfinite(x) for x in losses]).any().float().reshape(1))
         term = "loss" if bool(bad_loss) else f"gradient (norm {norm})"
         if self.nonfinite_steps > self.cfg.train.skip_nonfinite:
             raise NonFiniteError(f"non-finite {term} at step {step + 1} (train.skip_nonfinite="
@@ -190,5 +188,5 @@ class Stepper:
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
 
     def diagnostics(self) -> dict[str, float]:
-        """THEORY.md section 6 on the last micro-batch (global statistics)."""
+        """docs/theory.md §6 on the last micro-batch (global statistics)."""
         return self.objective.diagnostics(*self.last_outputs)

@@ -1,0 +1,58 @@
+"""k-NN during training: every worker scores its share of the bank, the exact global top-k is merged.
+
+Ray-free: the sets arrive as iterables of numpy batches (``image`` uint8 (B, H, W, C), ``label``,
+``ok``), whatever streams them (Ray Data shards in the job, lists in tests). All ranks call
+``knn_eval`` together (it gathers queries and neighbour lists, ``rayssl.dist``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayssl import dist
+from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
+
+Features = Callable[[torch.Tensor], list[torch.Tensor]]  # uint8 images -> feature sets (B, D)
+
+
+def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
+    """The decodable rows of a batch, uint8 (B, H, W, C) numpy -> uint8 (B', C, H, W) tensor."""
+    x = torch.from_numpy(np.array(batch["image"][batch["ok"]]))  # a writable copy
+    return x.permute(0, 3, 1, 2).to(device, non_blocking=True)
+
+
+def extract(batches: Iterable[dict], fn: Features, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """L2-normalised features (one tensor per feature set) and labels of the decodable rows."""
+    feats, labels = [], []
+    for batch in batches:
+        if not batch["ok"].any():
+            continue
+        feats.append([F.normalize(f.float(), dim=1).cpu() for f in fn(batch_images(batch, device))])
+        labels.append(torch.from_numpy(np.array(batch["label"][batch["ok"]])))
+    return [torch.cat(f) for f in zip(*feats)], torch.cat(labels)
+
+
+def knn_eval(bank: Iterable[dict], queries: Iterable[dict], fn: Features, names: list[str], *, k: int,
+             temperature: float, num_classes: int, device: torch.device) -> dict[str, float]:
+    """Weighted k-NN accuracy of each feature set ``fn`` returns, named by ``names``.
+
+    Each worker extracts its shard of the bank (labelled training images) and of the queries
+    (``data.eval_source``); the queries are gathered, each worker returns its local top-k, and
+    the exact global top-k is merged, so W workers score exactly what one process would.
+    """
+    bank_feats, bank_labels = extract(bank, fn, device)
+    query_feats, query_labels = extract(queries, fn, device)
+    parts = dist.gather_objects((query_feats, query_labels))
+    all_labels = torch.cat([p[1] for p in parts])
+    results = {}
+    for i, name in enumerate(names):
+        q = torch.cat([p[0][i] for p in parts])
+        local = topk_neighbours(bank_feats[i], bank_labels, q, k)
+        sims, labels = merge_neighbours(dist.gather_objects(local), k)
+        pred = weighted_vote(sims, labels, num_classes, temperature)
+        results[name] = float((pred == all_labels).float().mean())
+    return results

@@ -1,0 +1,343 @@
+"""``TrainRun``: one worker's pretraining run, free of Ray.
+
+The run is DINO's ``train_one_epoch`` split at the points where infrastructure enters:
+
+    run = TrainRun(cfg, meta, steps_per_epoch, worker)   # models, objective, optimizer, schedules
+    run.restore()              # the newest intact checkpoint, if any
+    run.baselines()            # k-NN of raw pixels and of the random-init network (labelled data)
+    while (metrics := run.train_interval()) is not None:   # steps up to the next logged step
+        run.log(metrics)       # progress line, collapse alarm, MLflow, report (+ checkpoint)
+    results = run.finish()     # final k-NN, MLflow results and model, the last report
+
+``run()`` does exactly that. Everything the infrastructure provides comes in a ``Worker``:
+the training stream, ``report(metrics, state)``, the checkpoint to restore, the k-NN sets and
+the model wrapper (DDP). Ray Train's adapter (``rayssl.train.loop``) builds it from its
+context; tests build it from lists of batches. Every rank runs the same calls in the same
+order: the collectives (``rayssl.dist``) sit in the step, the metrics, the state and k-NN.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayssl import dist
+from rayssl.config import Config
+from rayssl.data.meta import DataMeta
+from rayssl.eval.online import knn_eval
+from rayssl.models import build_encoder, make_teacher, unwrap
+from rayssl.monitor import CollapseAlarm
+from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.schedules import build_schedules, online_knn_every
+from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
+from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
+from rayssl.train.views import Views
+
+
+def say(line: str) -> None:
+    """One line to the console (Ray Train's patched ``print`` would show it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Worker:
+    """What the infrastructure gives one worker's ``TrainRun``.
+
+    - ``train_batches(seed)``: one pass over this worker's training shard (numpy batches of
+      ``train.batch_size`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
+    - ``report(metrics, state)``: called on every rank at each logged step; with a state,
+      rank 0 keeps it as a checkpoint;
+    - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
+    - ``knn_sets()``: fresh ``(bank, queries)`` iterables of this worker's labelled batches, or
+      None when the data has no labels (no k-NN);
+    - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default.
+    """
+
+    train_batches: Callable[[int], Iterable[dict]]
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict, dict | None], None] = lambda metrics, state: None
+    restore: Callable[[Callable[[str], None]], dict | None] = lambda say: None
+    knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model
+    say: Callable[[str], None] = say
+
+
+class TrainRun:
+    """One worker's run: setup, restore, train an interval, log and checkpoint, finish."""
+
+    def __init__(self, cfg: Config, meta: DataMeta, steps_per_epoch: int, worker: Worker,
+                 tracking: MlflowRun | None = None) -> None:
+        self.cfg, self.meta, self.worker, self.tracking = cfg, meta, worker, tracking
+        self.steps_per_epoch, self.rank = steps_per_epoch, worker.rank
+        self.say = worker.say if worker.rank == 0 else (lambda line: None)
+        device = worker.device
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
+        student = build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
+        student = student.to(memory_format=torch.channels_last)  # 1.7x faster convs on CPU (oneDNN)
+        self.teacher = make_teacher(student).to(device)
+        objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump())).to(device)
+        self.student = worker.prepare_model(student)
+        global_batch = cfg.train.batch_size * cfg.optim.accumulate_steps * worker.world
+        self.schedules = build_schedules(cfg, steps_per_epoch, global_batch)
+        self.total_steps = len(self.schedules["lr"])
+        self.stepper = Stepper(self.student, self.teacher, objective, build_optimizer(self.student, cfg.optim),
+                               self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device))
+        self.views = Views(cfg, meta, device)
+        self.alarm = CollapseAlarm.of(cfg.monitor)
+        self.mlflow = RunLogger(tracking, worker.say) if tracking and worker.rank == 0 else None
+        self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
+        self.step = self.start_step = self.last_checkpoint = 0
+        self.results: dict = {}
+        self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
+        self.stopped: str | None = None
+        self.position = 0  # batches of the current epoch consumed (data.deterministic resumes)
+        self.skipped_before = 0
+        self._batches: Iterator[dict] | None = None
+        self._start_clock()
+
+    # ------------------------------------------------------------------ start
+    def restore(self) -> None:
+        """Continue from the newest intact checkpoint, if the worker has one; else seed the crops."""
+        state = self.worker.restore(self.say)
+        if state is None:
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.rank)  # different crops on every worker
+            return
+        self.stepper.load_state_dict(state)
+        self.step = self.start_step = self.last_checkpoint = state["step"]
+        self.results = {**state["results"], "resumed_from_step": self.start_step}
+        self.skipped_before = state.get("skipped_images", 0)
+        torch.set_rng_state(state["rng"][self.rank % len(state["rng"])])
+        if self.cfg.data.deterministic and "data_position" in state:
+            self.position = state["data_position"][self.rank % len(state["data_position"])]
+        self.say(f"[rayssl] resumed from step {self.start_step}/{self.total_steps}")
+
+    def baselines(self) -> None:
+        """k-NN of the raw pixels and of the network at random init (new runs with labelled data)."""
+        if not self.worker.knn_sets:
+            self.say("[rayssl] k-NN evaluation skipped: it needs labelled data.source and data.eval_source shards")
+            return
+        if self.start_step > 0 or not self.cfg.eval.baselines:
+            return
+        teacher = self.features(self.teacher)
+
+        def both(x: torch.Tensor) -> list[torch.Tensor]:
+            return [x.flatten(1).float() / 255, *teacher(x)]
+
+        found = self.knn(both, ["raw_pixels", "random_init"])
+        self.results.update({f"knn/{k}": v for k, v in found.items()})
+        self.say(f"[rayssl] k-NN baselines: raw pixels {found['raw_pixels']:.2%}, "
+                 f"random init {found['random_init']:.2%}")
+
+    # ------------------------------------------------------------------ train
+    def train_interval(self) -> dict | None:
+        """Train up to the next logged or checkpointed step; its metrics, or None when the run
+        has ended (all steps done, or stopped on a non-finite step)."""
+        while self.step < self.total_steps and self.stopped is None:
+            self._one_step()
+            if self.stopped is None and (self._log_step() or self._checkpoint_step()):
+                return self._metrics()
+        return None
+
+    def _one_step(self) -> None:
+        self.student.train(), self.teacher.train()
+        accumulate = self.cfg.optim.accumulate_steps
+        for micro in range(accumulate):
+            views = self._next_views()
+            self.stepper.micro_batch(views, self.step, micro == accumulate - 1)
+            self.window_images += len(views[0]) * self.worker.world
+        try:
+            self.losses += self.stepper.finish(self.step)
+        except NonFiniteError as err:
+            self._stop("nonfinite", f"{err}; {self._kept()}: lower optim.lr, raise objective.teacher_temperature, "
+                                    "set train.precision=fp32 or train.skip_nonfinite")
+            return
+        self.step += 1
+        if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
+            self.position, self._batches = 0, None
+            prior, assigned = self.stepper.usage.collect()
+            if self.mlflow:
+                self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
+
+    def _next_views(self) -> list[torch.Tensor]:
+        """The next batch with a decodable image (a batch with none is skipped whole)."""
+        started = time.time()
+        while True:
+            if self._batches is None:  # a new pass; after a resume, skip what the epoch used
+                self._batches = iter(self.worker.train_batches(self._shuffle_seed()))
+                for _ in range(self.position):
+                    next(self._batches, None)
+            batch = next(self._batches, None)
+            if batch is None:
+                raise RuntimeError(f"worker {self.rank}: data shard ran out at step {self.step}; "
+                                   "set train.steps_per_epoch lower")
+            self.position += 1
+            views = self.views(batch)
+            if views is not None:
+                self.wait += time.time() - started
+                return views
+
+    def _shuffle_seed(self) -> int:
+        """The local shuffle seed of the pass that starts now: per epoch with
+        ``data.deterministic`` (a resume replays its epoch), otherwise per pass."""
+        seed = self.cfg.train.seed + self.rank
+        if self.cfg.data.deterministic:
+            return seed + 7919 * (self.step // self.steps_per_epoch)
+        return seed + self.step
+
+    def _log_step(self) -> bool:
+        return self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
+
+    def _checkpoint_step(self) -> bool:
+        return self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.total_steps
+
+    def _metrics(self) -> dict:
+        """The logged metrics of the step just taken (collectives: every rank computes them)."""
+        step, s = self.step, self.schedules
+        online = None
+        if self.online_every and step % self.online_every == 0 and step < self.total_steps:
+            online = self.knn(self.features(self.teacher), ["teacher"])["teacher"]
+        elapsed = time.time() - self.window_start
+        return {"step": step, "epoch": step / self.steps_per_epoch,
+                "loss": float(torch.stack(self.losses).mean()) if self.losses else float("nan"),  # nan: all skipped
+                "lr": float(s["lr"][step - 1]), "wd": float(s["wd"][step - 1]),
+                "momentum": float(s["momentum"][step - 1]),
+                "teacher_temperature": float(s["teacher_temperature"][step - 1]),
+                "images_per_second": self.window_images / elapsed, "data_wait_fraction": self.wait / elapsed,
+                "data/skipped_images": dist.sum_int(self.views.skipped) + self.skipped_before,
+                "nonfinite_steps": self.stepper.nonfinite_steps,
+                **self.stepper.diagnostics(), **({"knn/teacher": online} if online is not None else {})}
+
+    # ------------------------------------------------------------------ log
+    def log(self, metrics: dict) -> None:
+        """Progress line, weight check, collapse alarm, MLflow, and the report (with a state at
+        checkpoint steps and when the alarm stops the run)."""
+        checkpoint = self._checkpoint_step()
+        self.say(self._progress(metrics))
+        if checkpoint and not _finite(self.student, self.teacher):  # a finite loss can still leave inf weights
+            self._stop("nonfinite", f"non-finite weights after step {self.step}; {self._kept()}: lower optim.lr")
+            return
+        collapse = self.alarm.observe(self.step, metrics)
+        if collapse:
+            self.say(f"[rayssl] WARNING {collapse}")
+            if self.mlflow:
+                self.mlflow.tag("rayssl.collapse", collapse)
+            if self.cfg.monitor.stop_on_collapse:
+                self._stop("collapse", collapse)
+                metrics["stopped"], checkpoint = "collapse", True
+        self.history.append(metrics)
+        if self.mlflow:
+            self.mlflow.metrics(self.step, metrics)
+        self.worker.report(metrics, self.state_dict() if checkpoint else None)
+        self.last_checkpoint = self.step if checkpoint else self.last_checkpoint
+        self._window()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds (collectives: every rank's RNG state and data position)."""
+        return {**self.stepper.state_dict(), "step": self.step, "results": self.results,
+                "config": self.cfg.redacted(mask=None), "tracking": checkpoint_record(self.tracking),
+                "meta": self.meta.to_dict(), "skipped_images": self.history[-1]["data/skipped_images"],
+                "rng": dist.gather_objects(torch.get_rng_state()),
+                "data_position": dist.gather_objects(self.position)}
+
+    def _progress(self, metrics: dict) -> str:
+        done = self.step - self.start_step
+        eta = (time.time() - self.started) / max(done, 1) * (self.total_steps - self.step)
+        return (f"[rayssl] step {self.step}/{self.total_steps} ({100 * self.step / self.total_steps:.0f}%) "
+                f"epoch {metrics['epoch']:.2f} loss {metrics['loss']:.3f} "
+                f"I(X;K) {metrics['norm/mutual_information']:.2f} "
+                f"eff.clusters {metrics['norm/effective_clusters']:.0f} "
+                f"{metrics['images_per_second']:.0f} img/s ETA {eta / 60:.1f} min")
+
+    # ------------------------------------------------------------------ end
+    def finish(self) -> dict:
+        """The final k-NN, MLflow's results and model, and the last report; the run's results
+        (with this launch's ``history``)."""
+        if self.stopped:
+            self.results["stopped"] = self.stopped
+            self.say(f"[rayssl] stopped: {self.results['stop_reason']}")
+            if self.mlflow:
+                self.mlflow.tag("rayssl.stopped", self.results["stop_reason"])
+        if self.stopped != "nonfinite":  # a non-finite run: the driver marks the MLflow run FAILED
+            if self.worker.knn_sets:
+                self.results["knn/teacher"] = self.knn(self.features(self.teacher), ["teacher"])["teacher"]
+                self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
+            self.results["train_seconds"] = time.time() - self.started
+            if self.mlflow:
+                self._finish_tracking()
+        self.worker.report({"step": self.step, **self.results}, None)
+        return {**self.results, "history": self.history}
+
+    def run(self) -> dict:
+        """Restore, baselines, every interval logged, finish: the whole run."""
+        self.restore()
+        self.baselines()
+        self._start_clock()  # train_seconds, the ETA and the first window count training only
+        while (metrics := self.train_interval()) is not None:
+            self.log(metrics)
+        return self.finish()
+
+    def _finish_tracking(self) -> None:
+        """Rank 0, after the last step: results, training curves, the teacher's backbone."""
+        run, cfg = self.mlflow, self.cfg
+        run.results(self.results, self.step)
+        run.curves(f"{cfg.objective.mode}, K={cfg.objective.num_clusters}, {cfg.model.backbone}")
+        if run.settings.log_model:
+            backbone = copy.deepcopy(unwrap(self.teacher).backbone).float().cpu().eval()
+            size, meta = cfg.augment.global_crop_size, self.meta
+            example = np.random.default_rng(0).standard_normal((2, meta.channels, size, size)).astype(np.float32)
+            run.model(backbone, example, {"input": "normalised images (N, C, H, W); see preprocessing",
+                                          "image_size": size, "channels": meta.channels,
+                                          "mean": list(meta.mean), "std": list(meta.std)})
+        run.end()
+
+    # ------------------------------------------------------------------ helpers
+    def features(self, model: nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """uint8 images -> [the model's backbone features of the eval preprocessing]."""
+        crops, size = self.views.crops, self.cfg.augment.global_crop_size
+
+        def fn(x: torch.Tensor) -> list[torch.Tensor]:
+            model.eval()
+            with torch.no_grad(), self.stepper.autocast:
+                x = crops.eval_transform(x, size)
+                return [unwrap(model).features(x.contiguous(memory_format=torch.channels_last))]
+        return fn
+
+    def knn(self, fn, names: list[str]) -> dict[str, float]:
+        bank, queries = self.worker.knn_sets()
+        e = self.cfg.eval
+        return knn_eval(bank, queries, fn, names, k=e.knn_k, temperature=e.knn_temperature,
+                        num_classes=self.meta.num_classes, device=self.worker.device)
+
+    def _stop(self, reason: str, detail: str) -> None:
+        self.stopped, self.results["stop_reason"] = reason, detail
+
+    def _kept(self) -> str:
+        if self.last_checkpoint == 0:
+            return "no checkpoint was saved"
+        return f"nothing saved after the checkpoint of step {self.last_checkpoint}"
+
+    def _start_clock(self) -> None:
+        self.started = time.time()
+        self._window()
+
+    def _window(self) -> None:
+        """Start a new metrics window (losses, throughput, data wait)."""
+        self.losses: list[torch.Tensor] = []
+        self.window_start, self.window_images, self.wait = time.time(), 0, 0.0
+
+
+def _finite(*models: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one host sync; at checkpoint steps)."""
+    checks = [t.isfinite().all() for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(checks).all())

@@ -1,0 +1,111 @@
+"""``TrainRun`` without Ray: a real (tiny) pretraining run on in-memory Fashion-MNIST batches."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rayssl.config import load_config
+from rayssl.data.fashion_mnist import load_fashion_mnist
+from rayssl.data.meta import DataMeta
+from rayssl.train.run import TrainRun, Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+N, BATCH, STEPS_PER_EPOCH = 256, 32, 8
+
+
+@pytest.fixture(scope="module")
+def data(fashion_mnist_dir):
+    """The first N train and test images, PNG-encoded as the shards store them."""
+    def encode(images: np.ndarray) -> np.ndarray:
+        out = []
+        for im in images:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return np.array(out, dtype=object)
+
+    x, y = load_fashion_mnist(fashion_mnist_dir, "train")
+    xt, yt = load_fashion_mnist(fashion_mnist_dir, "test")
+    return {"train": encode(x[:N]), "bank": (x[:N], y[:N]), "query": (xt[:128], yt[:128])}
+
+
+def config(*extra: str):
+    return load_config(ROOT / "configs/fashion_mnist.yaml", [
+        "data.decode_on=worker", "data.deterministic=true", "model.width=8", "model.head_hidden_dim=64",
+        "model.head_bottleneck_dim=32", "objective.num_clusters=32", f"train.batch_size={BATCH}",
+        "train.epochs=2", "train.log_every=4", "train.checkpoint_every=8", "train.precision=fp32",
+        "optim.warmup_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", *extra])
+
+
+META = DataMeta(num_train=N, num_eval=128, channels=1, image_size=28, classes=tuple("0123456789"),
+                mean=(0.286,), std=(0.353,))
+
+
+def worker(data, states: list, restore_from: dict | None = None, knn: bool = True) -> Worker:
+    """A single worker on lists of batches: a seeded shuffle per pass, reports kept in ``states``."""
+    def train_batches(seed: int):
+        order = np.random.default_rng(seed).permutation(N)
+        return [{"image": data["train"][order[i:i + BATCH]]} for i in range(0, N - BATCH + 1, BATCH)]
+
+    def labelled(x, y):
+        return [{"image": x[i:i + 64, :, :, None], "label": y[i:i + 64], "ok": np.ones(len(x[i:i + 64]), bool)}
+                for i in range(0, len(x), 64)]
+
+    return Worker(train_batches, report=lambda metrics, state: states.append((metrics, copy.deepcopy(state))),
+                  restore=lambda say: restore_from,
+                  knn_sets=(lambda: (labelled(*data["bank"]), labelled(*data["query"]))) if knn else None,
+                  say=lambda line: None)
+
+
+def test_run_trains_reports_and_checkpoints(data) -> None:
+    """The whole run in one process: logged steps, a state at each checkpoint step, k-NN rows."""
+    reports: list = []
+    out = TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, reports)).run()
+    steps = [m["step"] for m in out["history"]]
+    assert steps == [4, 8, 12, 16]
+    assert [m["step"] for m, s in reports if s is not None] == [8, 16]
+    assert reports[-1][0]["knn/teacher"] == out["knn/teacher"] and reports[-1][1] is None
+    assert all(0 <= out[f"knn/{k}"] <= 1 for k in ("teacher", "raw_pixels", "random_init"))
+    assert all(np.isfinite(m["loss"]) for m in out["history"])
+    final = reports[-2][1]
+    assert final["step"] == 16 and final["skipped_images"] == 0 and len(final["rng"]) == 1
+    assert out["train_seconds"] > 0
+
+
+def test_resume_is_bitwise(data) -> None:
+    """Stopped after the first epoch's checkpoint and restored from it, the run ends with the
+    same weights, bit for bit, as the run that never stopped (data.deterministic)."""
+    straight: list = []
+    TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, straight, knn=False)).run()
+    at_8 = [s for m, s in straight if s is not None and s["step"] == 8][0]
+    resumed: list = []
+    out = TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, resumed, restore_from=at_8, knn=False)).run()
+    assert out["resumed_from_step"] == 8 and [m["step"] for m in out["history"]] == [12, 16]
+    a, b = straight[-2][1]["teacher"], resumed[-2][1]["teacher"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
+    """A corrupt image is skipped and counted; a run whose loss turns NaN stops with the reason
+    and without a final k-NN, and reports no checkpoint after the bad step."""
+    broken = dict(data, train=data["train"].copy())
+    broken["train"][:5] = b"not an image"
+    reports: list = []
+    out = TrainRun(config("train.epochs=1"), META, STEPS_PER_EPOCH, worker(broken, reports, knn=False)).run()
+    assert out["history"][-1]["data/skipped_images"] > 0
+
+    reports = []
+    run = TrainRun(config("train.skip_nonfinite=0"), META, STEPS_PER_EPOCH, worker(data, reports, knn=False))
+    with torch.no_grad():
+        next(run.student.parameters()).fill_(float("nan"))
+    out = run.run()
+    assert out["stopped"] == "nonfinite" and "step 1" in out["stop_reason"]
+    assert out["history"] == [] and "train_seconds" not in out
+    assert all(state is None for _, state in reports)
