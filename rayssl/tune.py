@@ -254,10 +254,11 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     from rayssl.train.launch import check_inputs, init_ray
 
     sweep = sweep.model_copy(update={"name": sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"})
-    launch = check_inputs(base)  # inputs checked (and Fashion-MNIST shards built) once, before Ray
-    meta, steps = launch.data.meta, launch.steps_per_epoch
     # a local Ray must fit one trial: its driver, its workers and a CPU for Ray Data
-    init_ray(base.scaling.address, min_cpus=_trial_cpus(base, sweep))
+    min_cpus = _trial_cpus(base, sweep)
+    launch = check_inputs(base, min_cpus)  # inputs checked (and Fashion-MNIST shards built) once, up front
+    meta, steps = launch.data.meta, launch.steps_per_epoch
+    init_ray(base.scaling.address, min_cpus)
     metric = resolve_metric(sweep, meta.num_eval > 0)
     if metric.startswith("knn/") and meta.num_eval == 0:
         raise ConfigError(f"sweep.metric: {metric} needs labelled data.source and data.eval_source")

@@ -97,16 +97,38 @@ def strict_s3_server():
     proc.wait(timeout=10)
 
 
+SMALL = {"train": 2048, "test": 512}  # images of the small Fashion-MNIST (tests use at most 1,024 / 256)
+
+
 @pytest.fixture(scope="session")
-def shard_cache(ray_cluster, fashion_mnist_dir) -> str:
-    """A ``data.cache_dir`` holding the Fashion-MNIST train/test shards, built once per session."""
+def small_fashion_mnist(fashion_mnist_dir) -> str:
+    """The first 2,048 train and 512 test Fashion-MNIST images, in order, as IDX files (a folder
+    named like the real one, so its classes are Fashion-MNIST's)."""
+    from pathlib import Path
+
+    from rayssl.data.fashion_mnist import _FILES, load_fashion_mnist
+    from test_shards import write_idx
+
+    root = os.path.join(_TMP, "small", "fashion-mnist")
+    os.makedirs(root, exist_ok=True)
+    for split, n in SMALL.items():
+        images, labels = load_fashion_mnist(fashion_mnist_dir, split, n)
+        for stem, array in zip(_FILES[split], (images, labels)):
+            write_idx(Path(root, stem + ".gz"), array)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shard_cache(ray_cluster, small_fashion_mnist) -> list[str]:
+    """The overrides of a Fashion-MNIST run on the small set: ``data.fashion_mnist_dir`` and a
+    ``data.cache_dir`` holding its train/test shards, built once per session."""
     from rayssl.data.shards import make_shards
 
     cache = os.path.join(_TMP, "cache")
-    for split in ("train", "test"):
-        make_shards(fashion_mnist_dir, os.path.join(cache, "fashion-mnist", split), split=split,
+    for split in SMALL:
+        make_shards(small_fashion_mnist, os.path.join(cache, "fashion-mnist", split), split=split, min_shards=8,
                     progress=lambda line: None)
-    return cache
+    return [f"data.cache_dir={cache}", f"data.fashion_mnist_dir={small_fashion_mnist}"]
 
 
 def _free_port() -> int:

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.train_limit=1024", "data.test_limit=256", "model.width=8", "model.head_hidden_dim=64",
         "model.head_bottleneck_dim=32", "objective.num_clusters=32", "train.batch_size=32",
         "train.steps_per_epoch=6", "train.log_every=2", "train.checkpoint_every=6", "train.epochs=2",
-        "optim.warmup_epochs=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "eval.baselines=false"]
+        "optim.warmup_epochs=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "eval.baselines=false",
+        "tracking.log_model=false"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def tiny_run(ray_cluster, shard_cache, tmp_path_factory) -> tuple[Path, dict]:
     """A 12-step 2-worker run with online k-NN every epoch; (run folder, its results)."""
     storage = tmp_path_factory.mktemp("runs")
     name = f"eval-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*TINY, f"data.cache_dir={shard_cache}",
+    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*TINY, *shard_cache,
                                                             "eval.every_epochs=1", f"run.storage_path={storage}",
                                                             f"run.name={name}"])
     return storage / name, pretrain(cfg)

@@ -56,7 +56,7 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_clust
 
     common = ("train.epochs=2", "train.log_every=3", "train.checkpoint_every=3", "eval.baselines=false",
               "objective.prior_momentum=0.9", "data.deterministic=true", "data.decode_on=worker",
-              "run.max_failures=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+              "run.max_failures=1", "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     clean = pretrain(tiny_config(tmp_path, shard_cache, f"clean-{uuid.uuid4().hex[:6]}", *common))
     assert "resumed_from_step" not in clean
 

@@ -155,8 +155,11 @@ def test_idx_source_is_lossless_and_labelled(ray_cluster, tmp_path) -> None:
     pixels, labels = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), rng.integers(0, 10, 50)
     write_idx(src / "train-images-idx3-ubyte.gz", pixels)
     write_idx(src / "train-labels-idx1-ubyte", labels)
-    dst = tmp_path / "shards"
-    m = make_shards(str(src), str(dst), progress=lambda line: None)
+    dst, started = tmp_path / "shards", []
+    m = make_shards(str(src), str(dst), progress=lambda line: None, start_ray=lambda: started.append(1))
+    assert started == [1]  # called once, before any shard is written
+    assert make_shards(str(src), str(dst), progress=lambda line: None, start_ray=lambda: started.append(1)) == m
+    assert started == [1]  # up to date: no work, so no Ray
     assert (m["num_images"], m["channels"], m["image_size"]) == (50, 1, [28, 28])
     assert m["classes"] == [str(i) for i in range(10)]
     assert m["class_counts"] == np.bincount(labels, minlength=10).tolist()

@@ -68,7 +68,7 @@ def test_shards_in_s3_stream_into_training_and_resume(ray_cluster, s3_server, tm
                  "objective.num_clusters=32", "train.batch_size=32", "train.log_every=5",
                  "train.checkpoint_every=10", "optim.warmup_epochs=0", "scaling.num_workers=2",
                  "scaling.cpus_per_worker=1", f"run.storage_path=s3://{bucket}/runs", f"run.name={name}",
-                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false"]
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*overrides, "train.epochs=2"])
     first = pretrain(cfg)
     assert [m["step"] for m in first["history"]] == [5, 10, 15, 20]
@@ -83,7 +83,8 @@ def test_shards_in_s3_stream_into_training_and_resume(ray_cluster, s3_server, tm
     assert second["history"][-1]["data/skipped_images"] == 3 * BAD_ROWS
 
 
-def test_wrong_credentials_stop_before_training(ray_cluster, strict_s3_server, tmp_path) -> None:
+def test_wrong_credentials_stop_before_training(strict_s3_server, tmp_path) -> None:
+    """Refused keys are found by the input checks, before Ray starts (no cluster needed)."""
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [
         "data.source=s3://shards/train", f"data.endpoint_url={strict_s3_server}",
         f"run.storage_path={tmp_path}", "run.name=denied"])

@@ -86,7 +86,7 @@ def test_four_trial_sweep_with_asha_mlflow_and_a_runnable_best_config(ray_cluste
     """Two trials at a time (1 worker each); a 1-channel-wide ConvNet is the arm ASHA must stop
     at its first k-NN evaluation once a width-8 trial has set the bar."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    fixed = {**TINY, "data.cache_dir": shard_cache, "tracking.uri": uri, "tracking.experiment": "sweep-test",
+    fixed = {**TINY, **dict(o.split("=", 1) for o in shard_cache), "tracking.uri": uri, "tracking.experiment": "sweep-test",
              "tracking.log_model": False, "run.storage_path": str(tmp_path / "runs"), "train.epochs": 2,
              "scaling.num_workers": 1, "eval.knn_train_limit": 512}
     path = space_file(tmp_path, {"model.width": {"grid": [8, 1]}, "objective.mode": {"choice": ["prior", "center"]},

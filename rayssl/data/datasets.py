@@ -28,14 +28,15 @@ from rayssl.data.shards import load_manifest, make_shards
 from rayssl.transforms import MultiCrop
 
 
-def _fashion_mnist(data_cfg) -> tuple[str, str]:
-    """Shards of the Fashion-MNIST IDX files, built once under ``data.cache_dir``."""
+def _fashion_mnist(data_cfg, start_ray) -> tuple[str, str]:
+    """Shards of the Fashion-MNIST IDX files, built once under ``data.cache_dir`` (``start_ray``
+    is called first when they have to be built)."""
     root = Path(data_cfg.cache_dir).expanduser() / "fashion-mnist"
     with _field("data.fashion_mnist_dir"):
         storage.check_readable(data_cfg.fashion_mnist_dir)
         for split in ("train", "test"):
             make_shards(data_cfg.fashion_mnist_dir, str(root / split), split=split, min_shards=8,
-                        progress=lambda line: None)
+                        progress=lambda line: None, start_ray=start_ray)
     return str(root / "train"), str(root / "test")
 
 
@@ -78,11 +79,11 @@ def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle) -> ray.data
         ctx.use_datasource_v2 = v2
 
 
-def sources(data_cfg) -> tuple[str, dict, str | None, dict | None]:
+def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
     """``(train URI, its manifest, eval URI, its manifest)``; the eval pair is None without
     ``data.eval_source`` (Fashion-MNIST: its test split). Errors name the field and URI."""
     if data_cfg.source == "fashion-mnist":
-        train_uri, eval_uri = _fashion_mnist(data_cfg)
+        train_uri, eval_uri = _fashion_mnist(data_cfg, start_ray)
         eval_uri = data_cfg.eval_source or eval_uri
     else:
         train_uri, eval_uri = data_cfg.source, data_cfg.eval_source
@@ -141,12 +142,13 @@ class DataPlan:
     meta: DataMeta
 
 
-def plan_data(cfg) -> DataPlan:
-    """Find and check the data without Ray: manifests read (Fashion-MNIST shards built once),
-    classes of both splits compared. Raises ``StorageError`` (one line naming the field and
-    URI) for a missing bucket, refused credentials, an unreachable endpoint or missing shards."""
+def plan_data(cfg, start_ray=None) -> DataPlan:
+    """Find and check the data: manifests read, classes of both splits compared. Raises
+    ``StorageError`` (one line naming the field and URI) for a missing bucket, refused
+    credentials, an unreachable endpoint or missing shards. Needs no Ray, except to build the
+    Fashion-MNIST shards the first time: ``start_ray`` is called just before."""
     d = cfg.data
-    train_uri, train, eval_uri, query = sources(d)
+    train_uri, train, eval_uri, query = sources(d, start_ray)
     channels = d.channels or train["channels"]
     common = train.get("image_size")
     size = d.image_size or (min(common) if common else math.ceil(cfg.augment.global_crop_size * 8 / 7))

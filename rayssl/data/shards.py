@@ -119,12 +119,16 @@ def _check_options(split: str, target_shard_mb: float, min_shards: int, reencode
 
 def make_shards(source: str, destination: str, *, split: str = "train", target_shard_mb: float = 64.0,
                 min_shards: int = 8, reencode: str | None = None, class_names: list[str] | None = None,
-                s3: S3Options | None = None, force: bool = False, progress: Callable[[str], None] = print) -> dict:
+                s3: S3Options | None = None, force: bool = False, progress: Callable[[str], None] = print,
+                start_ray: Callable[[], None] | None = None) -> dict:
     """Convert ``source`` into Parquet shards + ``manifest.json`` under ``destination``; the manifest.
 
     Does nothing (returns the existing manifest) when ``destination`` already holds shards of
     the same source and options, unless ``force``. Raises ``StorageError`` / ``ConfigError``
     (one line naming the URI or option) before any work for unusable locations or options.
+    ``start_ray`` is called only when shards are to be written (Ray Data tasks write them), so
+    a caller's checks and its own Ray settings come first; without it Ray Data starts a default
+    local Ray.
     """
     _check_options(split, target_shard_mb, min_shards, reencode)
     s3 = s3 or S3Options()
@@ -142,6 +146,8 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
         if fs.get_file_info(f"{dest}/{MANIFEST}").type == pyarrow.fs.FileType.File:
             fs.delete_file(f"{dest}/{MANIFEST}")
         plans = plan(inputs, target_shard_mb, min_shards)
+        if start_ray is not None:
+            start_ray()
         ignored = f", {inputs.ignored} non-image files ignored" if inputs.ignored else ""
         progress(f"[make_shards] {source}: {len(inputs.items)} inputs ({inputs.kind}), {len(inputs.classes)} "
                  f"classes{ignored} -> {len(plans)} shards in {destination}")

@@ -127,11 +127,12 @@ class Launch:
     steps_per_epoch: int
 
 
-def check_inputs(cfg: Config) -> Launch:
-    """Every check that needs no Ray: storage writable, data found (Fashion-MNIST shards built
-    once), the batch fits the data. Each failure is one line naming the field."""
+def check_inputs(cfg: Config, min_cpus: float = 0) -> Launch:
+    """Every input check, before Ray starts: storage writable, data found, the batch fits the
+    data. Each failure is one line naming the field. Only a first Fashion-MNIST run starts Ray
+    here (``init_ray(scaling.address, min_cpus)``), after its checks, to build the shards."""
     path, filesystem = storage(cfg)
-    data = plan_data(cfg)
+    data = plan_data(cfg, start_ray=lambda: init_ray(cfg.scaling.address, min_cpus))
     return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train))
 
 
