@@ -62,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         check_locations(args.source, args.destination, s3)  # before Ray starts
         from rayssl.train.launch import init_ray
 
-        init_ray(args.address)
         m = make_shards(args.source, args.destination, split=args.split, target_shard_mb=args.target_shard_mb,
                         min_shards=args.min_shards, reencode=args.reencode,
                         class_names=args.class_names.split(",") if args.class_names else None,
-                        s3=s3, force=args.force)
+                        s3=s3, force=args.force, start_ray=lambda: init_ray(args.address))  # only to write shards
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"{m['num_images']} images, {m['num_skipped']} skipped, {m['num_converted']} converted, "
