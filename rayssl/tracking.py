@@ -29,7 +29,7 @@ import numpy as np
 import rayssl
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage
-from rayssl.mlflow_client import mlflow_client
+from rayssl.mlflow_client import mlflow_client, sqlite_path
 
 DEFAULT_STORE = "~/rayssl_results"
 RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
@@ -66,9 +66,8 @@ def tracking_uri(cfg: Config) -> str:
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go in ``mlartifacts/`` beside the database (absolute, since
     Ray and Tune change the working directory); a server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    return None
+    db = sqlite_path(uri)
+    return str(db.parent / "mlartifacts") if db is not None else None
 
 
 @contextmanager
