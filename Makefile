@@ -15,8 +15,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: env data
 	$(PY) jobs/pretrain.py $(ARGS)
 
+# Two pytest-xdist workers: one runs the Ray tests (one group, one Ray cluster), the other the rest.
 test: env data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
 # The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...).
 test-fast: env data

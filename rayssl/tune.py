@@ -197,11 +197,9 @@ def _trial_cpus(base: Config, sweep: SweepConfig) -> float:
     return base.scaling.num_workers * base.scaling.cpus_per_worker + sweep.trial_cpu + 1
 
 
-def default_concurrency(base: Config, sweep: SweepConfig) -> int:
-    """Trials that fit at once: each needs ``_trial_cpus`` (and its workers' GPUs)."""
-    import ray
-
-    resources = ray.cluster_resources()
+def default_concurrency(base: Config, sweep: SweepConfig, resources: dict[str, float]) -> int:
+    """Trials that fit at once in a cluster of ``resources`` (``ray.cluster_resources()``):
+    each needs ``_trial_cpus`` (and its workers' GPUs)."""
     s = base.scaling
     fits = resources.get("CPU", 1) // _trial_cpus(base, sweep)
     if s.use_gpu:
@@ -247,6 +245,7 @@ def _parent_run(base: Config, sweep: SweepConfig, space: dict, folder: Path) -> 
 def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -> dict:
     """Run (or resume, for an unfinished ``sweep.name``) a sweep; its summary, also written as
     ``trials.csv`` and ``best.yaml`` in the sweep folder and logged to the parent MLflow run."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -278,7 +277,7 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     # config's max_t still runs to its end
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=sweep.grace_period,
                               reduction_factor=sweep.reduction_factor, stop_last_trials=False)
-    concurrency = sweep.max_concurrent_trials or default_concurrency(base, sweep)
+    concurrency = sweep.max_concurrent_trials or default_concurrency(base, sweep, ray.cluster_resources())
     tune_config = tune.TuneConfig(metric=metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                   # the random search limits itself (Tune ignores this for it)
                                   max_concurrent_trials=None if sweep.search_alg == "random" else concurrency,

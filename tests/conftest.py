@@ -20,10 +20,13 @@ RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends 
 
 def pytest_collection_modifyitems(items) -> None:
     """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture):
-    ``make test-fast`` runs ``-m "not ray"``, the inner loop; ``make test`` runs all."""
+    ``make test-fast`` runs ``-m "not ray"``, the inner loop; ``make test`` runs all, on two
+    pytest-xdist workers (``--dist loadgroup``): the ``ray`` tests share one group, so one
+    worker runs them all on its one Ray cluster while the other takes the rest."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

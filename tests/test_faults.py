@@ -1,4 +1,5 @@
-"""Faults on real Ray runs: a worker killed mid-run, NaN steps, a collapsing objective."""
+"""Faults on real Ray runs: a worker killed mid-run, NaN steps that fail the run on the driver.
+(The collapse alarm and the NaN stop inside the run are tested without Ray: test_train_run.py.)"""
 
 from __future__ import annotations
 
@@ -122,29 +123,3 @@ def test_nan_steps_are_skipped_up_to_the_bound_then_stop_the_run(ray_cluster, tm
                              f"tags.mlflow.runName = '{name}'")[0]
     assert run.info.status == "FAILED" and run.data.tags["rayssl.stopped"].startswith("non-finite")
 
-
-def test_collapse_alarm_tags_the_run_and_stops_it(ray_cluster, tmp_path, shard_cache) -> None:
-    """objective.mode=none with a fast, sharp teacher collapses within a few steps (I(X;K) of
-    the normalised teacher -> 0.000 by step ~7 here): the alarm warns, tags the MLflow run and,
-    with monitor.stop_on_collapse, stops early with a checkpoint at that step. BatchNorm in the
-    head (the default's model.head_norm) holds this tiny run off collapse, so it is off here."""
-    import mlflow
-
-    name = f"collapse-{uuid.uuid4().hex[:6]}"
-    cfg = tiny_config(tmp_path, shard_cache, name, "scaling.num_workers=1", "objective.mode=none",
-                      "model.head_norm=false", "optim.teacher_momentum=0.9", "optim.teacher_momentum_end=0.9",
-                      "objective.teacher_temperature=0.02", "objective.teacher_temperature_warmup=0.02",
-                      "train.epochs=4", "train.log_every=1", "monitor.patience=3", "monitor.stop_on_collapse=true",
-                      "eval.baselines=false", "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    result = pretrain(cfg)
-    assert result["stopped"] == "collapse" and result["stop_reason"].startswith("collapse at step")
-    steps = [m["step"] for m in result["history"]]
-    low = [m["norm/mutual_information"] < cfg.monitor.min_mutual_information for m in result["history"]]
-    first_alarm = next(i for i in range(2, len(low)) if all(low[i - 2:i + 1]))
-    assert steps[-1] == steps[first_alarm] < 24  # stopped at the first 3 low steps in a row
-    assert final_state(tmp_path / name)["step"] == steps[-1]
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.get_run(result["mlflow_run_id"])
-    assert run.data.tags["rayssl.collapse"] == result["stop_reason"]
-    assert run.data.tags["rayssl.stopped"] == result["stop_reason"]

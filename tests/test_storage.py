@@ -137,3 +137,19 @@ def test_local_paths_and_schemes(tmp_path) -> None:
         storage.resolve("gs://b/p")
     with pytest.raises(storage.StorageError, match="not found"):
         storage.check_readable(str(tmp_path / "missing"))
+
+
+def test_wrong_credentials_stop_a_run_before_training(strict_s3_server, tmp_path) -> None:
+    """Refused keys are found by the input checks, before Ray starts (no cluster needed)."""
+    from pathlib import Path
+
+    from rayssl.train.launch import pretrain
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/fashion_mnist.yaml", [
+        "data.source=s3://shards/train", f"data.endpoint_url={strict_s3_server}",
+        f"run.storage_path={tmp_path}", "run.name=denied"])
+    with pytest.raises(storage.StorageError) as err:
+        pretrain(cfg)
+    assert str(err.value).startswith("data.source: s3://shards/train: access denied")
+    assert not (tmp_path / "denied").exists()

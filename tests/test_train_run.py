@@ -109,3 +109,38 @@ def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
     assert out["stopped"] == "nonfinite" and "step 1" in out["stop_reason"]
     assert out["history"] == [] and "train_seconds" not in out
     assert all(state is None for _, state in reports)
+
+
+def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
+    """objective.mode=none with a fast, sharp teacher collapses within a few steps: the alarm
+    warns, tags the MLflow run (a real SQLite store) and, with monitor.stop_on_collapse, stops
+    at the first ``monitor.patience`` low steps in a row, reporting a checkpoint at that step.
+    BatchNorm in the head (the default's model.head_norm) holds this tiny run off collapse, so
+    it is off here."""
+    import mlflow
+
+    from rayssl import tracking
+
+    cfg = config("objective.mode=none", "model.head_norm=false", "optim.teacher_momentum=0.9",
+                 "optim.teacher_momentum_end=0.9", "objective.teacher_temperature=0.02",
+                 "objective.teacher_temperature_warmup=0.02", "train.epochs=4", "train.log_every=1",
+                 "monitor.patience=3", "monitor.stop_on_collapse=true", "tracking.log_model=false",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "run.name=collapse")
+    settings = tracking.start(cfg, str(tmp_path / "collapse"))
+    reports: list = []
+    lines: list = []
+    w = worker(data, reports, knn=False)
+    w.say = lines.append
+    out = TrainRun(cfg, META, STEPS_PER_EPOCH, w, settings).run()
+
+    assert out["stopped"] == "collapse" and out["stop_reason"].startswith("collapse at step")
+    steps = [m["step"] for m in out["history"]]
+    low = [m["norm/mutual_information"] < cfg.monitor.min_mutual_information for m in out["history"]]
+    first_alarm = next(i for i in range(2, len(low)) if all(low[i - 2:i + 1]))
+    assert steps[-1] == steps[first_alarm] < 4 * STEPS_PER_EPOCH  # stopped at the first 3 low steps in a row
+    assert [s["step"] for _, s in reports if s is not None][-1] == steps[-1]  # a checkpoint at the stop
+    assert any(line.startswith("[rayssl] WARNING collapse at step") for line in lines)
+
+    run = mlflow.MlflowClient(settings.uri).get_run(settings.run_id)
+    assert run.data.tags["rayssl.collapse"] == out["stop_reason"]
+    assert run.data.tags["rayssl.stopped"] == out["stop_reason"]
