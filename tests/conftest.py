@@ -134,6 +134,21 @@ def shard_cache(ray_cluster, small_fashion_mnist) -> list[str]:
     return [f"data.cache_dir={cache}", f"data.fashion_mnist_dir={small_fashion_mnist}"]
 
 
+@pytest.fixture(scope="session")
+def tiny_run(shard_cache, tmp_path_factory) -> tuple:
+    """``(run folder, results)`` of one real tiny run (test_train_ray's ``TINY_RUN``), logged to the default
+    SQLite store of its storage path; the evaluation tests read it, and test_faults compares
+    its killed twin with it. Tests must not change its folder."""
+    import uuid
+
+    from rayssl.train.launch import pretrain
+    from test_train_ray import TINY_RUN, tiny_config
+
+    storage = tmp_path_factory.mktemp("runs")
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    return storage / name, pretrain(tiny_config(storage, shard_cache, name, *TINY_RUN))
+
+
 def _free_port() -> int:
     import socket
 

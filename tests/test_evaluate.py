@@ -1,12 +1,11 @@
-"""Evaluation of a real tiny run's checkpoint: extraction by Ray Data actors, metrics, export,
-``rayssl.load_backbone``, online k-NN during training, and clear errors."""
+"""Evaluation of a real tiny run's checkpoint (conftest's shared ``tiny_run``): extraction by Ray
+Data actors, metrics, export, ``rayssl.load_backbone``, online k-NN during training, and clear errors."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,27 +21,8 @@ from rayssl.eval import metrics
 from rayssl.eval.checkpoint import read_checkpoint
 from rayssl.eval.evaluate import BASELINES, FeatureActor, evaluate
 from rayssl.models import build_encoder
-from rayssl.train.launch import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.train_limit=1024", "data.test_limit=256", "model.width=8", "model.head_hidden_dim=64",
-        "model.head_bottleneck_dim=32", "objective.num_clusters=32", "train.batch_size=32",
-        "train.steps_per_epoch=6", "train.log_every=2", "train.checkpoint_every=6", "train.epochs=2",
-        "optim.warmup_epochs=0", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "eval.baselines=false",
-        "tracking.log_model=false"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_cluster, shard_cache, tmp_path_factory) -> tuple[Path, dict]:
-    """A 12-step 2-worker run with online k-NN every epoch; (run folder, its results)."""
-    storage = tmp_path_factory.mktemp("runs")
-    name = f"eval-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [*TINY, *shard_cache,
-                                                            "eval.every_epochs=1", f"run.storage_path={storage}",
-                                                            f"run.name={name}"])
-    return storage / name, pretrain(cfg)
-
-
 def test_online_knn_reported_every_epoch(tiny_run) -> None:
     _, result = tiny_run
     online = {m["step"]: m["knn/teacher"] for m in result["history"] if "knn/teacher" in m}
@@ -171,7 +151,7 @@ def test_run_in_the_default_sqlite_store_and_the_job_adds_its_evaluation(tiny_ru
     client = MlflowClient(uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(2, 13, 2))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(3, 13, 3))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "knn/teacher")] == [6, 12]
 
     spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")

@@ -18,7 +18,7 @@ import torch
 from rayssl import checkpoint as checkpoints
 from rayssl.train.launch import pretrain
 from rayssl.train.step import NonFiniteError
-from test_train_ray import tiny_config
+from test_train_ray import TINY_RUN, tiny_config
 
 
 def final_state(run_dir: Path) -> dict:
@@ -49,16 +49,16 @@ def train_worker_pids() -> list[int]:
             if a.pid]
 
 
-def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_cluster, tmp_path, shard_cache) -> None:
+def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_cluster, tmp_path, shard_cache,
+                                                                       tiny_run) -> None:
     """SIGKILL one of two workers mid-run: Ray Train restarts the group from the newest
-    checkpoint and the run ends bitwise equal to the same run without the fault (CPU,
-    data.deterministic), weights, optimizer, prior state and all; MLflow has each step once."""
+    checkpoint and the run ends bitwise equal to the same run without the fault (the shared
+    ``tiny_run``: CPU, data.deterministic), weights, optimizer, prior state and all; MLflow has
+    each step once."""
     import mlflow
 
-    common = ("train.epochs=2", "train.log_every=3", "train.checkpoint_every=3", "eval.baselines=false",
-              "objective.prior_momentum=0.9", "data.deterministic=true", "data.decode_on=worker",
-              "run.max_failures=1", "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    clean = pretrain(tiny_config(tmp_path, shard_cache, f"clean-{uuid.uuid4().hex[:6]}", *common))
+    common = (*TINY_RUN, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    clean_dir, clean = tiny_run
     assert "resumed_from_step" not in clean
 
     name = f"killed-{uuid.uuid4().hex[:6]}"
@@ -82,7 +82,7 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_clust
     assert 3 <= resumed < 12 and resumed % 3 == 0
     assert outcome["history"][0]["step"] == resumed + 3  # at most one checkpoint interval recomputed
     assert outcome["history"][-1]["step"] == 12
-    a, b = final_state(tmp_path / clean["run_path"].split("/")[-1]), final_state(tmp_path / name)
+    a, b = final_state(clean_dir), final_state(tmp_path / name)
     assert a["step"] == b["step"] == 12
     for key in ("student", "teacher", "optimizer", "objective", "rng", "data_position"):
         assert_bitwise_equal(a[key], b[key], key)

@@ -35,6 +35,13 @@ def tiny_config(tmp_path: Path, shards: list[str], name: str, *extra: str):
         f"run.storage_path={tmp_path}", f"run.name={name}", *extra])
 
 
+# conftest's shared ``tiny_run``: 12 steps on 1,024 images, deterministic data, a checkpoint every
+# 3 steps, online k-NN each epoch. test_faults' killed run uses the same overrides (another name).
+TINY_RUN = ["train.epochs=2", "train.log_every=3", "train.checkpoint_every=3", "eval.baselines=false",
+            "eval.every_epochs=1", "objective.prior_momentum=0.9", "data.deterministic=true",
+            "data.decode_on=worker", "run.max_failures=1", "tracking.log_model=false"]
+
+
 def checkpoints(fs: pyarrow.fs.FileSystem, run_path: str) -> list[dict]:
     """The intact checkpoints of a run folder, oldest step first."""
     states = [load_intact(fs, folder) for folder in candidates(fs, run_path)]
