@@ -19,27 +19,12 @@ RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends 
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture):
-    ``make test-fast`` runs ``-m "not ray"``, the inner loop. ``make test`` runs all on two
-    pytest-xdist workers (``--dist loadgroup``) and two groups: one worker runs the ``ray``
-    tests on its one Ray cluster, the other the rest at a lower CPU priority (``_yield_to_ray``)."""
+    """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture).
+    ``make test-fast`` runs ``-m "not ray"``, the inner loop; ``make test`` runs ``-m ray`` and,
+    beside it at a lower CPU priority, ``-m "not ray"`` (two processes, one Ray cluster)."""
     for item in items:
-        ray = bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
-        if ray:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-        item.add_marker(pytest.mark.xdist_group("ray" if ray else "fast"))
-
-
-_NICED = []
-
-
-@pytest.fixture(autouse=True)
-def _yield_to_ray(request) -> None:
-    """Under xdist, the worker of the fast tests runs niced: the Ray tests beside it are mostly
-    waiting on Ray's processes, and those must not queue behind a CPU-bound test."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _NICED and request.node.get_closest_marker("ray") is None:
-        os.nice(10)
-        _NICED.append(True)
 
 
 @pytest.fixture(scope="session")
