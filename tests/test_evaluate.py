@@ -104,6 +104,17 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     assert {f"{name}/linear/top1" for name in BASELINES} <= set(saved)
 
 
+def test_evaluate_returns_what_it_saves_and_no_baselines_unless_asked(tiny_run, tmp_path) -> None:
+    """``evaluate()`` with the run's own config (``eval.baselines=false``): the returned metrics
+    are the ones written to results.json, and no baseline is scored."""
+    run, _ = tiny_run
+    results = evaluate(str(run), output=tmp_path, ks=(20,))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("knn/top1_k20", "linear/top1", "cluster/nmi", "cluster/mutual_information"):
+        assert saved[key] == pytest.approx(results[key])
+    assert not [key for key in saved if key.startswith(BASELINES)]
+
+
 def _row_index(row_id: str) -> int:
     """Index in the IDX test file of the exported row ``row_id`` (ids hash ``<file>#<index>``)."""
     from rayssl.data.shards import row_id as make_id
