@@ -146,10 +146,47 @@ class TrainConfig(_Section):
 
 class ScalingConfig(_Section):
     address: str | None = Field(None, description="Ray address; default: join a running cluster or start one.")
-    num_workers: PositiveInt = 2
+    num_workers: int | tuple[int, int] = Field(2, description=(
+        "Training workers: N, or an elastic range [min, max] (Ray Train elastic training): the run "
+        "starts with as many as the cluster can place, goes on with fewer after a node is lost and "
+        "grows again when nodes join. The global batch stays train.batch_size x optim.accumulate_steps "
+        "x max at any size (fewer workers accumulate more micro-batches)."))
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(1.0, ge=0.0)
+    worker_resources: dict[str, PositiveFloat] = Field(default_factory=dict, description=(
+        "Custom Ray resources each training worker needs besides CPU/GPU, e.g. {trainer: 1} to keep "
+        "workers on nodes started with --resources='{\"trainer\": 1}' (one worker per such node)."))
+    resize_check_s: PositiveFloat = Field(60.0, description=(
+        "Elastic runs: seconds between checks for room to grow; each grow restarts the workers "
+        "from the newest checkpoint, so keep it well above the time of one train.checkpoint_every."))
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description=(
+        "Where the training workers go: PACK fills a node first (fast collectives); SPREAD puts them "
+        "on different nodes when it can (one node lost costs fewer workers); STRICT_SPREAD requires "
+        "one node per worker."))
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        """N >= 1, or [min, max] with 1 <= min <= max."""
+        bounds = list(v) if isinstance(v, (list, tuple)) else [v]
+        if len(bounds) not in (1, 2) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+            raise ValueError("expected a number of workers N or an elastic range [min, max]")
+        if bounds[0] < 1 or bounds[0] > bounds[-1]:
+            raise ValueError("needs 1 <= min <= max" if len(bounds) == 2 else "needs at least 1 worker")
+        return bounds[0] if len(bounds) == 1 else tuple(bounds)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class RunConfig(_Section):

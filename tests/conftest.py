@@ -25,6 +25,9 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+        if "ray_nodes" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multinode)
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)  # their own cluster: last
 
 
 @pytest.fixture(scope="session")

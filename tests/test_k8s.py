@@ -645,13 +645,65 @@ def _mounted(pods: list[tuple[str, dict]], path: str) -> bool:
                for label, pod in pods if label != "submitter")
 
 
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _pods(cluster: dict, group: dict, bound: str) -> int:
+    """Worker pods of ``group`` at the cluster's smallest (``minReplicas``) or largest
+    (``maxReplicas``) size: with the autoscaler off, KubeRay keeps ``replicas`` pods either way."""
+    return group[bound] if cluster.get("enableInTreeAutoscaling") else group["replicas"]
+
+
 def _worker_capacity(job: dict) -> tuple[float, float]:
+    """CPUs and GPUs of the job's worker pods at the cluster's largest size."""
+    cluster = job["spec"]["rayClusterSpec"]
     cpus = gpus = 0.0
-    for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+    for g in cluster["workerGroupSpecs"]:
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        cpus += g["replicas"] * float(limits["cpu"])
-        gpus += g["replicas"] * float(limits.get(GPU, 0))
+        cpus += _pods(cluster, g, "maxReplicas") * _cpus(limits["cpu"])
+        gpus += _pods(cluster, g, "maxReplicas") * float(limits.get(GPU, 0))
     return cpus, gpus
+
+
+def _workers_per_pod(group: dict, scaling) -> int:
+    """Training workers one pod of ``group`` holds (its CPUs and, with use_gpu, its GPUs)."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    fit = int(_cpus(limits["cpu"]) // scaling.cpus_per_worker)
+    if scaling.use_gpu and scaling.gpus_per_worker > 0:
+        fit = min(fit, int(float(limits.get(GPU, 0)) // scaling.gpus_per_worker))
+    return fit
+
+
+def elastic_problems(job: dict, cfg) -> list[str]:
+    """Where a pretraining job's ``scaling.num_workers`` ([min, max] or N) disagrees with its worker
+    groups: max must fit the pods at maxReplicas and min the pods at minReplicas; on GPUs, and for any
+    elastic range, they must be equal (maxReplicas x GPUs per pod: no GPU left idle, and the run grows
+    and shrinks exactly with the pods). An elastic range also needs the autoscaler, groups that can
+    change size, and run.max_failures=-1 (a lost spot node must never end the run)."""
+    cluster, s = job["spec"]["rayClusterSpec"], cfg.scaling
+    groups = cluster["workerGroupSpecs"]
+    lo = sum(_pods(cluster, g, "minReplicas") * _workers_per_pod(g, s) for g in groups)
+    hi = sum(_pods(cluster, g, "maxReplicas") * _workers_per_pod(g, s) for g in groups)
+    problems = []
+    if s.max_workers > hi:
+        problems.append(f"scaling.num_workers max {s.max_workers} > {hi} workers the pods hold at maxReplicas")
+    if s.min_workers > lo:
+        problems.append(f"scaling.num_workers min {s.min_workers} > {lo} workers the pods hold at minReplicas")
+    if (s.use_gpu or s.elastic) and (s.min_workers, s.max_workers) != (lo, hi):
+        problems.append(f"scaling.num_workers [{s.min_workers}, {s.max_workers}] != [{lo}, {hi}], the workers "
+                        f"the pods hold at [minReplicas, maxReplicas]")
+    for g in groups:
+        if cluster.get("enableInTreeAutoscaling") and not g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]:
+            problems.append(f"group {g['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    if s.elastic:
+        if not cluster.get("enableInTreeAutoscaling"):
+            problems.append("elastic scaling.num_workers without enableInTreeAutoscaling")
+        elif not any(g["minReplicas"] < g["maxReplicas"] for g in groups):
+            problems.append("elastic scaling.num_workers but every group has minReplicas == maxReplicas")
+        if cfg.run.max_failures != -1:
+            problems.append(f"elastic run with run.max_failures={cfg.run.max_failures}, not -1")
+    return problems
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -683,9 +735,9 @@ def test_rayjobs_lifecycle_and_entrypoints(name):
     assert cfg.run.storage_path.startswith("s3://"), "checkpoints must go to object storage"
     assert cfg.run.name and cfg.run.max_failures != 0
     s = cfg.scaling
-    assert s.num_workers * s.cpus_per_worker <= cpus["rayssl-pretrain"]
+    assert s.max_workers * s.cpus_per_worker <= cpus["rayssl-pretrain"]
     if s.use_gpu:
-        assert s.num_workers * s.gpus_per_worker <= gpus["rayssl-pretrain"]
+        assert s.max_workers * s.gpus_per_worker <= gpus["rayssl-pretrain"]
     else:
         assert gpus["rayssl-pretrain"] == 0, "GPUs requested but scaling.use_gpu=false"
     assert cfg.data.source.startswith("s3://") or cfg.data.source == "fashion-mnist", cfg.data.source
@@ -705,6 +757,80 @@ def test_rayjobs_lifecycle_and_entrypoints(name):
         assert base.scaling.num_workers * base.scaling.gpus_per_worker <= gpus["rayssl-sweep"]
     else:
         assert gpus["rayssl-sweep"] == 0
+
+
+def _pretrain(name: str, replace: dict[str, str] | None = None) -> tuple[dict, Any]:
+    """The rendered pretraining RayJob of ``name`` and its config (overrides in ``replace``
+    substituted, by key, before loading)."""
+    from rayssl.config import load_config
+
+    job = next(j for j in by_kind(rendered(name), "RayJob") if j["metadata"]["name"] == "rayssl-pretrain")
+    _, options, overrides = entrypoint(job)
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in (replace or {})]
+    overrides += [f"{k}={v}" for k, v in (replace or {}).items()]
+    return job, load_config(ROOT / options["--config"], overrides)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pretrain_workers_match_worker_groups(name):
+    job, cfg = _pretrain(name)
+    assert elastic_problems(job, cfg) == [], name
+    # the nodes share no disk: metrics to the MLflow server's Service, checkpoints to S3
+    docs = rendered(name)
+    env = next(d for d in docs if key(d) == ("ConfigMap", "rayssl-env"))["data"]
+    uri = re.fullmatch(r"http://([\w-]+):(\d+)/?", cfg.tracking.uri or env["MLFLOW_TRACKING_URI"])
+    assert uri, cfg.tracking.uri
+    service = next(d for d in docs if key(d) == ("Service", uri.group(1)))
+    assert int(uri.group(2)) in [p["port"] for p in service["spec"]["ports"]]
+    assert cfg.run.storage_path.startswith("s3://")
+
+
+def test_gpu_overlay_pretrain_is_elastic_on_autoscaled_gpu_pods():
+    job, cfg = _pretrain("overlays/gpu")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert options["upscalingMode"] in ("Default", "Aggressive", "Conservative")
+    assert 60 <= options["idleTimeoutSeconds"] <= 3600
+    assert cfg.scaling.elastic and cfg.scaling.use_gpu and cfg.run.max_failures == -1
+    assert cfg.scaling.placement_strategy == "SPREAD"
+    gpu = [g for g in cluster["workerGroupSpecs"] if GPU in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and all(1 <= g["minReplicas"] < g["maxReplicas"] for g in gpu)
+
+
+def test_negative_inconsistent_worker_range_is_rejected():
+    job, cfg = _pretrain("overlays/gpu")
+    assert elastic_problems(job, cfg) == []
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    per_pod = _workers_per_pod(group, cfg.scaling)
+    assert per_pod == 8, per_pod
+
+    bigger = copy.deepcopy(job)  # one more pod at the top: 8 GPUs idle at full size
+    bigger["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] += 1
+    assert any("!=" in p for p in elastic_problems(bigger, cfg))
+    smaller = copy.deepcopy(job)  # one pod fewer at the top: max does not fit
+    g = smaller["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    g["maxReplicas"] = g["replicas"] = g["minReplicas"]
+    assert any("max" in p and "maxReplicas" in p for p in elastic_problems(smaller, cfg))
+    floor = copy.deepcopy(job)  # min above what the smallest cluster holds
+    floor["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = 0
+    assert any("min" in p and "minReplicas" in p for p in elastic_problems(floor, cfg))
+    fixed = copy.deepcopy(job)
+    del fixed["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"]
+    assert any("enableInTreeAutoscaling" in p for p in elastic_problems(fixed, cfg))
+
+    lo, hi = cfg.scaling.min_workers, cfg.scaling.max_workers
+    for replace, expected in (({"scaling.num_workers": f"[{lo},{hi + 1}]"}, "max"),
+                              ({"scaling.num_workers": f"[{lo + 1},{hi}]"}, "!="),
+                              ({"scaling.num_workers": f"[{lo},{hi - per_pod}]"}, "!="),
+                              ({"run.max_failures": "3"}, "max_failures")):
+        _, bad = _pretrain("overlays/gpu", replace)
+        assert any(expected in p for p in elastic_problems(job, bad)), replace
+    # the base job on CPUs (one worker per pod): the same rule
+    job, cfg = _pretrain("base")
+    assert elastic_problems(job, cfg) == []
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] += 1
+    assert elastic_problems(job, cfg)
 
 
 def test_gpu_overlay_trains_on_gpus():

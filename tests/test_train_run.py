@@ -50,9 +50,9 @@ META = DataMeta(num_train=N, num_eval=128, channels=1, image_size=28, classes=tu
 
 def worker(data, states: list, restore_from: dict | None = None, knn: bool = True) -> Worker:
     """A single worker on lists of batches: a seeded shuffle per pass, reports kept in ``states``."""
-    def train_batches(seed: int):
+    def train_batches(seed: int, rows: int):
         order = np.random.default_rng(seed).permutation(N)
-        return [{"image": data["train"][order[i:i + BATCH]]} for i in range(0, N - BATCH + 1, BATCH)]
+        return [{"image": data["train"][order[i:i + rows]]} for i in range(0, N - rows + 1, rows)]
 
     def labelled(x, y):
         return [{"image": x[i:i + 64, :, :, None], "label": y[i:i + 64], "ok": np.ones(len(x[i:i + 64]), bool)}

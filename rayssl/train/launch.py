@@ -17,10 +17,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from rayssl.config import Config, ConfigError
+from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage as data_storage
 from rayssl.data.datasets import DataPlan, build_datasets, plan_data
 from rayssl import tracking
+from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.step import NonFiniteError
 
@@ -57,39 +58,22 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
     return str(Path(path).expanduser().resolve()), None
 
 
-def steps_per_epoch(cfg: Config, num_train: int) -> int:
-    """Optimizer steps per epoch; the same on every worker so per-step all-reduces never hang.
-
-    Each worker gets ``num_train // num_workers`` rows (Ray Data's equal split) and keeps only
-    full micro-batches, so that many steps exist on every worker.
-    """
-    per_step = cfg.train.batch_size * cfg.optim.accumulate_steps
-    available = (num_train // cfg.scaling.num_workers) // per_step
-    if cfg.train.steps_per_epoch is not None:
-        if cfg.train.steps_per_epoch > available:
-            raise ConfigError(f"train.steps_per_epoch: {cfg.train.steps_per_epoch} exceeds the {available} "
-                             f"full batches each of {cfg.scaling.num_workers} workers gets")
-        return cfg.train.steps_per_epoch
-    if available < 1:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} x {cfg.scaling.num_workers} workers "
-                         f"needs more than the {num_train} training images")
-    return available
-
-
 def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of a checked launch, with the MLflow run from ``rayssl.tracking.start``
     (or None) and Train ``callbacks`` (a sweep's report to Tune)."""
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
                            "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
                            "run_path": f"{path}/{run_name(cfg)}", "filesystem": filesystem},
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
+            resources_per_worker=resources, placement_strategy=s.placement_strategy,
+            elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=ray.train.RunConfig(
             name=run_name(cfg), storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -136,19 +120,35 @@ def check_inputs(cfg: Config, min_cpus: float = 0) -> Launch:
     return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train))
 
 
+def check_shared_storage(cfg: Config, nodes: int) -> None:
+    """On a cluster of more than one node, nodes share no disk: refuse a local
+    ``run.storage_path`` and a SQLite or file MLflow store (one line saying what to set)."""
+    if nodes < 2:
+        return
+    if not data_storage.is_s3(cfg.run.storage_path):
+        raise ConfigError(f"run.storage_path: {cfg.run.storage_path} is a local folder, but this Ray cluster has "
+                          f"{nodes} nodes that share no disk; set it to s3://bucket/prefix")
+    uri = tracking.tracking_uri(cfg)
+    if cfg.tracking.enabled and (uri.split(":", 1)[0] in ("sqlite", "file") or ":" not in uri):
+        raise ConfigError(f"tracking.uri: {mask_uri(uri)} is a local MLflow store, but this Ray cluster has "
+                          f"{nodes} nodes that share no disk; set it to an mlflow server (http://host:5000)")
+
+
 def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
     """Train a checked launch; rank 0's results.
 
-    The MLflow run is created (or, for a run with a checkpoint, continued) first, then Ray is
-    joined or started, and the run is marked FAILED if anything after raises. A NaN/inf step
+    Ray is joined or started (and a multi-node cluster's storage checked), then the MLflow run
+    is created (or, for a run with a checkpoint, continued) and marked FAILED if anything after
+    raises. A NaN/inf step
     beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
     ending at the last good step); a collapse stop returns ``stopped="collapse"``. A sweep's
     trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
     """
     cfg = launch.cfg
+    init_ray(cfg.scaling.address)
+    check_shared_storage(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
     try:
-        init_ray(cfg.scaling.address)
         result = build_trainer(launch, settings, callbacks).fit()
     except BaseException:
         tracking.finish(settings, failed=True)

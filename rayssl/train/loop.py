@@ -33,8 +33,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     meta = DataMeta(**loop_config["meta"])
     ctx, train = ray.train.get_context(), ray.train.get_dataset_shard("train")
 
-    def train_batches(seed: int):
-        return train.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+    def train_batches(seed: int, rows: int):
+        return train.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
                                   local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, local_shuffle_seed=seed)
 
     def knn_sets():

@@ -37,6 +37,7 @@ from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules, online_knn_every
 from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
+from rayssl.train.batching import batch_plan
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.train.views import Views
 
@@ -51,8 +52,8 @@ def say(line: str) -> None:
 class Worker:
     """What the infrastructure gives one worker's ``TrainRun``.
 
-    - ``train_batches(seed)``: one pass over this worker's training shard (numpy batches of
-      ``train.batch_size`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
+    - ``train_batches(seed, rows)``: one pass over this worker's training shard (numpy batches
+      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
       rank 0 keeps it as a checkpoint;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
@@ -61,7 +62,7 @@ class Worker:
     - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default.
     """
 
-    train_batches: Callable[[int], Iterable[dict]]
+    train_batches: Callable[[int, int], Iterable[dict]]
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -88,11 +89,12 @@ class TrainRun:
         self.teacher = make_teacher(student).to(device)
         objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump())).to(device)
         self.student = worker.prepare_model(student)
-        global_batch = cfg.train.batch_size * cfg.optim.accumulate_steps * worker.world
-        self.schedules = build_schedules(cfg, steps_per_epoch, global_batch)
+        self.plan = batch_plan(cfg, worker.world)  # the same global batch at any world size
+        self.schedules = build_schedules(cfg, steps_per_epoch, self.plan.global_batch)
         self.total_steps = len(self.schedules["lr"])
         self.stepper = Stepper(self.student, self.teacher, objective, build_optimizer(self.student, cfg.optim),
-                               self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device))
+                               self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device),
+                               accumulate=self.plan.accumulate)
         self.views = Views(cfg, meta, device)
         self.alarm = CollapseAlarm.of(cfg.monitor)
         self.mlflow = RunLogger(tracking, worker.say) if tracking and worker.rank == 0 else None
@@ -108,7 +110,13 @@ class TrainRun:
 
     # ------------------------------------------------------------------ start
     def restore(self) -> None:
-        """Continue from the newest intact checkpoint, if the worker has one; else seed the crops."""
+        """Continue from the newest intact checkpoint, if the worker has one; else seed the crops.
+
+        Weights, optimizer, objective state (prior/centre: all-reduced sums and counts, valid at
+        any world size) and the step always carry over. Each rank's RNG state and data position
+        carry over only at the checkpoint's world size: after an elastic resize every rank
+        reseeds from (seed, rank, step) and starts the epoch's rows afresh.
+        """
         state = self.worker.restore(self.say)
         if state is None:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank)  # different crops on every worker
@@ -117,10 +125,15 @@ class TrainRun:
         self.step = self.start_step = self.last_checkpoint = state["step"]
         self.results = {**state["results"], "resumed_from_step": self.start_step}
         self.skipped_before = state.get("skipped_images", 0)
-        torch.set_rng_state(state["rng"][self.rank % len(state["rng"])])
-        if self.cfg.data.deterministic and "data_position" in state:
-            self.position = state["data_position"][self.rank % len(state["data_position"])]
-        self.say(f"[rayssl] resumed from step {self.start_step}/{self.total_steps}")
+        world = len(state["rng"])
+        if world == self.worker.world:
+            torch.set_rng_state(state["rng"][self.rank])
+            if self.cfg.data.deterministic and "data_position" in state:
+                self.position = state["data_position"][self.rank]
+        else:
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + 7919 * self.step)
+        resized = f" on {self.worker.world} workers (was {world})" if world != self.worker.world else ""
+        self.say(f"[rayssl] resumed from step {self.start_step}/{self.total_steps}{resized}")
 
     def baselines(self) -> None:
         """k-NN of the raw pixels and of the network at random init (new runs with labelled data)."""
@@ -151,7 +164,7 @@ class TrainRun:
 
     def _one_step(self) -> None:
         self.student.train(), self.teacher.train()
-        accumulate = self.cfg.optim.accumulate_steps
+        accumulate = self.plan.accumulate
         for micro in range(accumulate):
             views = self._next_views()
             self.stepper.micro_batch(views, self.step, micro == accumulate - 1)
@@ -174,7 +187,7 @@ class TrainRun:
         started = time.time()
         while True:
             if self._batches is None:  # a new pass; after a resume, skip what the epoch used
-                self._batches = iter(self.worker.train_batches(self._shuffle_seed()))
+                self._batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
                 for _ in range(self.position):
                     next(self._batches, None)
             batch = next(self._batches, None)
@@ -215,7 +228,7 @@ class TrainRun:
                 "teacher_temperature": float(s["teacher_temperature"][step - 1]),
                 "images_per_second": self.window_images / elapsed, "data_wait_fraction": self.wait / elapsed,
                 "data/skipped_images": dist.sum_int(self.views.skipped) + self.skipped_before,
-                "nonfinite_steps": self.stepper.nonfinite_steps,
+                "nonfinite_steps": self.stepper.nonfinite_steps, "world_size": self.worker.world,
                 **self.stepper.diagnostics(), **({"knn/teacher": online} if online is not None else {})}
 
     # ------------------------------------------------------------------ log

@@ -85,7 +85,8 @@ class ClusterUsage:
 
 
 class Stepper:
-    """One optimizer step = ``accumulate_steps`` micro-batches, then the EMA updates.
+    """One optimizer step = ``accumulate`` micro-batches (default ``optim.accumulate_steps``;
+    ``rayssl.train.batching``), then the EMA updates.
 
     Order within a step (DINO): teacher forward on the global views, student forward on all
     views, loss, backward (DDP syncs on the last micro-batch only), prototype gradients
@@ -94,11 +95,11 @@ class Stepper:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, objective: ClusterObjective,
                  optimizer: torch.optim.Optimizer, schedules: dict[str, np.ndarray], cfg,
-                 steps_per_epoch: int, device: torch.device, bf16: bool):
+                 steps_per_epoch: int, device: torch.device, bf16: bool, accumulate: int | None = None):
         self.student, self.teacher, self.objective = student, teacher, objective
         self.optimizer, self.schedules, self.cfg = optimizer, schedules, cfg
         self.freeze_steps = round(cfg.optim.freeze_prototypes_epochs * steps_per_epoch)
-        self.device = device
+        self.device, self.accumulate = device, accumulate or cfg.optim.accumulate_steps
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.last_outputs: tuple | None = None  # (student, teacher, tau_t) of the last micro-batch
         self.usage = ClusterUsage(objective.spec.num_clusters, device)
@@ -129,7 +130,7 @@ class Stepper:
                     targets = self.objective.targets(teacher_out, tau_t)
                 student_out = self.student(views)
                 loss = cross_entropy_loss(student_out, targets, self.objective.spec.student_temperature)
-            (loss / self.cfg.optim.accumulate_steps).backward()
+            (loss / self.accumulate).backward()
         self.usage.add(teacher_out, targets, tau_t)
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
         self.step_losses.append(loss.detach())

@@ -1,0 +1,216 @@
+"""More than one Ray node: a real multi-node cluster on this host (``ray.cluster_utils.Cluster``,
+the way Ray tests its own multi-node behaviour: each node its own raylet, object store and
+worker processes). Nodes share no disk here by rule: shards and checkpoints live in s3:// (the
+moto server), MLflow behind a real ``mlflow server``.
+
+The cluster: a head with 2 CPUs (the driver's Ray Train controller and Ray Data tasks) and
+three worker nodes with 1 CPU and one ``trainer`` resource each, plus a resource naming the
+node. Runs here take training workers onto trainer nodes only (``scaling.worker_resources``),
+except the SPREAD run, which shows that the placement strategy alone spreads them.
+
+These tests run last and in their own Ray cluster (``make test`` gives them their own pytest
+process; in a plain ``pytest`` the session's single-node cluster is shut down first).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import boto3
+import pytest
+
+from rayssl.config import ConfigError, load_config
+from rayssl.data import storage
+from rayssl.data.shards import make_shards
+from rayssl.train.launch import pretrain
+from test_train_ray import ROOT, checkpoints
+
+TRAINER_NODES = 3
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(s3_server, small_fashion_mnist):
+    """``(cluster, bucket)``: the multi-node cluster, joined by this process, and a bucket
+    holding the small Fashion-MNIST's shards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # a plain ``pytest``: the single-node session cluster is done by now
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 256 * 1024**2, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1"})
+    for i in range(TRAINER_NODES):
+        cluster.add_node(num_cpus=1, resources={"trainer": 1, f"trainer{i}": 1}, object_store_memory=128 * 1024**2)
+    ray.init(address=cluster.address, log_to_driver=True)
+    bucket = f"nodes-{uuid.uuid4().hex[:6]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    for split in ("train", "test"):
+        make_shards(small_fashion_mnist, f"s3://{bucket}/fm/{split}", split=split, min_shards=4,
+                    progress=lambda line: None)
+    yield cluster, bucket
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def node_config(bucket: str, name: str, mlflow_uri: str, *extra: str):
+    return load_config(ROOT / "configs/fashion_mnist.yaml", [
+        f"data.source=s3://{bucket}/fm/train", f"data.eval_source=s3://{bucket}/fm/test",
+        "data.train_limit=1024", "data.test_limit=256", "eval.baselines=false", "tracking.log_model=false",
+        "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "objective.num_clusters=32",
+        "train.batch_size=32", "optim.warmup_epochs=0", "scaling.cpus_per_worker=0.5",
+        f"run.storage_path=s3://{bucket}/runs", f"run.name={name}", f"tracking.uri={mlflow_uri}",
+        f"tracking.experiment={name}", *extra])
+
+
+def worker_nodes(cluster) -> dict[str, str]:
+    """Node id -> its ``trainer<i>`` name (or ``head``)."""
+    import ray
+
+    names = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            tag = [r for r in node["Resources"] if r.startswith("trainer") and r != "trainer"]
+            names[node["NodeID"]] = tag[0] if tag else "head"
+    return names
+
+
+def train_workers(state: str = "ALIVE") -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)], detail=True)
+
+
+def test_spread_run_puts_one_worker_per_node_and_local_storage_is_refused(ray_nodes, mlflow_server, tmp_path) -> None:
+    cluster, bucket = ray_nodes
+    uri, _ = mlflow_server
+    name = f"spread-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ConfigError, match=r"^run.storage_path: .* is a local folder, but this Ray cluster has 4 "
+                                          r"nodes that share no disk; set it to s3://bucket/prefix$"):
+        pretrain(node_config(bucket, name, uri, f"run.storage_path={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"^tracking.uri: sqlite:///.* is a local MLflow store"):
+        pretrain(node_config(bucket, name, f"sqlite:///{tmp_path}/mlflow.db"))
+
+    before = {a.actor_id for a in train_workers("DEAD")}
+    out = pretrain(node_config(bucket, name, uri, "scaling.num_workers=2", "scaling.placement_strategy=SPREAD",
+                               "train.epochs=1", "train.log_every=4", "train.checkpoint_every=8"))
+    assert [m["step"] for m in out["history"]] == [4, 8, 12, 16] and 0 <= out["knn/teacher"] <= 1
+    ran = [a for a in train_workers("DEAD") if a.actor_id not in before]
+    assert len(ran) == 2 and len({a.node_id for a in ran}) == 2, ran  # two workers, two nodes
+    fs, root = storage.resolve(f"s3://{bucket}/runs/{name}")
+    assert [c["step"] for c in checkpoints(fs, root)] == [8, 16]
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_metric_history(run_id, key)
+
+
+def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome.update(pretrain(cfg))
+        except BaseException as err:  # reported by the test's assertions
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"{what}: not within {seconds:.0f} s")
+        time.sleep(0.2)
+
+
+def remove_node_of_a_worker(cluster) -> tuple[str, float]:
+    """Remove (raylet and every process) the node of the last training worker; its id and when."""
+    node_id = train_workers()[-1].node_id
+    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    killed_at = time.time()
+    cluster.remove_node(node, allow_graceful=False)
+    return node_id, killed_at
+
+
+def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes, mlflow_server) -> None:
+    """2 workers on trainer nodes; the node of one is removed after the first checkpoint; with
+    run.max_failures the group restarts on the nodes left, from the newest checkpoint, and
+    finishes in the same MLflow run. Prints the recovery figures (docs/benchmarks.md)."""
+    from mlflow.tracking import MlflowClient
+
+    cluster, bucket = ray_nodes
+    uri, _ = mlflow_server
+    name = f"nodeloss-{uuid.uuid4().hex[:6]}"
+    cfg = node_config(bucket, name, uri, "scaling.num_workers=2", "scaling.worker_resources={trainer: 1}",
+                      "train.epochs=4", "train.log_every=2", "train.checkpoint_every=8", "run.max_failures=2",
+                      "data.deterministic=true", "data.decode_on=worker")
+    thread, outcome = run_in_thread(cfg)
+    fs, root = storage.resolve(f"s3://{bucket}/runs/{name}")
+    wait_for(lambda: checkpoints(fs, root) or not thread.is_alive(), 240, "a first checkpoint")
+    _, killed_at = remove_node_of_a_worker(cluster)
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the run did not finish after the node was lost"
+    assert "error" not in outcome, outcome.get("error")
+
+    resumed = outcome["resumed_from_step"]
+    assert resumed % 8 == 0 and resumed >= 8
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert [r.info.run_id for r in runs] == [outcome["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
+    losses = metric_history(uri, outcome["mlflow_run_id"], "loss")
+    done_before = max(m.step for m in losses if m.timestamp / 1000 < killed_at)
+    first_after = min(m.timestamp / 1000 for m in losses if m.timestamp / 1000 > killed_at and m.step > resumed)
+    recomputed = done_before - resumed
+    assert 0 <= recomputed <= cfg.train.checkpoint_every
+    assert sorted({m.step for m in losses}) == list(range(2, 65, 2))  # every step logged, none twice-counted
+    print(f"\n[recovery] fixed size: {first_after - killed_at:.1f} s from the node loss to the first step "
+          f"after resume; {recomputed} steps recomputed (resumed at {resumed})")
+
+
+def test_elastic_run_shrinks_after_a_node_loss_and_grows_when_a_node_joins(ray_nodes, mlflow_server) -> None:
+    """scaling.num_workers=[1,2] on two trainer nodes: losing one, the run goes on with one
+    worker (no wait for a replacement); a new node joins and the run grows back to two. The
+    global batch and schedules stay fixed, so every step is logged once with the same lr."""
+    cluster, bucket = ray_nodes
+    uri, _ = mlflow_server
+    name = f"elastic-{uuid.uuid4().hex[:6]}"
+    for node in cluster.worker_nodes[:-2]:  # two trainer nodes (the node-loss test may have left two already)
+        cluster.remove_node(node)
+    cfg = node_config(bucket, name, uri, "scaling.num_workers=[1,2]", "scaling.worker_resources={trainer: 1}",
+                      "scaling.resize_check_s=2", "train.epochs=8", "train.log_every=2",
+                      "train.checkpoint_every=8", "run.max_failures=2")
+    thread, outcome = run_in_thread(cfg)
+    run_id = lambda: outcome.get("mlflow_run_id") or _run_id(uri, name)  # noqa: E731
+    sizes = lambda: [m.value for m in metric_history(uri, run_id(), "world_size")] if run_id() else []  # noqa: E731
+    fs, root = storage.resolve(f"s3://{bucket}/runs/{name}")
+    wait_for(lambda: checkpoints(fs, root) or not thread.is_alive(), 240, "a first checkpoint")
+    assert set(sizes()) == {2.0}
+    _, killed_at = remove_node_of_a_worker(cluster)
+    wait_for(lambda: 1.0 in sizes() or not thread.is_alive(), 240, "steps on one worker")
+    shrunk_at = time.time()
+    cluster.add_node(num_cpus=1, resources={"trainer": 1, "trainer9": 1}, object_store_memory=128 * 1024**2)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    history = metric_history(uri, outcome["mlflow_run_id"], "world_size")
+    seen = [m.value for m in sorted(history, key=lambda m: m.timestamp)]
+    assert seen[0] == 2.0 and 1.0 in seen and seen[-1] == 2.0, seen  # shrank, then grew back
+    lr = {m.step: m.value for m in metric_history(uri, outcome["mlflow_run_id"], "lr")}
+    assert sorted(lr) == list(range(2, 16 * 8 + 1, 2))
+    print(f"\n[recovery] elastic: {shrunk_at - killed_at:.1f} s from the node loss to steps on one worker")
+
+
+def _run_id(uri: str, experiment: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return runs[0].info.run_id if runs else None
