@@ -18,15 +18,17 @@ run: env data
 # The Ray tests (one process, one Ray cluster) and, beside them at a lower CPU priority, the rest:
 # the Ray tests mostly wait on Ray's processes. The fast tier's report follows the Ray tier's.
 # (pytest's exit code 5, "no tests collected", is fine for one tier when PYTEST_ARGS selects files.)
+# Then the multi-node tests, in a multi-node Ray cluster of their own (never two clusters at once).
 test: env data
-	@nice -n 10 $(PY) -m pytest -q -p no:cacheprovider -m "not ray" $(PYTEST_ARGS) > .test-fast.log 2>&1 & fast=$$!; \
+	@nice -n 10 $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not multinode" $(PYTEST_ARGS) > .test-fast.log 2>&1 & fast=$$!; \
 	$(PY) -m pytest -q -m ray --durations=10 $(PYTEST_ARGS); ray=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -m multinode --durations=5 $(PYTEST_ARGS); nodes=$$?; \
 	wait $$fast; fast=$$?; echo "--- the tests that need no Ray cluster:"; cat .test-fast.log; \
-	[ $$ray = 0 -o $$ray = 5 ] && [ $$fast = 0 -o $$fast = 5 ] && [ $$ray$$fast != 55 ]
+	ok() { [ $$1 = 0 -o $$1 = 5 ]; }; ok $$ray && ok $$nodes && ok $$fast && [ $$ray$$nodes$$fast != 555 ]
 
 # The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...).
 test-fast: env data
-	$(PY) -m pytest -q -m "not ray" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not ray and not multinode" $(PYTEST_ARGS)
 
 env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

@@ -20,8 +20,9 @@ RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends 
 
 def pytest_collection_modifyitems(items) -> None:
     """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture).
-    ``make test-fast`` runs ``-m "not ray"``, the inner loop; ``make test`` runs ``-m ray`` and,
-    beside it at a lower CPU priority, ``-m "not ray"`` (two processes, one Ray cluster)."""
+    ``make test-fast`` runs ``-m "not ray and not multinode"``, the inner loop; ``make test`` runs
+    ``-m ray`` and, beside it at a lower CPU priority, the fast tier (two processes, one Ray
+    cluster), then ``-m multinode`` (tests/test_multinode.py, a multi-node cluster of its own)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
