@@ -137,9 +137,10 @@ def wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def remove_node_of_a_worker(cluster) -> tuple[str, float]:
-    """Remove (raylet and every process) the node of the last training worker; its id and when."""
-    node_id = train_workers()[-1].node_id
+def remove_node_of_a_worker(cluster, node_id: str | None = None) -> tuple[str, float]:
+    """Remove (raylet and every process) ``node_id`` or the node of the last training worker;
+    its id and when."""
+    node_id = node_id or train_workers()[-1].node_id
     node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
     killed_at = time.time()
     cluster.remove_node(node, allow_graceful=False)
@@ -147,9 +148,10 @@ def remove_node_of_a_worker(cluster) -> tuple[str, float]:
 
 
 def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes, mlflow_server) -> None:
-    """2 workers on trainer nodes; the node of one is removed after the first checkpoint; with
-    run.max_failures the group restarts on the nodes left, from the newest checkpoint, and
-    finishes in the same MLflow run. Prints the recovery figures (docs/benchmarks.md)."""
+    """2 workers on trainer nodes; the node of rank 0 (the one logging to MLflow) is removed
+    after the first checkpoint; with run.max_failures the group restarts on the nodes left, from
+    the newest checkpoint, and finishes in the same MLflow run, not a second one. Prints the
+    recovery figures (docs/benchmarks.md)."""
     from mlflow.tracking import MlflowClient
 
     cluster, bucket = ray_nodes
@@ -161,16 +163,19 @@ def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes
     thread, outcome = run_in_thread(cfg)
     fs, root = storage.resolve(f"s3://{bucket}/runs/{name}")
     wait_for(lambda: checkpoints(fs, root) or not thread.is_alive(), 240, "a first checkpoint")
-    _, killed_at = remove_node_of_a_worker(cluster)
+    client = MlflowClient(uri)
+    first_run = _run_id(uri, name)
+    rank0_node = client.get_run(first_run).data.tags["rayssl.rank0_node"]
+    _, killed_at = remove_node_of_a_worker(cluster, rank0_node)
     thread.join(timeout=400)
     assert not thread.is_alive(), "the run did not finish after the node was lost"
     assert "error" not in outcome, outcome.get("error")
 
     resumed = outcome["resumed_from_step"]
     assert resumed % 8 == 0 and resumed >= 8
-    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    assert [r.info.run_id for r in runs] == [outcome["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
+    assert [r.info.run_id for r in runs] == [first_run] == [outcome["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["rayssl.rank0_node"] != rank0_node
     losses = metric_history(uri, outcome["mlflow_run_id"], "loss")
     done_before = max(m.step for m in losses if m.timestamp / 1000 < killed_at)
     first_after = min(m.timestamp / 1000 for m in losses if m.timestamp / 1000 > killed_at and m.step > resumed)

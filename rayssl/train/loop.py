@@ -45,7 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     device=ray.train.torch.get_device(), report=report,
                     restore=lambda say: restore(loop_config, say),
                     knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
-                    prepare_model=ray.train.torch.prepare_model)
+                    prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id())
     return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
 
 

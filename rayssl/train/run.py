@@ -59,7 +59,9 @@ class Worker:
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
     - ``knn_sets()``: fresh ``(bank, queries)`` iterables of this worker's labelled batches, or
       None when the data has no labels (no k-NN);
-    - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default.
+    - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default;
+    - ``node``: the id of the node this worker runs on (rank 0's is tagged ``rayssl.rank0_node``
+      in MLflow, newest launch wins: where its logs are, and which node a test may remove).
     """
 
     train_batches: Callable[[int, int], Iterable[dict]]
@@ -71,6 +73,7 @@ class Worker:
     knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model
     say: Callable[[str], None] = say
+    node: str = ""
 
 
 class TrainRun:
@@ -98,6 +101,8 @@ class TrainRun:
         self.views = Views(cfg, meta, device)
         self.alarm = CollapseAlarm.of(cfg.monitor)
         self.mlflow = RunLogger(tracking, worker.say) if tracking and worker.rank == 0 else None
+        if self.mlflow and worker.node:
+            self.mlflow.tag("rayssl.rank0_node", worker.node)
         self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
         self.step = self.start_step = self.last_checkpoint = 0
         self.results: dict = {}
