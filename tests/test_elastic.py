@@ -132,3 +132,16 @@ def test_two_worker_checkpoint_resumes_on_one_and_on_three_workers(images, tmp_p
     assert (one[0]["plan"].accumulate, three[0]["plan"].accumulate, two[0]["plan"].accumulate) == (3, 1, 2)
     crops = [r["crops"] for r in three]
     assert not any(torch.equal(a, b) for i, a in enumerate(crops) for b in crops[i + 1:])  # reseeded per rank
+
+
+def test_a_cluster_that_cannot_hold_min_workers_is_named_in_one_line() -> None:
+    from rayssl.train.launch import placement_warning
+
+    cfg = config("scaling.num_workers=[2,4]", "scaling.cpus_per_worker=1", "scaling.worker_resources={trainer: 1}")
+    assert placement_warning(cfg, {"CPU": 8, "trainer": 2}) is None
+    line = placement_warning(cfg, {"CPU": 8, "trainer": 1})
+    assert line.startswith("[rayssl] WARNING scaling.num_workers: the cluster holds 1 of the 2 workers needed "
+                           "(1 CPU, 1 trainer each)") and "\n" not in line
+    gpu = config("scaling.num_workers=2", "scaling.use_gpu=true", "scaling.cpus_per_worker=4")
+    assert "holds 0 of the 2" in placement_warning(gpu, {"CPU": 16})
+    assert placement_warning(gpu, {"CPU": 16, "GPU": 2}) is None

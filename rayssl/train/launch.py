@@ -134,6 +134,20 @@ def check_shared_storage(cfg: Config, nodes: int) -> None:
                           f"{nodes} nodes that share no disk; set it to an mlflow server (http://host:5000)")
 
 
+def placement_warning(cfg: Config, cluster: dict[str, float]) -> str | None:
+    """A one-line warning when the cluster's total resources cannot hold ``min`` training
+    workers (Ray Train would wait for them; an autoscaler may still add the nodes), else None."""
+    s = cfg.scaling
+    need = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
+    fits = min((int(cluster.get(k, 0) // v) for k, v in need.items() if v > 0), default=s.min_workers)
+    if fits >= s.min_workers:
+        return None
+    per_worker = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    return (f"[rayssl] WARNING scaling.num_workers: the cluster holds {fits} of the {s.min_workers} workers "
+            f"needed ({per_worker} each) and training waits until nodes join; lower scaling.num_workers "
+            f"(or its min) or the per-worker resources")
+
+
 def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
     """Train a checked launch; rank 0's results.
 
@@ -147,6 +161,8 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     cfg = launch.cfg
     init_ray(cfg.scaling.address)
     check_shared_storage(cfg, len([n for n in ray.nodes() if n["Alive"]]))
+    if warning := placement_warning(cfg, ray.cluster_resources()):
+        print(warning, flush=True)
     settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
     try:
         result = build_trainer(launch, settings, callbacks).fit()
