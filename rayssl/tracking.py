@@ -105,7 +105,7 @@ def run_tags(cfg: Config, run_path: str) -> dict[str, str]:
 
     tags = {"rayssl.version": rayssl.__version__, "rayssl.git_commit": git_commit() or "unknown",
             "rayssl.run_path": mask_uri(run_path), "ray.version": ray.__version__,
-            "torch.version": torch.__version__, "scaling.num_workers": str(cfg.scaling.num_workers),
+            "torch.version": torch.__version__, "scaling.num_workers": _param(cfg.flat()["scaling.num_workers"]),
             "device": "cuda" if cfg.scaling.use_gpu else "cpu", "objective.mode": cfg.objective.mode}
     return tags
 
