@@ -64,7 +64,7 @@ def main() -> None:
     train = images[:TRAIN]
     mean, std = (float(train.float().mean() / 255),), (float(train.float().std() / 255),)
     torch.manual_seed(cfg.train.seed)
-    batch = cfg.train.batch_size * cfg.scaling.num_workers
+    batch = cfg.train.batch_size * cfg.scaling.max_workers
     spe = FULL // batch
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=torch.channels_last)
     teacher = make_teacher(student)

@@ -57,7 +57,8 @@ tuning advice:
                             optim.teacher_momentum_end.
   optim.lr                  peak LR per 256 images (scaled by the global batch); lower it first if
                             the loss goes non-finite.
-  train.batch_size          per worker; the global batch is batch_size x accumulate_steps x workers.
+  train.batch_size          per worker; the global batch is batch_size x accumulate_steps x workers
+                            (the max of an elastic range [min, max]: fewer workers accumulate more).
   scaling.num_workers, scaling.use_gpu, scaling.cpus_per_worker
                             one worker per GPU; on CPU, cpus_per_worker sets torch threads (and
                             below 1 leaves room for Ray Data on small machines).

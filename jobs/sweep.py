@@ -36,7 +36,7 @@ tuning advice:
   (sweep.evaluations per trial); without labels it ranks by norm/mutual_information, I(X;K) of
   the normalised teacher. A trial whose I(X;K) stays below monitor.min_mutual_information for
   monitor.patience logged steps has collapsed and stops itself (marked "collapse" in trials.csv).
-  Each trial reserves scaling.num_workers x scaling.cpus_per_worker CPUs (or GPUs); by default
+  Each trial reserves scaling.num_workers (its max) x scaling.cpus_per_worker CPUs (or GPUs); by default
   as many trials run at once as the cluster fits, so a small cluster never deadlocks.
   Rerunning with the same sweep.name resumes an interrupted sweep (Tune's restore).
 

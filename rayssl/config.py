@@ -188,6 +188,12 @@ class ScalingConfig(_Section):
     def elastic(self) -> bool:
         return self.min_workers != self.max_workers
 
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """What one training worker asks Ray for: CPUs, GPUs when used, custom resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {}),
+                **self.worker_resources}
+
 
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")

@@ -193,8 +193,9 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: Mlf
 
 
 def _trial_cpus(base: Config, sweep: SweepConfig) -> float:
-    """CPUs one trial holds: its driver, its workers and one for its Ray Data tasks."""
-    return base.scaling.num_workers * base.scaling.cpus_per_worker + sweep.trial_cpu + 1
+    """CPUs one trial holds: its driver, its workers (the max of an elastic range) and one for
+    its Ray Data tasks."""
+    return base.scaling.max_workers * base.scaling.cpus_per_worker + sweep.trial_cpu + 1
 
 
 def default_concurrency(base: Config, sweep: SweepConfig, resources: dict[str, float]) -> int:
@@ -203,7 +204,7 @@ def default_concurrency(base: Config, sweep: SweepConfig, resources: dict[str, f
     s = base.scaling
     fits = resources.get("CPU", 1) // _trial_cpus(base, sweep)
     if s.use_gpu:
-        fits = min(fits, resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker))
+        fits = min(fits, resources.get("GPU", 0) // (s.max_workers * s.gpus_per_worker))
     return max(1, int(fits))
 
 

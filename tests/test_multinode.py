@@ -71,18 +71,6 @@ def node_config(bucket: str, name: str, mlflow_uri: str, *extra: str):
         f"tracking.experiment={name}", *extra])
 
 
-def worker_nodes(cluster) -> dict[str, str]:
-    """Node id -> its ``trainer<i>`` name (or ``head``)."""
-    import ray
-
-    names = {}
-    for node in ray.nodes():
-        if node["Alive"]:
-            tag = [r for r in node["Resources"] if r.startswith("trainer") and r != "trainer"]
-            names[node["NodeID"]] = tag[0] if tag else "head"
-    return names
-
-
 def train_workers(state: str = "ALIVE") -> list:
     from ray.util.state import list_actors
 
@@ -137,14 +125,14 @@ def wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def remove_node_of_a_worker(cluster, node_id: str | None = None) -> tuple[str, float]:
+def remove_node_of_a_worker(cluster, node_id: str | None = None) -> float:
     """Remove (raylet and every process) ``node_id`` or the node of the last training worker;
-    its id and when."""
+    when."""
     node_id = node_id or train_workers()[-1].node_id
     node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
     killed_at = time.time()
     cluster.remove_node(node, allow_graceful=False)
-    return node_id, killed_at
+    return killed_at
 
 
 def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes, mlflow_server) -> None:
@@ -166,7 +154,7 @@ def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes
     client = MlflowClient(uri)
     first_run = _run_id(uri, name)
     rank0_node = client.get_run(first_run).data.tags["rayssl.rank0_node"]
-    _, killed_at = remove_node_of_a_worker(cluster, rank0_node)
+    killed_at = remove_node_of_a_worker(cluster, rank0_node)
     thread.join(timeout=400)
     assert not thread.is_alive(), "the run did not finish after the node was lost"
     assert "error" not in outcome, outcome.get("error")
@@ -204,7 +192,7 @@ def test_elastic_run_shrinks_after_a_node_loss_and_grows_when_a_node_joins(ray_n
     fs, root = storage.resolve(f"s3://{bucket}/runs/{name}")
     wait_for(lambda: checkpoints(fs, root) or not thread.is_alive(), 240, "a first checkpoint")
     assert set(sizes()) == {2.0}
-    _, killed_at = remove_node_of_a_worker(cluster)
+    killed_at = remove_node_of_a_worker(cluster)
     wait_for(lambda: 1.0 in sizes() or not thread.is_alive(), 240, "steps on one worker")
     shrunk_at = time.time()
     cluster.add_node(num_cpus=1, resources={"trainer": 1, "trainer9": 1}, object_store_memory=128 * 1024**2)

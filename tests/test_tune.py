@@ -92,6 +92,8 @@ def test_concurrency_fits_trials_in_the_cluster() -> None:
     assert default_concurrency(base, sweep_settings, {"CPU": 1.0}) == 1  # never 0
     gpu = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.use_gpu=true"])
     assert default_concurrency(gpu, sweep_settings, {"CPU": 64.0, "GPU": 4.0}) == 2  # the GPUs bind first
+    elastic = load_config(None, ["scaling.num_workers=[1,2]", "scaling.cpus_per_worker=0.5"])
+    assert default_concurrency(elastic, sweep_settings, {"CPU": 4.0}) == 1  # a trial holds its max: 4 // 2.1
 
 
 def test_two_trial_sweep_with_asha_mlflow_and_a_runnable_best_config(ray_cluster, shard_cache, tmp_path) -> None:

@@ -64,7 +64,6 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
@@ -72,7 +71,7 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
                            "run_path": f"{path}/{run_name(cfg)}", "filesystem": filesystem},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
-            resources_per_worker=resources, placement_strategy=s.placement_strategy,
+            resources_per_worker=s.resources_per_worker, placement_strategy=s.placement_strategy,
             elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=ray.train.RunConfig(
             name=run_name(cfg), storage_path=path, storage_filesystem=filesystem,
@@ -138,7 +137,7 @@ def placement_warning(cfg: Config, cluster: dict[str, float]) -> str | None:
     """A one-line warning when the cluster's total resources cannot hold ``min`` training
     workers (Ray Train would wait for them; an autoscaler may still add the nodes), else None."""
     s = cfg.scaling
-    need = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
+    need = s.resources_per_worker
     fits = min((int(cluster.get(k, 0) // v) for k, v in need.items() if v > 0), default=s.min_workers)
     if fits >= s.min_workers:
         return None
@@ -153,8 +152,7 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
 
     Ray is joined or started (and a multi-node cluster's storage checked), then the MLflow run
     is created (or, for a run with a checkpoint, continued) and marked FAILED if anything after
-    raises. A NaN/inf step
-    beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
+    raises. A NaN/inf step beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
     ending at the last good step); a collapse stop returns ``stopped="collapse"``. A sweep's
     trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
     """
