@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,13 +76,27 @@ reliability:
                             intact checkpoint (at most train.checkpoint_every steps are recomputed); -1: no limit.
   train.skip_nonfinite      NaN/inf steps to skip (no update) before stopping; 0 stops at the first, keeping the
                             last good checkpoint (exit code 1).
-  monitor.min_mutual_information, monitor.patience
-                            collapse alarm: I(X;K) of the normalised teacher below the threshold for that many
-                            logged steps warns and tags the MLflow run (rayssl.collapse);
+  monitor.min_effective_clusters, monitor.min_mutual_information, monitor.patience
+                            collapse alarm: effective clusters (partial collapse; default 7) or I(X;K)
+                            (uniform collapse; 0.05 nats) of the normalised teacher below its threshold for
+                            monitor.patience logged steps warns and tags the MLflow run (rayssl.collapse);
   monitor.stop_on_collapse  ... and stops the run (exit code 3).
   data.deterministic        replayable data order (with data.decode_on=worker): a resumed run ends bitwise
                             equal to an uninterrupted one on CPU. Slower; for debugging.
 """
+
+
+def final_report(cfg, results: dict, wall_seconds: float) -> str:
+    """The run's report (``rayssl.report``), also logged to its MLflow run as ``report.md``."""
+    from rayssl import report, tracking
+    from rayssl.config import mask_uri
+
+    storage = cfg.run.storage_path.rstrip("/")  # Ray's result path of an s3:// run has no scheme
+    folder = f"{mask_uri(storage)}/{cfg.run.name}" if "://" in storage else results["run_path"]
+    text = report.render(results, cfg.redacted(), wall_seconds, folder, results.get("mlflow"))
+    if "mlflow_run_id" in results:
+        tracking.log_report(tracking.tracking_uri(cfg), results["mlflow_run_id"], text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         epilog=TUNING, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="YAML config (default: configs/fashion_mnist.yaml)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Ray Data's logs on the console too (run.verbose=true); by default "
+                             "they go to Ray's log folder and the console shows rayssl's lines and a progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. objective.mode=center train.epochs=3")
     args = parser.parse_args(argv)
+    started = time.time()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["run.verbose=true"] if args.verbose else []))
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
 
@@ -107,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     except NonFiniteError as err:
         parser.exit(1, f"stopped: {err}\n")
-    print("\nk-NN accuracy (weighted 20-NN, data.eval_source queries):")
-    for key in ("raw_pixels", "random_init", "teacher"):
-        if f"knn/{key}" in results:
-            print(f"  {key:12s} {results[f'knn/{key}']:.2%}")
-    print(f"run: {results['run_path']}")
-    if "mlflow" in results:
-        print(results["mlflow"])
+    print("\n" + final_report(cfg, results, time.time() - started))
     if results.get("stopped") == "collapse":
         print(f"stopped early: {results['stop_reason']}", file=sys.stderr)
         return 3

@@ -34,8 +34,9 @@ tuning advice:
   Short trials rank configs well enough: use `fixed` to cut epochs and data, then rerun the
   best.yaml at full length. ASHA compares trials at each online k-NN evaluation
   (sweep.evaluations per trial); without labels it ranks by norm/mutual_information, I(X;K) of
-  the normalised teacher. A trial whose I(X;K) stays below monitor.min_mutual_information for
-  monitor.patience logged steps has collapsed and stops itself (marked "collapse" in trials.csv).
+  the normalised teacher. A trial whose effective clusters stay below monitor.min_effective_clusters
+  (or I(X;K) below monitor.min_mutual_information) for monitor.patience logged steps has collapsed
+  and stops itself (marked "collapse" in trials.csv).
   Each trial reserves scaling.num_workers (its max) x scaling.cpus_per_worker CPUs (or GPUs); by default
   as many trials run at once as the cluster fits, so a small cluster never deadlocks.
   Rerunning with the same sweep.name resumes an interrupted sweep (Tune's restore).

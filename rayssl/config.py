@@ -199,6 +199,9 @@ class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")
     storage_path: str = "~/rayssl_results"
     max_failures: int = Field(0, ge=-1)
+    verbose: bool = Field(False, description=(
+        "Show Ray's and Ray Data's logs on the console too; by default they go to Ray's log folder "
+        "and the console shows rayssl's lines and one progress bar."))
 
 
 class EvalConfig(_Section):
@@ -211,9 +214,20 @@ class EvalConfig(_Section):
 
 
 class MonitorConfig(_Section):
+    min_effective_clusters: float = Field(7.0, ge=1.0, description=(
+        "Collapse alarm, partial or one-cluster collapse: effective clusters of the normalised teacher "
+        "(norm/effective_clusters, exp H(K)) below this for monitor.patience logged steps. Collapsed "
+        "objective.mode=none runs sit at 2-4 from their 40th step; center runs settle at 11-18 (one logged "
+        "step at 6.6) and prior runs near K "
+        "(docs/benchmarks.md, '[5/5] The collapse alarm, calibrated'); keep it well below "
+        "objective.num_clusters and below the number of groups you expect in the data; 1 turns it off."))
     min_mutual_information: float = Field(0.05, ge=0.0, description=(
-        "Collapse alarm: I(X;K) of the normalised teacher (norm/mutual_information, nats) below this ..."))
-    patience: PositiveInt = Field(10, description="... for this many consecutive logged steps raises the alarm.")
+        "Collapse alarm, uniform collapse (every posterior flat, effective clusters near K): I(X;K) of "
+        "the normalised teacher (norm/mutual_information, nats) below this for monitor.patience logged "
+        "steps. No calibration run went below 0.68 nats; 0 turns it off."))
+    patience: PositiveInt = Field(10, description=(
+        "Consecutive logged steps below a monitor threshold that raise the alarm; 10 at train.log_every=20 "
+        "is 200 steps, less than the 234 of a Fashion-MNIST epoch."))
     stop_on_collapse: bool = Field(False, description=(
         "On the alarm, stop the run early (checkpoint kept) instead of only warning and tagging it."))
 
@@ -254,6 +268,9 @@ class Config(_Section):
                              f"{a.global_crop_size}")
         if o.min_lr > o.lr:
             raise ValueError(f"optim.min_lr: {o.min_lr} exceeds optim.lr {o.lr}")
+        if self.monitor.min_effective_clusters >= self.objective.num_clusters:
+            raise ValueError(f"monitor.min_effective_clusters: {self.monitor.min_effective_clusters:g} is not below "
+                             f"objective.num_clusters {self.objective.num_clusters}; lower it (1 turns it off)")
         if self.data.deterministic and self.data.decode_on != "worker":
             raise ValueError("data.deterministic: needs data.decode_on=worker (Ray Data tasks crop with "
                              "their own random seeds)")

@@ -2,7 +2,8 @@
 
 - The driver (``start`` / ``finish``) checks the tracking store before anything trains,
   creates the MLflow run (or finds the one stored in the run's latest checkpoint, so a
-  relaunch keeps logging into it) and logs params, tags and the resolved config.
+  relaunch keeps logging into it) and logs params, tags and the resolved config; at the end
+  ``jobs/pretrain.py`` adds ``report.md`` (``log_report``).
 - World rank 0 (``RunLogger``) logs metrics at every reported step, the per-epoch cluster
   plots, the training curves, ``results.json`` and the final backbone.
 Nothing else in rayssl imports MLflow. Every value passes through ``Config.redacted``, so
@@ -253,6 +254,21 @@ def finish(settings: MlflowRun | None, failed: bool) -> None:
                     client.set_terminated(settings.run_id, status="FAILED")
         except Exception as err:  # noqa: BLE001 - the training error matters more
             log.warning("MLflow: could not mark run %s failed: %s", settings.run_id, err)
+
+
+def log_report(uri: str, run_id: str, text: str) -> bool:
+    """Driver side, after ``fit``: ``text`` (``rayssl.report.render``, built from the redacted
+    config) as the artifact ``report.md`` of run ``run_id``, by id: the run, which rank 0 has
+    usually ended, is neither reopened nor made active. On failure one line to stderr and False."""
+    try:
+        with _quick_http():
+            mlflow_client(uri, create=False).log_text(run_id, text, "report.md")
+        return True
+    except Exception as err:  # noqa: BLE001 - the run itself is done; the report was printed
+        print(f"MLflow: report.md not logged to run {run_id} at {mask_uri(uri)} "
+              f"({type(err).__name__}: {mask_uri(str(err).splitlines()[0][:160]) if str(err) else ''})",
+              file=sys.stderr)
+        return False
 
 
 def ui_hint(settings: dict) -> str:

@@ -4,8 +4,11 @@ Crop boxes come from torchvision v2's ``RandomResizedCrop`` sampler (one draw pe
 pixels of all crops of a view are resampled in one ``torchvision.ops.roi_align`` call (bin
 averaging, which antialiases downscaling), and flips, brightness/contrast/saturation jitter,
 random grayscale and solarisation are per-sample masks and factors on the whole batch. Hue
-and blur fall back to torchvision v2 functionals on the selected images only. On a GPU the
-whole view is a handful of kernels; on a CPU it costs a fraction of a per-image pipeline.
+is torchvision's HSV round trip and blur its Gaussian kernel, both applied to the whole batch
+with per-sample factors (the blur as two 1-D passes, 2 k instead of k^2 multiply-adds per pixel:
+at 224 px it was 42 % of a CPU multi-crop stage done image by image, docs/benchmarks.md [4/5]).
+On a GPU the whole view is a handful of kernels; on a CPU it costs a fraction of a per-image
+pipeline.
 
 ``EvalPreprocess`` is the one deterministic preprocessing of frozen features: the evaluator's,
 the online k-NN's and the one ``rayssl.load_backbone`` publishes with a checkpoint.
@@ -13,6 +16,7 @@ the online k-NN's and the one ``rayssl.load_backbone`` publishes with a checkpoi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,6 +26,10 @@ from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # adjust_hue's own (torchvision pinned)
+
+
+CACHE_BYTES = 2**20  # float32 pixels per slice of a view on a CPU (about one core's L2)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,26 @@ def _chance(n: int, p: float, device) -> Tensor:
 def _gray(x: Tensor) -> Tensor:
     """Luma (B, 1, H, W) of RGB or grayscale images in [0, 1]."""
     return TF.rgb_to_grayscale(x) if x.shape[1] == 3 else x
+
+
+def _blur(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
+    """Each image of (B, C, H, W) blurred with its own ``sigma``: ``TF.gaussian_blur(x[i],
+    [kernel, kernel], [sigma[i]])`` (its kernel, reflect padding), as separable 1-D passes."""
+    b, c, h, w = x.shape
+    lim = (kernel - 1) / (2.0 * math.sqrt(2.0))
+    t = torch.linspace(-lim, lim, kernel, dtype=x.dtype, device=x.device)
+    k1 = torch.softmax(-(t / sigma.to(x.dtype).view(-1, 1)).pow(2), dim=1).repeat_interleave(c, 0)
+    y = F.pad(x, [kernel // 2] * 4, mode="reflect").reshape(1, b * c, h + kernel - 1, w + kernel - 1)
+    y = F.conv2d(y, k1.view(b * c, 1, 1, kernel), groups=b * c)
+    return F.conv2d(y, k1.view(b * c, 1, kernel, 1), groups=b * c).view(b, c, h, w)
+
+
+def _hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Each RGB image of (B, 3, H, W) in [0, 1] with its hue rotated by ``shift``: torchvision's
+    ``adjust_hue`` (the same HSV round trip), per-sample factors."""
+    h, s, v = _rgb_to_hsv(x).unbind(dim=-3)
+    h = (h + shift.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
@@ -132,24 +160,38 @@ class MultiCrop:
 
     def _colour(self, x: Tensor) -> Tensor:
         n, s, dev = x.shape[0], self.jitter, x.device
-        on = _chance(n, 0.8, dev).view(-1, 1, 1, 1)
+        on = _chance(n, 0.8, dev)
 
-        def blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:  # v2's _blend, per sample
-            return torch.where(on, (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp(0, 1), a)
+        def factor(lo: float, hi: float) -> Tensor:  # 1 (no change) where the jitter is off
+            return torch.where(on, _uniform(n, lo, hi, dev), 1.0).view(-1, 1, 1, 1)
 
-        x = blend(x, torch.zeros_like(x), _uniform(n, max(0.0, 1 - s), 1 + s, dev))
-        x = blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), _uniform(n, max(0.0, 1 - s), 1 + s, dev))
+        def blend(a: Tensor, b: Tensor, f: Tensor) -> Tensor:  # v2's _blend, per sample
+            return (f * a + (1 - f) * b).clamp_(0, 1)
+
+        x = factor(max(0.0, 1 - s), 1 + s) * x  # brightness: the blend with black
+        x = x.clamp_(0, 1)
+        x = blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor(max(0.0, 1 - s), 1 + s))
         if self.channels == 3:
-            x = blend(x, _gray(x), _uniform(n, max(0.0, 1 - s / 2), 1 + s / 2, dev))
+            x = blend(x, _gray(x), factor(max(0.0, 1 - s / 2), 1 + s / 2))
             hue = _uniform(n, -s / 4, s / 4, dev).clamp(-0.5, 0.5)
-            for i in torch.nonzero(on.flatten() & (hue != 0)).flatten().tolist():
-                x[i] = TF.adjust_hue(x[i], float(hue[i]))
+            shift = torch.nonzero(on & (hue != 0)).flatten()
+            if len(shift):
+                x[shift] = _hue(x[shift], hue[shift])
             x = torch.where(_chance(n, 0.2, dev).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         return x
 
     def _view(self, x: Tensor, view: _View) -> Tensor:
-        n, dev = x.shape[0], x.device
         out = roi_align(x, self.crop_boxes(x, view.scale), view.size, sampling_ratio=-1, aligned=True)
+        # On a CPU the per-pixel ops below run on slices of ~1 MiB, which stay in the core's cache
+        # (the whole 224 px view of 64 images is 38 MiB: the HSV round trip alone took 3x longer).
+        rows = out.shape[0] if out.is_cuda else max(1, CACHE_BYTES // (4 * out[0].numel()))
+        for start in range(0, out.shape[0], rows):
+            out[start:start + rows] = self._pixels(out[start:start + rows], view)
+        return out
+
+    def _pixels(self, out: Tensor, view: _View) -> Tensor:
+        """Flip, rotation, colour, blur and solarisation of cropped views, each with its own draw."""
+        n, dev = out.shape[0], out.device
         out = torch.where(_chance(n, self.flip_prob, dev).view(-1, 1, 1, 1), out.flip(-1), out)
         if self.rotation > 0:
             out = _rotate(out, _uniform(n, -self.rotation, self.rotation, dev))
@@ -157,8 +199,9 @@ class MultiCrop:
             out = self._colour(out)
         if view.blur_prob > 0:
             kernel = max(3, int(0.1 * view.size) // 2 * 2 + 1)
-            for i in torch.nonzero(_chance(n, view.blur_prob, dev)).flatten().tolist():
-                out[i] = TF.gaussian_blur(out[i], [kernel, kernel], [float(_uniform(1, 0.1, 2.0, "cpu"))])
+            blur = torch.nonzero(_chance(n, view.blur_prob, dev)).flatten()
+            if len(blur):
+                out[blur] = _blur(out[blur], kernel, _uniform(len(blur), 0.1, 2.0, dev))
         if view.solarize_prob > 0:
             flip = _chance(n, view.solarize_prob, dev).view(-1, 1, 1, 1) & (out >= 0.5)
             out = torch.where(flip, 1 - out, out)

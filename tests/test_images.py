@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 from rayssl.data import images
 
+ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 RGB = Image.fromarray(RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8))
 
@@ -81,3 +84,68 @@ def test_decode_batch_marks_failures() -> None:
     out, ok = images.decode_batch(batch, channels=3, size=16)
     assert ok.tolist() == [True, False, False]
     assert out.shape == (3, 16, 16, 3) and out[0].any() and not out[1:].any()
+
+
+def _photo_set():
+    """benchmarks/photo_set.py, whose bad inputs (and 16-bit PNG writer) these tests share."""
+    spec = importlib.util.spec_from_file_location("photo_set", ROOT / "benchmarks" / "photo_set.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMOOTH = Image.fromarray(np.stack([*np.meshgrid(np.linspace(0, 255, 64), np.linspace(40, 200, 48)),
+                                   np.full((48, 64), 90.0)], -1).astype(np.uint8))
+
+
+def test_valid_cmyk_jpeg_and_16_bit_png_decode_to_rgb_uint8() -> None:
+    """A CMYK JPEG (print workflows) and a 16-bit RGB PNG (raw converters) are valid images:
+    they decode to the same RGB uint8 pixels as their 8-bit RGB versions, not to a skip."""
+    ps = _photo_set()
+    reference = images.decode(encode(SMOOTH, "PNG"), channels=3, size=32)
+    cmyk = images.decode(encode(SMOOTH.convert("CMYK"), "JPEG", quality=95), channels=3, size=32)
+    assert cmyk.dtype == np.uint8 and np.abs(cmyk.astype(int) - reference).mean() < 3
+    sixteen = ps.png16(np.asarray(SMOOTH).astype(np.uint16) * 257)
+    assert sixteen[24] == 16  # the IHDR's bit depth
+    assert (images.decode(sixteen, channels=3, size=32) == reference).all()
+    gray16 = encode(Image.fromarray(np.asarray(SMOOTH.convert("L")).astype(np.uint16) * 257), "PNG")
+    assert (images.decode(gray16, channels=1, size=32) == images.decode(encode(SMOOTH.convert("L"), "PNG"), 1, 32)).all()
+
+
+def test_photo_set_bad_inputs_through_the_multicrop_stage() -> None:
+    """The benchmark's bad inputs in a Ray Data multi-crop stage call: truncated JPEGs are
+    marked not ok (counted as data/skipped_images by the worker), CMYK and 16-bit ones decode;
+    the stage never raises and returns every row."""
+    from types import SimpleNamespace
+
+    from rayssl.data.datasets import multicrop_stage, stage_rows
+
+    ps = _photo_set()
+    bad = ps.bad_inputs(np.asarray(SMOOTH.resize((640, 480))), count=2)
+    augment = dict(global_crop_size=24, global_crop_scale=(0.4, 1.0), local_crops=2, local_crop_size=12,
+                   local_crop_scale=(0.1, 0.4), flip_prob=0.5, rotation=0.0, color_jitter=0.4, blur_prob=1.0,
+                   solarize_prob=0.2)
+    assert stage_rows(SimpleNamespace(**augment), 3) == 512  # training calls it with these 6 rows at once
+    out = multicrop_stage({"image": list(bad.values())}, augment, channels=3, size=32)
+    ok = out["ok"]
+    assert dict(zip(bad, ok.tolist())) == {name: not name.startswith("truncated") for name in bad}
+    views = out["view_0"]
+    assert views.shape == (6, 3, 24, 24) and views.dtype == np.uint8 and views[ok].any() and not views[~ok].any()
+
+
+def test_batched_blur_and_hue_equal_torchvisions_per_image_ops() -> None:
+    """The multi-crop stage's batched Gaussian blur (separable, per-sample sigma) and hue shift
+    (per-sample factor) compute what torchvision's ``gaussian_blur`` / ``adjust_hue`` compute
+    image by image: the meaning of ``augment.blur_prob`` and ``augment.color_jitter`` is unchanged."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from rayssl.transforms import _blur, _hue
+
+    x = torch.rand(4, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    sigma, shift = torch.tensor([0.1, 0.7, 1.3, 2.0]), torch.tensor([-0.1, 0.0, 0.05, 0.1])
+    for kernel in (3, 9, 23):
+        expected = torch.stack([TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])]) for i in range(4)])
+        assert torch.allclose(_blur(x, kernel, sigma), expected, atol=1e-5)
+    expected = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(4)])
+    assert torch.allclose(_hue(x, shift), expected, atol=1e-6)

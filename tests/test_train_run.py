@@ -114,12 +114,14 @@ def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
 def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
     """objective.mode=none with a fast, sharp teacher collapses within a few steps: the alarm
     warns, tags the MLflow run (a real SQLite store) and, with monitor.stop_on_collapse, stops
-    at the first ``monitor.patience`` low steps in a row, reporting a checkpoint at that step.
+    at the first ``monitor.patience`` steps in a row below a threshold of ``rayssl.monitor.rules``
+    (effective clusters or I(X;K)), reporting a checkpoint at that step.
     BatchNorm in the head (the default's model.head_norm) holds this tiny run off collapse, so
     it is off here."""
     import mlflow
 
     from rayssl import tracking
+    from rayssl.monitor import rules
 
     cfg = config("objective.mode=none", "model.head_norm=false", "optim.teacher_momentum=0.9",
                  "optim.teacher_momentum_end=0.9", "objective.teacher_temperature=0.02",
@@ -134,9 +136,11 @@ def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
     out = TrainRun(cfg, META, STEPS_PER_EPOCH, w, settings).run()
 
     assert out["stopped"] == "collapse" and out["stop_reason"].startswith("collapse at step")
+    assert out["collapse"] == out["stop_reason"]  # what the final report (rayssl.report) shows
+    assert out["eval_seconds"] == 0.0 < out["train_seconds"]  # no labelled data: no k-NN to time
     steps = [m["step"] for m in out["history"]]
-    low = [m["norm/mutual_information"] < cfg.monitor.min_mutual_information for m in out["history"]]
-    first_alarm = next(i for i in range(2, len(low)) if all(low[i - 2:i + 1]))
+    lows = [[m[rule.metric] < rule.threshold for m in out["history"]] for rule in rules(cfg.monitor)]
+    first_alarm = min(i for low in lows for i in range(2, len(low)) if all(low[i - 2:i + 1]))
     assert steps[-1] == steps[first_alarm] < 4 * STEPS_PER_EPOCH  # stopped at the first 3 low steps in a row
     assert [s["step"] for _, s in reports if s is not None][-1] == steps[-1]  # a checkpoint at the stop
     assert any(line.startswith("[rayssl] WARNING collapse at step") for line in lines)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -14,29 +15,45 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage as data_storage
 from rayssl.data.datasets import DataPlan, build_datasets, plan_data
-from rayssl import tracking
+from rayssl import console, tracking
 from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.step import NonFiniteError
 
 
-def init_ray(address: str | None, min_cpus: float = 0) -> None:
+def init_ray(address: str | None, min_cpus: float = 0, verbose: bool = True) -> None:
     """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a
-    local Ray with at least ``min_cpus`` logical CPUs (oversubscribing a small machine)."""
+    local Ray with at least ``min_cpus`` logical CPUs (oversubscribing a small machine).
+
+    Not ``verbose`` (``run.verbose=false``): the processes' output and Ray's driver-side logs
+    stay in Ray's log folder (``rayssl-driver.log`` beside the workers' logs); rank 0's lines
+    reach the console through ``rayssl.console``.
+    """
     if ray.is_initialized():
         return
+    if not verbose:
+        console.quiet_ray_logs()
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
+    if not verbose:
+        console.driver_log(ray_logs_dir())
+
+
+def ray_logs_dir() -> str | None:
+    """Ray's log folder of this session on the driver's node (None if Ray does not say)."""
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return node.get_logs_dir_path() if node is not None else None
 
 
 def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -58,17 +75,21 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
     return str(Path(path).expanduser().resolve()), None
 
 
-def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None,
+                  console_queue=None) -> TorchTrainer:
     """The TorchTrainer of a checked launch, with the MLflow run from ``rayssl.tracking.start``
-    (or None) and Train ``callbacks`` (a sweep's report to Tune)."""
+    (or None), Train ``callbacks`` (a sweep's report to Tune) and the driver's console queue
+    (``rayssl.console``; None: rank 0 prints)."""
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
+    datasets = build_datasets(cfg, launch.data)
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
                            "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
-                           "run_path": f"{path}/{run_name(cfg)}", "filesystem": filesystem},
+                           "run_path": f"{path}/{run_name(cfg)}", "run_uri": run_uri(launch),
+                           "filesystem": filesystem, "console": console_queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
             resources_per_worker=s.resources_per_worker, placement_strategy=s.placement_strategy,
@@ -78,18 +99,29 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks),
-        datasets=build_datasets(cfg, launch.data),
-        dataset_config=ray.train.DataConfig(execution_options={name: _ordered() for name in ordered}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            execution_options={name: _ingest_options(name in ordered) for name in datasets}),
     )
 
 
-def _ordered():
-    """Ray Train's ingest options with ``preserve_order``: limited k-NN sets are then the same
-    first N rows on every evaluation (and in ``jobs/evaluate.py``), not whichever blocks came
-    first; with ``data.deterministic`` the training stream too."""
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+def _ingest_options(preserve_order: bool) -> ray.data.ExecutionOptions:
+    """Ray Data's options for one dataset, given for every dataset: Ray Train's defaults
+    (``default_ingest_options``) pass the deprecated ``exclude_resources`` and warn.
+    ``preserve_order``: limited k-NN sets are then the same first N rows on every evaluation (and
+    in ``jobs/evaluate.py``), not whichever blocks came first; with ``data.deterministic`` the
+    training stream too."""
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=preserve_order,
+                                     verbose_progress=current.verbose_progress)
+
+
+def run_uri(launch: Launch) -> str:
+    """The run folder as a user writes it: ``s3://bucket/prefix/<run>`` (credentials masked) or
+    the absolute local path."""
+    cfg = launch.cfg
+    storage = cfg.run.storage_path.rstrip("/")
+    return f"{mask_uri(storage)}/{run_name(cfg)}" if "://" in storage else f"{launch.path}/{run_name(cfg)}"
 
 
 def run_name(cfg: Config) -> str:
@@ -115,7 +147,7 @@ def check_inputs(cfg: Config, min_cpus: float = 0) -> Launch:
     data. Each failure is one line naming the field. Only a first Fashion-MNIST run starts Ray
     here (``init_ray(scaling.address, min_cpus)``), after its checks, to build the shards."""
     path, filesystem = storage(cfg)
-    data = plan_data(cfg, start_ray=lambda: init_ray(cfg.scaling.address, min_cpus))
+    data = plan_data(cfg, start_ray=lambda: init_ray(cfg.scaling.address, min_cpus, cfg.run.verbose))
     return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train))
 
 
@@ -147,7 +179,8 @@ def placement_warning(cfg: Config, cluster: dict[str, float]) -> str | None:
             f"(or its min) or the per-worker resources")
 
 
-def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
+def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None = None,
+        show: bool = False) -> dict:
     """Train a checked launch; rank 0's results.
 
     Ray is joined or started (and a multi-node cluster's storage checked), then the MLflow run
@@ -155,15 +188,17 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     raises. A NaN/inf step beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
     ending at the last good step); a collapse stop returns ``stopped="collapse"``. A sweep's
     trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
+    ``show``: rank 0's lines and a progress bar on this process's console (``rayssl.console``).
     """
     cfg = launch.cfg
-    init_ray(cfg.scaling.address)
+    init_ray(cfg.scaling.address, verbose=cfg.run.verbose or not show)
     check_shared_storage(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     if warning := placement_warning(cfg, ray.cluster_resources()):
         print(warning, flush=True)
     settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
     try:
-        result = build_trainer(launch, settings, callbacks).fit()
+        with console.Console() if show else contextlib.nullcontext() as shown:
+            result = build_trainer(launch, settings, callbacks, shown and shown.queue).fit()
     except BaseException:
         tracking.finish(settings, failed=True)
         raise
@@ -181,4 +216,4 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
 def pretrain(cfg: Config) -> dict:
     """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results.
     All inputs are checked before Ray starts (``check_inputs``), then ``fit``."""
-    return fit(check_inputs(cfg))
+    return fit(check_inputs(cfg), show=True)

@@ -10,6 +10,7 @@ import json
 import logging
 import posixpath
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -19,6 +20,7 @@ import ray.train.v2._internal.execution.context as train_context
 
 from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
+from rayssl.console import Channel
 from rayssl.data.meta import DataMeta
 from rayssl.tracking import RUN_FILE
 from rayssl.train.run import TrainRun, Worker
@@ -41,16 +43,25 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return tuple(ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy")
                      for name in ("knn_bank", "knn_query"))
 
+    channel = Channel(loop_config.get("console"))  # to the driver's console, else stdout
+    run_uri = loop_config.get("run_uri", loop_config["run_path"])
+
+    def report_to_ray(metrics: dict, state: dict | None) -> None:
+        if (folder := report(metrics, state)) is not None:
+            channel.say(f"[rayssl] checkpoint of step {metrics['step']}: {run_uri}/{folder}")
+
     worker = Worker(train_batches, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                    device=ray.train.torch.get_device(), report=report,
+                    device=ray.train.torch.get_device(), report=report_to_ray, say=channel.say,
+                    progress=channel.progress,
                     restore=lambda say: restore(loop_config, say),
                     knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
                     prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id())
     return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
 
 
-def report(metrics: dict, state: dict | None) -> None:
-    """``ray.train.report`` on every rank; with a state, rank 0 attaches it as a checkpoint.
+def report(metrics: dict, state: dict | None) -> str | None:
+    """``ray.train.report`` on every rank; with a state, rank 0 attaches it as a checkpoint and
+    returns the checkpoint's folder name in the run folder (None elsewhere).
 
     The state is written (``rayssl.checkpoint.save``: the file, then its manifest) to a
     temporary folder that Ray copies to ``run.storage_path`` before ``report`` returns
@@ -58,13 +69,15 @@ def report(metrics: dict, state: dict | None) -> None:
     run, so a relaunch finds it without loading the state.
     """
     with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
-        checkpoint = None
+        checkpoint = folder = None
         if state is not None and ray.train.get_context().get_world_rank() == 0:
             if state.get("tracking"):
                 (Path(tmp) / RUN_FILE).write_text(json.dumps(state["tracking"]))
             checkpoints.save(state, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            folder = f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}_step{state['step']:07d}"
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder)
+        return folder
 
 
 def restore(loop_config: dict, say_skipped) -> dict | None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from rayssl import dist
 from rayssl.config import Config
+from rayssl.console import Progress
 from rayssl.data.meta import DataMeta
 from rayssl.eval.online import knn_eval
 from rayssl.models import build_encoder, make_teacher, unwrap
@@ -53,13 +54,16 @@ class Worker:
     """What the infrastructure gives one worker's ``TrainRun``.
 
     - ``train_batches(seed, rows)``: one pass over this worker's training shard (numpy batches
-      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
+      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``): every epoch
+      of the run, or one epoch with ``data.deterministic``;
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
       rank 0 keeps it as a checkpoint;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
     - ``knn_sets()``: fresh ``(bank, queries)`` iterables of this worker's labelled batches, or
       None when the data has no labels (no k-NN);
     - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default;
+    - ``say(line)``, ``progress(line, Progress)``: rank 0's console lines and logged steps (the
+      driver's ``rayssl.console`` draws a bar from the latter);
     - ``node``: the id of the node this worker runs on (rank 0's is tagged ``rayssl.rank0_node``
       in MLflow, newest launch wins: where its logs are, and which node a test may remove).
     """
@@ -73,6 +77,7 @@ class Worker:
     knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model
     say: Callable[[str], None] = say
+    progress: Callable[[str, Progress], None] = lambda line, progress: say(line)
     node: str = ""
 
 
@@ -84,6 +89,7 @@ class TrainRun:
         self.cfg, self.meta, self.worker, self.tracking = cfg, meta, worker, tracking
         self.steps_per_epoch, self.rank = steps_per_epoch, worker.rank
         self.say = worker.say if worker.rank == 0 else (lambda line: None)
+        self.progress = worker.progress if worker.rank == 0 else (lambda line, progress: None)
         device = worker.device
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
@@ -110,6 +116,7 @@ class TrainRun:
         self.stopped: str | None = None
         self.position = 0  # batches of the current epoch consumed (data.deterministic resumes)
         self.skipped_before = 0
+        self.fed = False  # whether this launch has had its first training batch
         self._batches: Iterator[dict] | None = None
         self._start_clock()
 
@@ -141,7 +148,9 @@ class TrainRun:
         self.say(f"[rayssl] resumed from step {self.start_step}/{self.total_steps}{resized}")
 
     def baselines(self) -> None:
-        """k-NN of the raw pixels and of the network at random init (new runs with labelled data)."""
+        """k-NN of the raw pixels and of the network at random init (new runs with labelled data).
+        Starts this launch's ``eval_seconds`` (the final k-NN adds to it in ``finish``)."""
+        self.results["eval_seconds"], started = 0.0, time.time()
         if not self.worker.knn_sets:
             self.say("[rayssl] k-NN evaluation skipped: it needs labelled data.source and data.eval_source shards")
             return
@@ -153,7 +162,7 @@ class TrainRun:
             return [x.flatten(1).float() / 255, *teacher(x)]
 
         found = self.knn(both, ["raw_pixels", "random_init"])
-        self.results.update({f"knn/{k}": v for k, v in found.items()})
+        self.results.update({f"knn/{k}": v for k, v in found.items()}, eval_seconds=time.time() - started)
         self.say(f"[rayssl] k-NN baselines: raw pixels {found['raw_pixels']:.2%}, "
                  f"random init {found['random_init']:.2%}")
 
@@ -182,7 +191,8 @@ class TrainRun:
             return
         self.step += 1
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
-            self.position, self._batches = 0, None
+            if self.cfg.data.deterministic:  # one pass per epoch (else one stream for the whole run)
+                self.position, self._batches = 0, None
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
                 self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
@@ -202,7 +212,11 @@ class TrainRun:
             self.position += 1
             views = self.views(batch)
             if views is not None:
-                self.wait += time.time() - started
+                if not self.fed:  # the wait for this launch's first batch is start-up: the clock times training
+                    self.fed, self.results["first_batch_seconds"] = True, time.time() - self.window_start
+                    self._start_clock()
+                else:
+                    self.wait += time.time() - started
                 return views
 
     def _shuffle_seed(self) -> int:
@@ -241,7 +255,9 @@ class TrainRun:
         """Progress line, weight check, collapse alarm, MLflow, and the report (with a state at
         checkpoint steps and when the alarm stops the run)."""
         checkpoint = self._checkpoint_step()
-        self.say(self._progress(metrics))
+        self.progress(self._progress(metrics), Progress(
+            self.step, self.total_steps, metrics["epoch"], metrics["loss"], metrics["norm/mutual_information"],
+            metrics["images_per_second"]))
         if checkpoint and not _finite(self.student, self.teacher):  # a finite loss can still leave inf weights
             self._stop("nonfinite", f"non-finite weights after step {self.step}; {self._kept()}: lower optim.lr")
             return
@@ -280,17 +296,22 @@ class TrainRun:
     # ------------------------------------------------------------------ end
     def finish(self) -> dict:
         """The final k-NN, MLflow's results and model, and the last report; the run's results
-        (with this launch's ``history``)."""
+        (with this launch's ``history``, the collapse alarm's text if it fired, and this launch's
+        ``train_seconds`` (training, online k-NN included) and ``eval_seconds`` (baselines and
+        final k-NN))."""
+        if self.alarm.raised:
+            self.results["collapse"] = self.alarm.raised
         if self.stopped:
             self.results["stopped"] = self.stopped
             self.say(f"[rayssl] stopped: {self.results['stop_reason']}")
             if self.mlflow:
                 self.mlflow.tag("rayssl.stopped", self.results["stop_reason"])
         if self.stopped != "nonfinite":  # a non-finite run: the driver marks the MLflow run FAILED
+            self.results["train_seconds"], started = time.time() - self.started, time.time()
             if self.worker.knn_sets:
                 self.results["knn/teacher"] = self.knn(self.features(self.teacher), ["teacher"])["teacher"]
                 self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
-            self.results["train_seconds"] = time.time() - self.started
+                self.results["eval_seconds"] = self.results.get("eval_seconds", 0.0) + time.time() - started
             if self.mlflow:
                 self._finish_tracking()
         self.worker.report({"step": self.step, **self.results}, None)
@@ -311,7 +332,9 @@ class TrainRun:
         run.results(self.results, self.step)
         run.curves(f"{cfg.objective.mode}, K={cfg.objective.num_clusters}, {cfg.model.backbone}")
         if run.settings.log_model:
-            backbone = copy.deepcopy(unwrap(self.teacher).backbone).float().cpu().eval()
+            # contiguous weights: torch.export warns on channels_last ones ("No complete tensor found")
+            backbone = copy.deepcopy(unwrap(self.teacher).backbone).float().cpu().eval().to(
+                memory_format=torch.contiguous_format)
             size, meta = cfg.augment.global_crop_size, self.meta
             example = np.random.default_rng(0).standard_normal((2, meta.channels, size, size)).astype(np.float32)
             run.model(backbone, example, {"input": "normalised images (N, C, H, W); see preprocessing",
