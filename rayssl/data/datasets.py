@@ -1,7 +1,7 @@
 """Ray Data datasets for training and evaluation: Parquet shards -> decoded, augmented batches.
 
-``train`` streams the shards for the whole run as one dataset (every epoch's file order
-reshuffled, plus each worker's local shuffle buffer) and, with ``data.decode_on=data``, decodes and builds the multi-crop views in
+``train`` streams the shards (file order shuffled every epoch, plus each worker's local
+shuffle buffer) and, with ``data.decode_on=data``, decodes and builds the multi-crop views in
 Ray Data CPU tasks, so that training workers only train. ``knn_bank`` (labelled training
 shards) and ``knn_query`` (``data.eval_source``) are decoded without augmentation for the
 k-NN evaluation. A sample that fails to decode is kept as a row with ``ok=False``: the worker
@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 import torch
 
@@ -79,54 +77,6 @@ def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle) -> ray.data
                                      shuffle=shuffle)
     finally:
         ctx.use_datasource_v2 = v2
-
-
-def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str, int]]:
-    """``(path, rows)`` of the shards that hold the first ``limit`` images (all when None), in
-    manifest order: the last piece is cut at the limit, so every epoch reads the same images."""
-    pieces, left = [], limit or manifest["num_images"]
-    for shard in manifest["shards"]:
-        if left <= 0:
-            break
-        pieces.append((f"{root}/{shard['path']}", min(shard["num_images"], left)))
-        left -= pieces[-1][1]
-    return pieces
-
-
-def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, seed: int, block_rows: int):
-    """Ray Data stage: ``id`` (epoch x pieces + position in that epoch's file order) -> the piece's
-    ``image`` column in blocks of ``block_rows`` rows. An epoch's order is a permutation drawn from
-    ``(seed, epoch)``, so every task agrees on it without shipping it."""
-    for i in batch["id"]:
-        epoch, k = divmod(int(i), len(pieces))
-        path, rows = pieces[np.random.default_rng([seed, epoch]).permutation(len(pieces))[k]]
-        with fs.open_input_file(path) as f:
-            for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
-                part = part.slice(0, rows)
-                rows -= part.num_rows
-                yield pa.Table.from_batches([part])
-                if rows <= 0:
-                    break
-
-
-def train_stream(uri: str, manifest: dict, data_cfg, epochs: int, seed: int | None) -> ray.data.Dataset:
-    """The training images of the whole run as ONE dataset: ``epochs`` passes over the first
-    ``data.train_limit`` images, each pass in a fresh file order (drawn from ``seed``; random when None).
-
-    Read once per run, Ray Data's pipeline keeps running across epoch boundaries; a new execution
-    per epoch (planning, tasks starting, the local shuffle buffer refilling) cost about 8 s of
-    training at each boundary (images/s halved for two logged windows; docs/benchmarks.md, [5/5]).
-    Shards are read by path from a lazy ``range``: nothing is listed or fetched per epoch up front.
-    """
-    fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
-    pieces = shard_pieces(manifest, root, data_cfg.train_limit)
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    mean_bytes = manifest.get("total_bytes", 0) / max(manifest["num_images"], 1)
-    block_rows = max(16, min(4096, int(16 * 2**20 // max(mean_bytes, 1))))  # ~16 MiB blocks
-    reads = epochs * len(pieces)
-    return ray.data.range(reads, override_num_blocks=min(reads, 2048)).map_batches(
-        read_pieces, batch_size=1, batch_format="numpy",
-        fn_kwargs={"pieces": pieces, "fs": fs, "seed": seed, "block_rows": block_rows})
 
 
 def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
@@ -218,10 +168,9 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``knn_query``."""
     d, meta = cfg.data, plan.meta
-    # data.deterministic: one pass per epoch, each in the same seeded file order (the local shuffle
-    # varies per epoch), so a resume replays its epoch; otherwise one stream for every epoch.
-    epochs, seed = (1, cfg.train.seed) if d.deterministic else (math.ceil(cfg.train.epochs), None)
-    stream = train_stream(plan.train_uri, plan.train, d, epochs, seed)
+    # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
+    order = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=False) if d.deterministic else "files"
+    stream = read(plan.train_uri, plan.train, d, ["image"], d.train_limit, shuffle=order)
     if d.decode_on == "data":
         stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, meta.channels),
                                     batch_format="numpy", fn_kwargs={"augment": cfg.augment.model_dump(),

@@ -54,8 +54,7 @@ class Worker:
     """What the infrastructure gives one worker's ``TrainRun``.
 
     - ``train_batches(seed, rows)``: one pass over this worker's training shard (numpy batches
-      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``): every epoch
-      of the run, or one epoch with ``data.deterministic``;
+      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
       rank 0 keeps it as a checkpoint;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
@@ -191,8 +190,7 @@ class TrainRun:
             return
         self.step += 1
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
-            if self.cfg.data.deterministic:  # one pass per epoch (else one stream for the whole run)
-                self.position, self._batches = 0, None
+            self.position, self._batches = 0, None
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
                 self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
