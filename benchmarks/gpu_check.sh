@@ -64,21 +64,15 @@ AdamW) on the same in-memory views: images/s over timed steps after a warm-up.""
 import os, sys, time
 import torch
 sys.path.insert(0, os.environ["ROOT"])
-from rayssl.config import load_config
 from rayssl.models import build_encoder, make_teacher
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 
-dry = os.environ["GPU_CHECK_DRY"] == "1"
-device = torch.device("cpu" if dry else "cuda")
-shape = (["model.backbone=convnet4", "train.batch_size=8", "objective.num_clusters=256"] if dry else
-         ["model.backbone=resnet50", "model.small_stem=false", "train.batch_size=64", "augment.global_crop_size=224",
-          "augment.local_crop_size=96", "augment.local_crops=6", "objective.num_clusters=65536"])
-cfg = load_config(f"{os.environ['ROOT']}/configs/fashion_mnist.yaml", [*shape, "train.precision=bf16", *sys.argv[1:]])
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+from gpu_check_shapes import setup
+cfg, device, dry, views = setup(["train.precision=bf16", *sys.argv[1:]])
 b, g, l, k = cfg.train.batch_size, cfg.augment.global_crop_size, cfg.augment.local_crop_size, cfg.objective.num_clusters
-views = [torch.randn(b, 3, g, g, device=device) for _ in range(2)] + [
-    torch.randn(b, 3, l, l, device=device) for _ in range(cfg.augment.local_crops)]
 steps, warm = (3, 1) if dry else (30, 10)
 
 def rate(one_step) -> float:
@@ -159,25 +153,19 @@ step objective 60 "$PY" - "${OVR[@]}" <<'EOF'
 import os, statistics, sys, time
 import torch
 sys.path.insert(0, os.environ["ROOT"])
-from rayssl.config import load_config
 from rayssl.models import build_encoder, make_teacher
 from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 
-dry = os.environ["GPU_CHECK_DRY"] == "1"
-device = torch.device("cpu" if dry else "cuda")
-shape = (["model.backbone=convnet4", "train.batch_size=8", "objective.num_clusters=256"] if dry else
-         ["model.backbone=resnet50", "model.small_stem=false", "train.batch_size=64", "augment.global_crop_size=224",
-          "augment.local_crop_size=96", "augment.local_crops=6", "objective.num_clusters=65536"])
-cfg = load_config(f"{os.environ['ROOT']}/configs/fashion_mnist.yaml", [*shape, "objective.mode=prior", *sys.argv[1:]])
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+from gpu_check_shapes import setup
+cfg, device, dry, views = setup(["objective.mode=prior", *sys.argv[1:]])
 b, g, l, k = cfg.train.batch_size, cfg.augment.global_crop_size, cfg.augment.local_crop_size, cfg.objective.num_clusters
 student = build_encoder(cfg.model, 3, g, k).to(device, memory_format=torch.channels_last)
 objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
 stepper = Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim),
                   build_schedules(cfg, 100, b), cfg, 100, device, not dry)
-views = [torch.randn(b, 3, g, g, device=device) for _ in range(2)] + [
-    torch.randn(b, 3, l, l, device=device) for _ in range(cfg.augment.local_crops)]
 
 def timed(fn, repeats):
     fn()
