@@ -89,11 +89,10 @@ reliability:
 def final_report(cfg, results: dict, wall_seconds: float) -> str:
     """The run's report (``rayssl.report``), also logged to its MLflow run as ``report.md``."""
     from rayssl import report, tracking
-    from rayssl.config import mask_uri
+    from rayssl.train.launch import run_uri
 
-    storage = cfg.run.storage_path.rstrip("/")  # Ray's result path of an s3:// run has no scheme
-    folder = f"{mask_uri(storage)}/{cfg.run.name}" if "://" in storage else results["run_path"]
-    text = report.render(results, cfg.redacted(), wall_seconds, folder, results.get("mlflow"))
+    text = report.render(results, cfg.redacted(), wall_seconds, run_uri(cfg, results["run_path"]),
+                         results.get("mlflow"))
     if "mlflow_run_id" in results:
         tracking.log_report(tracking.tracking_uri(cfg), results["mlflow_run_id"], text)
     return text

@@ -82,13 +82,13 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
     (``rayssl.console``; None: rank 0 prints)."""
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
-    datasets = build_datasets(cfg, launch.data)
+    datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
                            "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
-                           "run_path": f"{path}/{run_name(cfg)}", "run_uri": run_uri(launch),
+                           "run_path": run_path, "run_uri": run_uri(cfg, run_path),
                            "filesystem": filesystem, "console": console_queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
@@ -116,12 +116,12 @@ def _ingest_options(preserve_order: bool) -> ray.data.ExecutionOptions:
                                      verbose_progress=current.verbose_progress)
 
 
-def run_uri(launch: Launch) -> str:
-    """The run folder as a user writes it: ``s3://bucket/prefix/<run>`` (credentials masked) or
-    the absolute local path."""
-    cfg = launch.cfg
+def run_uri(cfg: Config, ray_run_path: str) -> str:
+    """The run folder as a user writes it (what ``jobs/evaluate.py --checkpoint`` takes):
+    ``s3://bucket/prefix/<run>`` (credentials masked) for an s3:// ``run.storage_path``, whose
+    Ray path has no scheme; else Ray's absolute local ``ray_run_path``."""
     storage = cfg.run.storage_path.rstrip("/")
-    return f"{mask_uri(storage)}/{run_name(cfg)}" if "://" in storage else f"{launch.path}/{run_name(cfg)}"
+    return f"{mask_uri(storage)}/{run_name(cfg)}" if "://" in storage else ray_run_path
 
 
 def run_name(cfg: Config) -> str:

@@ -44,7 +44,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                      for name in ("knn_bank", "knn_query"))
 
     channel = Channel(loop_config.get("console"))  # to the driver's console, else stdout
-    run_uri = loop_config.get("run_uri", loop_config["run_path"])
+    run_uri = loop_config["run_uri"]  # the run folder as the user wrote it (s3://...), for the console
 
     def report_to_ray(metrics: dict, state: dict | None) -> None:
         if (folder := report(metrics, state)) is not None:
