@@ -23,10 +23,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def windows_report(name: str, speeds: dict[int, float], steps_per_epoch: int) -> dict:
-    """Median, slowest window, their ratio; boundary windows (an epoch ends inside them) apart."""
+    """Median, slowest window, their ratio; boundary windows (an epoch ends inside them) apart.
+    Only full windows count: a run's last window may hold a few steps (2 of 20), too few to time."""
     steps = sorted(speeds)
     starts = dict(zip(steps, [0] + steps[:-1]))
-    boundary = {s for s in steps if s // steps_per_epoch > starts[s] // steps_per_epoch and s != steps[-1]}
+    full = statistics.mode(s - starts[s] for s in steps)
+    steps = [s for s in steps if s - starts[s] == full]
+    speeds = {s: speeds[s] for s in steps}
+    # a boundary window holds the first step of an epoch after the first (step k + 1, k a multiple of it)
+    boundary = {s for s in steps if starts[s] > 0 and (s - 1) // steps_per_epoch > (starts[s] - 1) // steps_per_epoch}
     median = statistics.median(speeds.values())
     slowest = min(steps, key=speeds.get)
     inner = [speeds[s] for s in steps if s not in boundary]

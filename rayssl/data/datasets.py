@@ -1,8 +1,8 @@
 """Ray Data datasets for training and evaluation: Parquet shards -> decoded, augmented batches.
 
-``train`` streams the shards (file order shuffled every epoch, plus each worker's local
-shuffle buffer) and, with ``data.decode_on=data``, decodes and builds the multi-crop views in
-Ray Data CPU tasks, so that training workers only train. ``knn_bank`` (labelled training
+``train`` streams the shards, one Ray Data execution per epoch (file order shuffled every epoch,
+plus each worker's local shuffle buffer), one task per shard that reads it and, with
+``data.decode_on=data``, decodes and builds the multi-crop views, so that training workers only train. ``knn_bank`` (labelled training
 shards) and ``knn_query`` (``data.eval_source``) are decoded without augmentation for the
 k-NN evaluation. A sample that fails to decode is kept as a row with ``ok=False``: the worker
 skips and counts it, so every worker still sees the same number of rows and steps.
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 import torch
 
@@ -63,20 +65,46 @@ def _adapt(stats: list[float], channels: int) -> tuple[float, ...]:
     return (float(np.mean(stats)),) if channels == 1 else tuple(stats) * 3
 
 
-def read_shards(uri: str, manifest: dict, fs, root: str, *, shuffle) -> ray.data.Dataset:
-    """``read_parquet`` over the manifest's shards; ``shuffle`` is read_parquet's: ``"files"``
-    (file order reshuffled every epoch), a ``FileShuffleConfig`` or None.
+def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str, int]]:
+    """``(path, rows)`` of the shards that hold the first ``limit`` images (all when None), in
+    manifest order: the last piece is cut at the limit, so every epoch reads the same images."""
+    pieces, left = [], limit or manifest["num_images"]
+    for shard in manifest["shards"]:
+        if left <= 0:
+            break
+        pieces.append((f"{root}/{shard['path']}", min(shard["num_images"], left)))
+        left -= pieces[-1][1]
+    return pieces
 
-    Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
-    pass, which cost 4 s per epoch against 0.6 s here (2 cores, 8 shards; docs/benchmarks.md).
+
+def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int):
+    """Ray Data stage: ``id`` (an index into ``pieces``) -> that piece's ``image`` column, in
+    blocks of ``block_rows`` rows."""
+    for i in batch["id"]:
+        path, rows = pieces[int(i)]
+        with fs.open_input_file(path) as f:
+            for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
+                part = part.slice(0, rows)
+                rows -= part.num_rows
+                yield pa.Table.from_batches([part])
+                if rows <= 0:
+                    break
+
+
+def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, seed: int | None) -> ray.data.Dataset:
+    """One epoch of the first ``data.train_limit`` images (all when None), read by one task per
+    shard in ``block_rows``-row blocks; every execution (epoch) takes a fresh shard order, or the
+    same order drawn from ``seed`` (``data.deterministic``, so a resume replays its epoch).
+
+    A lazy ``range`` over the shards, not ``read_parquet``: the crops then run in the read's
+    task (Ray Data fuses the two maps, but not a read with a batched map), which costs 0.84x of
+    a DataLoader's CPU per image as two operators against 1.05x fused (docs/benchmarks.md, [4/5]).
     """
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs,
-                                     shuffle=shuffle)
-    finally:
-        ctx.use_datasource_v2 = v2
+    fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
+    pieces = shard_pieces(manifest, root, data_cfg.train_limit)
+    order = None if seed is None else ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=False)
+    return ray.data.range(len(pieces), override_num_blocks=len(pieces)).randomize_block_order(seed=order).map_batches(
+        read_pieces, batch_size=1, batch_format="numpy", fn_kwargs={"pieces": pieces, "fs": fs, "block_rows": block_rows})
 
 
 def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
@@ -92,10 +120,20 @@ def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | Non
     return train_uri, train, eval_uri, query
 
 
-def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None, shuffle=None):
-    """The shards' ``columns``, the first ``limit`` rows (all when None)."""
+def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None) -> ray.data.Dataset:
+    """The shards' ``columns``, the first ``limit`` rows (all when None), in manifest order.
+
+    Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
+    pass, which cost 4 s per epoch against 0.6 s here (2 cores, 8 shards; docs/benchmarks.md).
+    """
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
-    ds = read_shards(uri, manifest, fs, root, shuffle=shuffle).select_columns(columns)
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs)
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.select_columns(columns)
     return ds.limit(limit) if limit is not None else ds
 
 
@@ -124,11 +162,15 @@ def multicrop_stage(batch: dict, augment: dict, channels: int, size: int) -> dic
     return {**out, "ok": ok}
 
 
+def stage_bytes_per_row(augment, channels: int) -> int:
+    """Bytes of one image's uint8 views (2 global crops and ``augment.local_crops`` local ones)."""
+    return channels * (2 * augment.global_crop_size ** 2 + augment.local_crops * augment.local_crop_size ** 2)
+
+
 def stage_rows(augment, channels: int) -> int:
     """Rows per multi-crop stage call: 512 (4636 img/s against 3645 with 128 rows, Fashion-MNIST on
     2 cores), fewer when the float32 views of one call would pass 32 MiB (17 for 224 px + 6 x 96 px RGB)."""
-    pixels = 2 * augment.global_crop_size ** 2 + augment.local_crops * augment.local_crop_size ** 2
-    return max(16, min(512, 32 * 2**20 // (4 * channels * pixels)))
+    return max(16, min(512, 32 * 2**20 // (4 * stage_bytes_per_row(augment, channels))))
 
 
 @dataclass(frozen=True)
@@ -168,13 +210,16 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``knn_query``."""
     d, meta = cfg.data, plan.meta
+    rows = stage_rows(cfg.augment, meta.channels)
     # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
-    order = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=False) if d.deterministic else "files"
-    stream = read(plan.train_uri, plan.train, d, ["image"], d.train_limit, shuffle=order)
+    stream = train_stream(plan.train_uri, plan.train, d, rows, cfg.train.seed if d.deterministic else None)
     if d.decode_on == "data":
-        stream = stream.map_batches(multicrop_stage, batch_size=stage_rows(cfg.augment, meta.channels),
-                                    batch_format="numpy", fn_kwargs={"augment": cfg.augment.model_dump(),
-                                                                     "channels": meta.channels, "size": meta.image_size})
+        stream = stream.map_batches(multicrop_stage, batch_size=rows, batch_format="numpy",
+                                    fn_kwargs={"augment": cfg.augment.model_dump(), "channels": meta.channels,
+                                               "size": meta.image_size})
+    # One block per stage call, not one per task: each shard's task would otherwise glue its
+    # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
+    stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
     datasets = {"train": stream}
     if meta.num_eval > 0:
         decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size}, "batch_format": "numpy",

@@ -1,0 +1,80 @@
+"""The training stream: one epoch per Ray Data execution, one task per shard
+(``rayssl.data.datasets.train_stream``).
+
+Without Ray: which rows a shard's task reads (``shard_pieces``, ``read_pieces``). With the
+session's Ray cluster: every epoch holds each (limited) row once, in a fresh shard order unless
+seeded, and the multi-crop stage's blocks stay one stage call each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+import pytest
+
+from rayssl.config import load_config
+from rayssl.data.datasets import read_pieces, shard_pieces, train_stream
+
+SHARD_ROWS = (5, 7, 3)
+
+
+def write_shards(root) -> dict:
+    """Three shards whose ``image`` values name their shard and row (``b"s1r4"``), and a manifest."""
+    shards = []
+    for s, rows in enumerate(SHARD_ROWS):
+        path = f"shard-{s}.parquet"
+        pq.write_table(pa.table({"image": pa.array([f"s{s}r{r}".encode() for r in range(rows)], pa.binary())}),
+                       str(root / path), row_group_size=2)
+        shards.append({"path": path, "num_images": rows})
+    return {"num_images": sum(SHARD_ROWS), "total_bytes": 100, "shards": shards}
+
+
+def test_shard_pieces_cut_the_last_shard_at_the_limit(tmp_path) -> None:
+    manifest = write_shards(tmp_path)
+    assert shard_pieces(manifest, "/r", None) == [("/r/shard-0.parquet", 5), ("/r/shard-1.parquet", 7),
+                                                  ("/r/shard-2.parquet", 3)]
+    assert shard_pieces(manifest, "/r", 8) == [("/r/shard-0.parquet", 5), ("/r/shard-1.parquet", 3)]
+
+
+def test_a_piece_is_read_in_blocks_up_to_its_rows(tmp_path) -> None:
+    pieces = shard_pieces(write_shards(tmp_path), str(tmp_path), 8)  # shard 0 whole, 3 rows of shard 1
+    blocks = list(read_pieces({"id": np.array([1, 0])}, pieces, pyarrow.fs.LocalFileSystem(), block_rows=2))
+    assert [b.num_rows for b in blocks] == [2, 1, 2, 2, 1]
+    rows = [v for b in blocks for v in b.column("image").to_pylist()]
+    assert rows == [b"s1r0", b"s1r1", b"s1r2"] + [f"s0r{r}".encode() for r in range(5)]
+
+
+def epochs_of(stream, n: int) -> list[list[bytes]]:
+    return [[v for b in stream.iter_batches(batch_size=None, batch_format="numpy") for v in b["image"]]
+            for _ in range(n)]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("limit", [None, 9])
+def test_every_epoch_holds_each_row_once(ray_cluster, tmp_path, limit) -> None:
+    """Six executions of the stream: each the (limited) rows exactly once; shard orders vary
+    across epochs without a seed and repeat with one (``data.deterministic``)."""
+    manifest = write_shards(tmp_path)
+    cfg = load_config(None, [f"data.source={tmp_path}"] + ([f"data.train_limit={limit}"] if limit else []))
+    kept = Counter([f"s{s}r{r}".encode() for s, n in enumerate(SHARD_ROWS) for r in range(n)][:limit])
+    for seed, orders in ((None, "vary"), (3, "repeat")):
+        epochs = epochs_of(train_stream(str(tmp_path), manifest, cfg.data, 2, seed), 6)
+        assert all(Counter(rows) == kept for rows in epochs)
+        firsts = {tuple(dict.fromkeys(v[:2] for v in rows)) for rows in epochs}  # the shard order
+        assert (len(firsts) > 1) == (orders == "vary"), firsts
+
+
+def test_the_crop_stage_yields_one_block_per_call(shard_cache) -> None:
+    """A shard's task emits a block per ``stage_rows`` call (113 rows at 192 px), so the workers'
+    equal split is fed within a call's time, not after the whole shard (256 rows) is cropped."""
+    from rayssl.data.datasets import build_datasets, plan_data, stage_rows
+
+    cfg = load_config(None, shard_cache + ["data.train_limit=512", "augment.global_crop_size=192"])
+    plan = plan_data(cfg)
+    rows = stage_rows(cfg.augment, plan.meta.channels)
+    sizes = [len(b["ok"]) for b in build_datasets(cfg, plan)["train"].iter_batches(batch_size=None)]
+    assert rows < 256 and sum(sizes) == 512 and max(sizes) <= rows, (rows, sizes)
