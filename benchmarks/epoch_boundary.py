@@ -5,8 +5,9 @@
 
 Each logged step's ``images_per_second`` covers the window since the previous logged step.
 Reports the median, the slowest window and their ratio (target >= 0.8), and the windows that
-hold an epoch boundary against the others. Before [5/5] every epoch started a new Ray Data
-execution and the windows after a boundary halved. Appends one JSON line per run to ``--out``.
+hold an epoch boundary against the others. Every epoch starts a new Ray Data execution, and the
+windows after a boundary slow down (0.54-0.60 of the median on 2 cores, docs/benchmarks.md).
+Appends one JSON line per run to ``--out``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 epoch, plus each worker's local shuffle buffer), one task per shard that reads it and, with
 ``data.decode_on=data``, decodes and builds the multi-crop views, so that training workers only
 train. ``knn_bank`` (labelled training shards) and ``knn_query`` (``data.eval_source``) are
-decoded without augmentation for the k-NN evaluation. A sample that fails to decode is kept as a row with ``ok=False``: the worker
-skips and counts it, so every worker still sees the same number of rows and steps.
+decoded without augmentation for the k-NN evaluation. A sample that fails to decode is kept as
+a row with ``ok=False``: the worker skips and counts it, so every worker still sees the same
+number of rows and steps.
 """
 
 from __future__ import annotations
