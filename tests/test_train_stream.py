@@ -80,3 +80,23 @@ def test_the_crop_stage_yields_one_block_per_call(shard_cache) -> None:
     rows = stage_rows(cfg.augment, plan.meta.channels)
     sizes = [len(b["ok"]) for b in build_datasets(cfg, plan)["train"].iter_batches(batch_size=None)]
     assert rows < 256 and sum(sizes) == 512 and max(sizes) <= rows, (rows, sizes)
+
+
+def test_each_shard_is_cropped_by_its_own_task(shard_cache, monkeypatch) -> None:
+    """One task per shard piece, so the pieces are cropped in parallel: a ``batch_size`` on the
+    crop stage would become the fused task's minimum input and put every piece in one task."""
+    import ray
+
+    from rayssl.data import datasets
+
+    def tagged(batch, **kwargs):
+        out = crop(batch, **kwargs)
+        return {**out, "task": np.full(len(out["ok"]), ray.get_runtime_context().get_task_id())}
+
+    crop = datasets.multicrop_stage
+    monkeypatch.setattr(datasets, "multicrop_stage", tagged)
+    cfg = load_config(None, shard_cache + ["data.train_limit=512"])
+    plan = datasets.plan_data(cfg)
+    pieces = datasets.shard_pieces(plan.train, "", 512)
+    tasks = {t for b in datasets.build_datasets(cfg, plan)["train"].iter_batches(batch_size=None) for t in b["task"]}
+    assert len(pieces) > 1 and len(tasks) == len(pieces), (pieces, tasks)

@@ -78,35 +78,42 @@ def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str
     return pieces
 
 
-def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int):
+def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int, stage=None,
+                stage_kwargs: dict | None = None):
     """Ray Data stage: ``id`` (an index into ``pieces``) -> that piece's ``image`` column, in
-    blocks of ``block_rows`` rows."""
+    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given."""
     for i in batch["id"]:
         path, rows = pieces[int(i)]
         with fs.open_input_file(path) as f:
             for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
                 part = part.slice(0, rows)
                 rows -= part.num_rows
-                yield pa.Table.from_batches([part])
+                table = pa.Table.from_batches([part])
+                yield table if stage is None else stage(
+                    {"image": table.column("image").to_numpy(zero_copy_only=False)}, **stage_kwargs)
                 if rows <= 0:
                     break
 
 
-def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, seed: int | None) -> ray.data.Dataset:
+def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, seed: int | None, stage=None,
+                 stage_kwargs: dict | None = None) -> ray.data.Dataset:
     """One epoch of the first ``data.train_limit`` images (all when None), read by one task per
-    shard in ``block_rows``-row blocks; every execution (epoch) takes a fresh shard order, or the
-    same order drawn from ``seed`` (``data.deterministic``, so a resume replays its epoch).
+    shard in ``block_rows``-row blocks, each block through ``stage`` in the same task when given;
+    every execution (epoch) takes a fresh shard order, or the same order drawn from ``seed``
+    (``data.deterministic``, so a resume replays its epoch).
 
-    A lazy ``range`` over the shards, not ``read_parquet``: the crops then run in the read's
-    task (Ray Data fuses the two maps, but not a read with a batched map). Against a DataLoader's
-    images per CPU-second at 224/96 that is 0.88x fused vs 0.84x as two operators, and training
-    on Fashion-MNIST ran 10 % faster (docs/benchmarks.md, [4/5] and [5/5]).
+    A lazy ``range`` over the shards, not ``read_parquet``, so the crops run in the read's task
+    (Ray Data does not fuse a read with a batched map), and ``stage`` inside the read, not a second
+    ``map_batches``: Ray Data would fuse that map, but its ``batch_size`` becomes the fused task's
+    minimum input, so one task took every shard and the crops used one core of two
+    (docs/benchmarks.md, [4/5]).
     """
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
     order = None if seed is None else ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=False)
+    kwargs = {"pieces": pieces, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
     return ray.data.range(len(pieces), override_num_blocks=len(pieces)).randomize_block_order(seed=order).map_batches(
-        read_pieces, batch_size=1, batch_format="numpy", fn_kwargs={"pieces": pieces, "fs": fs, "block_rows": block_rows})
+        read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
 
 
 def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
@@ -213,12 +220,10 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     ``knn_bank`` and ``knn_query``."""
     d, meta = cfg.data, plan.meta
     rows = stage_rows(cfg.augment, meta.channels)
+    crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
     # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
-    stream = train_stream(plan.train_uri, plan.train, d, rows, cfg.train.seed if d.deterministic else None)
-    if d.decode_on == "data":
-        stream = stream.map_batches(multicrop_stage, batch_size=rows, batch_format="numpy",
-                                    fn_kwargs={"augment": cfg.augment.model_dump(), "channels": meta.channels,
-                                               "size": meta.image_size})
+    stream = train_stream(plan.train_uri, plan.train, d, rows, cfg.train.seed if d.deterministic else None,
+                          *((multicrop_stage, crop) if d.decode_on == "data" else ()))
     # One block per stage call, not one per task: each shard's task would otherwise glue its
     # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
     stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
