@@ -22,7 +22,10 @@ Ray starts once, ``ray.init(num_cpus=2, include_dashboard=False)``, after the Da
 Per-core figures are images per CPU-second: user + system time, read from /proc, of every
 process of the pipeline during the pass (the benchmark process and its descendants: Ray's
 GCS, raylet and workers, or the DataLoader's workers; exited children through their parent's
-cutime), so they hold when other jobs share the cores, which wall-clock img/s does not.
+cutime), so they hold when other jobs share the cores, which wall-clock img/s does not. Each
+pass also prints those CPU-seconds by process name (``main``: this process, the consumer, with its
+exited children, e.g. DataLoader workers that ended with the pass), the profile
+of where a path's extra cost goes.
 
 advice:
   --images      600 while iterating (a pass takes ~10-20 s per path on 2 cores), 3000 to report.
@@ -67,6 +70,17 @@ TICK = os.sysconf("SC_CLK_TCK")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for a throwaway local Ray
 
 
+def _name(pid: int) -> str:
+    """A process's name for the CPU split: Ray's title up to its first "(" (``ray::MapBatches``,
+    ``ray::IDLE``), or its program's file name (``raylet``, ``gcs_server``, ``python3``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "?"
+    return argv0.split("(")[0].split()[0] if argv0.startswith("ray::") else os.path.basename(argv0.split()[0] if argv0 else "?")
+
+
 def _procs() -> dict[int, tuple[int, float]]:
     """``{pid: (ppid, CPU seconds of it and its reaped children)}`` of every process."""
     out = {}
@@ -81,18 +95,28 @@ def _procs() -> dict[int, tuple[int, float]]:
     return out
 
 
-def cpu_seconds(exclude: set[int]) -> float:
-    """CPU seconds used so far by this process and its descendants, minus the ``exclude`` subtrees."""
-    procs, total, todo = _procs(), 0.0, [os.getpid()]
+def cpu_by_process(exclude: set[int]) -> dict[int, float]:
+    """``{pid: CPU seconds so far}`` of this process and its descendants, minus the ``exclude`` subtrees."""
+    procs, out, todo = _procs(), {}, [os.getpid()]
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
     while todo:
         pid = todo.pop()
         if pid not in exclude and pid in procs:
-            total += procs[pid][1]
+            out[pid] = procs[pid][1]
             todo.extend(children.get(pid, []))
-    return total
+    return out
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    """CPU seconds between two ``cpu_by_process`` samples, summed by process name (the name at
+    the end: a Ray worker that ran a crop task and is idle now counts as ``ray::IDLE``)."""
+    split: dict[str, float] = {}
+    for pid, cpu in after.items():
+        name = "main (+ exited children)" if pid == os.getpid() else _name(pid)
+        split[name] = split.get(name, 0.0) + cpu - before.get(pid, 0.0)
+    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
 
 
 class ShardStream(IterableDataset):
@@ -116,7 +140,7 @@ def measure(batches, exclude: set[int], views=None) -> dict:
     """Drain ``batches``; images, skipped, wall and CPU seconds, all processes and this one alone
     (the consumer: Ray Data's executor and iterator, or the DataLoader's unpickling; ``views``
     decodes and crops here too)."""
-    cpu0, own0, t0, n, skipped = cpu_seconds(exclude), _own(), time.perf_counter(), 0, 0
+    cpu0, own0, t0, n, skipped = cpu_by_process(exclude), _own(), time.perf_counter(), 0, 0
     for batch in batches:
         if views is not None:
             before = views.skipped
@@ -127,8 +151,9 @@ def measure(batches, exclude: set[int], views=None) -> dict:
             ok = batch["ok"]
             n, skipped = n + len(ok), skipped + int((~ok).sum())
     wall = time.perf_counter() - t0
-    return {"images": n, "skipped": skipped, "wall_s": wall, "cpu_s": cpu_seconds(exclude) - cpu0,
-            "consumer_cpu_s": _own() - own0}
+    split = cpu_split(cpu0, cpu_by_process(exclude))
+    return {"images": n, "skipped": skipped, "wall_s": wall, "cpu_s": sum(split.values()),
+            "consumer_cpu_s": _own() - own0, "cpu_s_by_process": {k: round(v, 2) for k, v in split.items()}}
 
 
 def _own() -> float:
@@ -238,6 +263,7 @@ def report(results: dict[str, list[dict]], path: Path | None) -> None:
             print(f"{name:>10} pass {i + 1}: {r['images']} img ({r['skipped']} skipped) in {r['wall_s']:.1f} s = "
                   f"{r['images'] / r['wall_s']:.0f} img/s; {r['cpu_s']:.1f} CPU-s = "
                   f"{r['images'] / r['cpu_s']:.1f} img per CPU-s (consumer process {r['consumer_cpu_s']:.1f} CPU-s)")
+            print("    CPU-s by process: " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s_by_process"].items() if v >= 0.05))
     if "dataloader" in results:
         base = results["dataloader"][-1]
         for name in results.keys() - {"dataloader"}:
