@@ -78,7 +78,9 @@ def _name(pid: int) -> str:
             argv0 = f.read().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return "?"
-    return argv0.split("(")[0].split()[0] if argv0.startswith("ray::") else os.path.basename(argv0.split()[0] if argv0 else "?")
+    if argv0.startswith("ray::"):
+        return argv0.split("(")[0].split()[0]
+    return os.path.basename(argv0.split()[0]) if argv0.strip() else "?"
 
 
 def _procs() -> dict[int, tuple[int, float]]:

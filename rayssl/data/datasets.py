@@ -223,7 +223,7 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
     # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
     stream = train_stream(plan.train_uri, plan.train, d, rows, cfg.train.seed if d.deterministic else None,
-                          *((multicrop_stage, crop) if d.decode_on == "data" else ()))
+                          stage=multicrop_stage if d.decode_on == "data" else None, stage_kwargs=crop)
     # One block per stage call, not one per task: each shard's task would otherwise glue its
     # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
     stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
