@@ -17,7 +17,6 @@ the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from rayssl.config import load_config  # noqa: E402
 from rayssl.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from rayssl.eval.protocol import bank_mean, precise_bn  # noqa: E402
 from rayssl.knn import knn_accuracy  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
 from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
@@ -44,7 +44,7 @@ def score(name: str, feats, bank_y, query_y, out: dict) -> None:
     """k-NN of one feature set under each protocol: as is, and centred by the bank mean."""
     bank, query = feats
     out[f"{name}"] = knn_accuracy(bank, bank_y, query, query_y, 10)
-    mean = bank.float().mean(0, keepdim=True)
+    mean = bank_mean(bank.float())
     out[f"{name}/centred"] = knn_accuracy(bank - mean, bank_y, query - mean, query_y, 10)
 
 
@@ -75,31 +75,25 @@ def main() -> None:
                       schedules, cfg, spe, torch.device("cpu"), use_bf16(cfg.train.precision, torch.device("cpu")))
     crops = MultiCrop(cfg.augment, 1, mean, std)
 
-    def extract(model) -> tuple[torch.Tensor, torch.Tensor]:
-        model.eval()
+    def extract(backbone) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone.eval()
         with torch.no_grad():
-            f = torch.cat([model.features(crops.eval_transform(images[i:i + 1000], 28)
+            f = torch.cat([backbone(crops.eval_transform(images[i:i + 1000], 28)
                                           .contiguous(memory_format=torch.channels_last))
                            for i in range(0, FULL, 1000)])
         return f[:TRAIN], f[TRAIN:]
 
-    def recalibrated(model):
+    def recalibrated(backbone):
         """A copy whose BatchNorm statistics are recomputed on 10k clean training images (precise BN)."""
-        model = copy.deepcopy(model).train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the batches
-        with torch.no_grad():
-            for i in range(0, 10_000, 500):
-                model.features(crops.eval_transform(train[i:i + 500], 28).contiguous(memory_format=torch.channels_last))
-        return model
+        clean = (crops.eval_transform(train[i:i + 500], 28).contiguous(memory_format=torch.channels_last)
+                 for i in range(0, 10_000, 500))
+        return precise_bn(backbone, clean, lambda m, x: m(x))
 
     result: dict = {"name": args.name, "overrides": args.overrides, "steps": total, "global_batch": batch}
     bank_y, query_y = labels[:TRAIN], labels[TRAIN:]
     score("raw_pixels", (images[:TRAIN].flatten(1).float(), images[TRAIN:].flatten(1).float()), bank_y, query_y, result)
-    score("random_init", extract(teacher), bank_y, query_y, result)
-    score("random_init/bn", extract(recalibrated(teacher)), bank_y, query_y, result)
+    score("random_init", extract(teacher.backbone), bank_y, query_y, result)
+    score("random_init/bn", extract(recalibrated(teacher.backbone)), bank_y, query_y, result)
     start = time.time()
     for step in range(total):
         idx = torch.randint(0, TRAIN, (batch,))
@@ -111,9 +105,9 @@ def main() -> None:
     result["train_seconds"] = round(time.time() - start, 1)
     result["images_per_second"] = round(total * batch / (time.time() - start), 1)
     result.update({k: round(v, 4) for k, v in stepper.diagnostics().items() if k.startswith("norm/")})
-    score("teacher", extract(teacher), bank_y, query_y, result)
-    score("teacher/bn", extract(recalibrated(teacher)), bank_y, query_y, result)
-    score("student", extract(student), bank_y, query_y, result)
+    score("teacher", extract(teacher.backbone), bank_y, query_y, result)
+    score("teacher/bn", extract(recalibrated(teacher.backbone)), bank_y, query_y, result)
+    score("student", extract(student.backbone), bank_y, query_y, result)
     print(json.dumps(result), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -22,6 +22,9 @@ what it reports (results.json, and a table here):
   knn/top1_kK               weighted K-NN (T = eval.knn_temperature) of L2-normalised teacher backbone
                             features: data.source shards are the bank, data.eval_source the queries.
                             eval.knn_train_limit caps the bank (ImageNet: 100k-200k is plenty).
+                            The feature protocol, alike for every row: BatchNorm statistics recomputed
+                            on eval.precise_bn_images clean bank images (10k; 0 keeps training's), and
+                            features centred by the bank mean before the L2 norm (eval.centre).
   linear/top1               logistic regression on frozen features, LR x weight decay picked on a
                             10 % validation split of the bank.
   raw_pixels/*, random_init/*

@@ -70,6 +70,9 @@ tuning advice:
   tracking.required=false   train on (with a warning) when the MLflow server is unreachable.
   eval.every_epochs         online teacher k-NN (metric knn/teacher) every N epochs; each costs one pass
                             over the bank (eval.knn_train_limit) and the queries (data.test_limit).
+  eval.precise_bn_images    every k-NN row's BatchNorm statistics are recomputed on this many clean bank
+                            images first (10k; held in memory: lower it for large images; 0 keeps
+                            training's); eval.centre=false turns off centring by the bank mean.
 
 reliability:
   run.max_failures          restarts after a lost worker (preemption, OOM, dead node), each from the newest

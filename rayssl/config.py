@@ -209,6 +209,15 @@ class EvalConfig(_Section):
     knn_temperature: PositiveFloat = 0.07
     knn_train_limit: PositiveInt | None = None
     baselines: bool = True
+    precise_bn_images: int = Field(10_000, ge=0, description=(
+        "Precise BatchNorm: before features are extracted, every network row (teacher, random init) gets "
+        "its BatchNorm statistics recomputed on this many clean bank images (data.source, the evaluation "
+        "preprocessing) instead of the running statistics of augmented training crops; 0 keeps those. "
+        "Chosen on the validation split: +0.3 points at the 30-minute recipe (docs/benchmarks.md). "
+        "The images are held in memory while the statistics are computed: lower it for large images."))
+    centre: bool = Field(True, description=(
+        "Centre every k-NN row's features (raw pixels included) by the bank's mean before the L2 "
+        "normalisation; non-negative pooled features otherwise crowd all cosines near 1."))
     every_epochs: float | None = Field(None, gt=0.0, description=(
         "Online k-NN of the teacher every this many epochs (metric knn/teacher); default: only at the end."))
 

@@ -50,8 +50,9 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = tmp_path / "eval"
+    # eval.precise_bn_images=0: the exported features are then the published backbone's (below)
     assert job.main(["--checkpoint", str(run), "--output", str(out), "--ks", "5,20", "--export",
-                     "eval.baselines=true"]) == 0
+                     "eval.baselines=true", "eval.precise_bn_images=0"]) == 0
     assert f"logged to MLflow run {mlflow_run.info.run_id}" in capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
     history = client.get_metric_history(mlflow_run.info.run_id, "knn/top1_k20")
@@ -89,11 +90,14 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     assert torch.allclose(feats[0], torch.tensor(row["embedding"]), atol=1e-4)
 
     # the baselines get the teacher's probes: raw pixels equal the metrics computed directly on
-    # the shards' images (the exported rows, in their order), random init differs from the teacher
+    # the shards' images (the exported rows, in their order; the k-NN centred by the bank mean),
+    # random init differs from the teacher
     cfg = load_config(None, ["eval.baselines=true"], base=read_checkpoint(str(run))["config"])
     bank, bank_labels = _raw_pixels(out / "embeddings-train.parquet", "train", "train-images-idx3-ubyte.gz")
     query, query_labels = _raw_pixels(out / "embeddings-eval.parquet", "test", "t10k-images-idx3-ubyte.gz")
-    direct = {**metrics.knn_accuracies(bank, bank_labels, query, query_labels, ks=(5, 20), num_classes=10,
+    assert cfg.eval.centre
+    m = bank.mean(0)
+    direct = {**metrics.knn_accuracies(bank - m, bank_labels, query - m, query_labels, ks=(5, 20), num_classes=10,
                                        temperature=cfg.eval.knn_temperature),
               **metrics.linear_probe(bank, bank_labels, query, query_labels)}
     assert {key: saved[f"raw_pixels/{key}"] for key in direct} == pytest.approx(direct)

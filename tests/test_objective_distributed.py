@@ -1,5 +1,6 @@
 """docs/theory.md §7.8: all-reduced statistics over W workers equal one process on the
-concatenated batch, also with unequal per-worker batches (and a worker with 1 or 0 rows).
+concatenated batch, also with unequal per-worker batches (and a worker with 1 or 0 rows);
+so do the evaluation protocol's (``rayssl.eval.protocol``: precise BatchNorm, the bank mean).
 
 Two real gloo processes on 127.0.0.1; each writes its results with ``torch.save`` and the parent
 compares them with the single-process computation (no process group in the parent).
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rayssl.eval.protocol import bank_mean, precise_bn
 from rayssl.objective import (
     ClusterObjective,
     ObjectiveSpec,
@@ -59,9 +61,20 @@ def _make_case(case: int, sizes: tuple[int, int]) -> dict:
     }
 
 
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(3)  # the same weights on every rank and in the reference
+    return torch.nn.Sequential(torch.nn.Linear(K, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(),
+                               torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).double()
+
+
 def _compute(case: dict, rows: slice) -> dict:
     """Everything compared; run on a worker's rows (distributed) or on all rows (reference)."""
     z = case["z"][rows]
+    # precise BN batches: 3 rows each within each worker's rows (the reference takes the same
+    # batches, from both workers' rows); a 1-row remainder is left out (train-mode BatchNorm needs 2)
+    n0 = case["sizes"][0]
+    parts = [case["z"][:n0], case["z"][n0:]] if rows == slice(None) else [z]
+    batches = [b for part in parts for b in part.split(3) if len(b) > 1]
     log_q = torch.log_softmax(z / TAU_T, dim=-1)
     log_rho = target_log_prior(K)
     out = {
@@ -69,7 +82,11 @@ def _compute(case: dict, rows: slice) -> dict:
         "global_mean": global_mean(z),
         "jensen_gap": jensen_gap(log_q),
         "info": information_diagnostics(log_q, log_rho),
+        "bank_mean": bank_mean(z),
     }
+    if batches or dist.is_initialized():  # one process without a batch has nothing to average
+        bn = precise_bn(_bn_net(), batches, lambda m, x: m(x)).state_dict()
+        out["precise_bn"] = {k: v for k, v in bn.items() if "running" in k or "tracked" in k}
     for mode in ("center", "prior", "sinkhorn"):
         out[f"normalize/{mode}"] = normalize_teacher(z, mode, TAU_T, sinkhorn_iters=3)
     if min(case["sizes"]) == 0:
@@ -148,6 +165,9 @@ def test_global_statistics_match_single_process(distributed_results, case):
         close(res["global_log_prior"], ref["global_log_prior"], 1e-12, msg=f"rank {r} log prior")
         close(res["global_mean"], ref["global_mean"], 1e-12, msg=f"rank {r} mean")
         close(res["jensen_gap"], ref["jensen_gap"], 1e-12, msg=f"rank {r} jensen gap")
+        close(res["bank_mean"], ref["bank_mean"], 1e-12, msg=f"rank {r} bank mean")
+        for key, val in ref["precise_bn"].items():  # batches weighted by count, a 0-batch rank included
+            close(res["precise_bn"][key], val, 1e-10, msg=f"rank {r} precise BN {key}")
         assert set(res["info"]) == set(ref["info"])
         for key, val in ref["info"].items():
             close(res["info"][key], val, 1e-5, 1e-5, msg=f"rank {r} info/{key}")

@@ -148,3 +148,18 @@ def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
     run = mlflow.MlflowClient(settings.uri).get_run(settings.run_id)
     assert run.data.tags["rayssl.collapse"] == out["stop_reason"]
     assert run.data.tags["rayssl.stopped"] == out["stop_reason"]
+
+
+def test_knn_recomputes_batchnorm_on_a_copy(data) -> None:
+    """``eval.precise_bn_images``: the k-NN's networks get BatchNorm statistics of clean bank images
+    (the random-init teacher's running statistics are still 0 / 1, so its row moves), while the
+    live teacher keeps its own for training."""
+    run = TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, []))
+    before = copy.deepcopy(run.teacher.state_dict())
+    precise = run.knn({"raw_pixels": None, "random_init": run.teacher})
+    for key, value in run.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    plain = TrainRun(config("eval.precise_bn_images=0"), META, STEPS_PER_EPOCH, worker(data, []))
+    found = plain.knn({"raw_pixels": None, "random_init": plain.teacher})
+    assert found["raw_pixels"] == precise["raw_pixels"]  # no BatchNorm in the raw pixels
+    assert found["random_init"] != precise["random_init"]

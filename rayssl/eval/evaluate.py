@@ -1,7 +1,10 @@
 """Evaluate a checkpoint: features by a Ray Data actor pool, then k-NN, linear probe, clusters.
 
 k-NN and linear probe also score two floors with ``eval.baselines``: raw pixels and the
-backbone at its random initialisation, with the same preprocessing.
+backbone at its random initialisation, with the same preprocessing and the same feature
+protocol (``rayssl.eval.protocol``): each network's BatchNorm statistics recomputed on the
+first ``eval.precise_bn_images`` clean bank images (by the driver, before extraction), and the
+k-NN features centred by the bank mean (``eval.centre``).
 
 Extraction is ``read_parquet`` -> ``decode_stage`` (CPU tasks) -> ``map_batches(FeatureActor)``
 on an actor pool (one GPU each when ``use_gpu``), so it scales to a cluster. The driver runs
@@ -11,6 +14,7 @@ then the pure metrics of ``rayssl.eval.metrics``.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from rayssl.data.datasets import decode_stage, read, sources
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
 from rayssl.eval.checkpoint import preprocessing, random_init, read_checkpoint, teacher_from_state
+from rayssl.eval.protocol import bank_mean, precise_bn
 
 KS = (10, 20, 100, 200)
 BASELINES = ("raw_pixels", "random_init")  # the floors of every k-NN / linear number, with eval.baselines
@@ -34,14 +39,17 @@ class FeatureActor:
     """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded),
     with ``eval.baselines`` also ``raw_pixels`` (the resized, centre-cropped image in [0, 1],
     flattened) and ``random_init`` (the backbone at training's initialisation, same preprocessing).
-    The preprocessing is the checkpoint's published one (``rayssl.eval.checkpoint.preprocessing``)."""
+    The preprocessing is the checkpoint's published one (``rayssl.eval.checkpoint.preprocessing``);
+    ``bn`` holds each backbone's precise-BatchNorm buffers (``batchnorm_buffers``), if any."""
 
-    def __init__(self, checkpoint: str, config: dict, s3: S3Options) -> None:
+    def __init__(self, checkpoint: str, config: dict, s3: S3Options, bn: dict[str, dict] | None = None) -> None:
         cfg = Config.model_validate(config)
         teacher, _, meta = teacher_from_state(read_checkpoint(checkpoint, s3), cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        nets = {"feature": teacher, **({"random_init": random_init(cfg, meta)} if cfg.eval.baselines else {})}
-        self.backbones = {name: net.backbone.to(self.device) for name, net in nets.items()}
+        self.backbones = {name: net.backbone for name, net in backbones(cfg, teacher, meta).items()}
+        for name, buffers in (bn or {}).items():
+            self.backbones[name].load_state_dict(buffers, strict=False)
+        self.backbones = {name: net.to(self.device).eval() for name, net in self.backbones.items()}
         self.raw_pixels = cfg.eval.baselines
         self.preprocess = preprocessing(cfg, meta)  # the one published with the checkpoint
 
@@ -57,18 +65,53 @@ class FeatureActor:
         return {"id": batch["id"][ok], "label": batch["label"][ok], **out}
 
 
-def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
-            actors: int, use_gpu: bool) -> dict[str, np.ndarray]:
-    """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``,
-    and the ``BASELINES`` columns with ``eval.baselines``."""
+def backbones(cfg: Config, teacher, meta) -> dict:
+    """The networks whose features are evaluated: ``feature`` (the teacher) and, with
+    ``eval.baselines``, ``random_init``."""
+    return {"feature": teacher, **({"random_init": random_init(cfg, meta)} if cfg.eval.baselines else {})}
+
+
+def decoded(uri: str, manifest: dict, cfg: Config, limit: int | None) -> ray.data.Dataset:
+    """The first ``limit`` rows of the shards at ``uri``, decoded (``decode_stage``)."""
     d = cfg.data
     size = d.image_size or min(manifest.get("image_size") or [cfg.augment.global_crop_size])
-    ds = (read(uri, manifest, d, ["id", "image", "label"], limit)
-          .map_batches(decode_stage, batch_size=256, batch_format="numpy",
-                       fn_kwargs={"channels": d.channels or manifest["channels"], "size": size})
+    return (read(uri, manifest, d, ["id", "image", "label"], limit)
+            .map_batches(decode_stage, batch_size=256, batch_format="numpy",
+                         fn_kwargs={"channels": d.channels or manifest["channels"], "size": size}))
+
+
+def batchnorm_buffers(uri: str, manifest: dict, cfg: Config, nets: dict, preprocess) -> dict[str, dict]:
+    """Precise BatchNorm (``rayssl.eval.protocol.precise_bn``) of each backbone in ``nets`` on the
+    first ``eval.precise_bn_images`` bank images at ``uri``, on the driver: ``{name: buffers}``
+    (running statistics only, small enough for the actors' constructor arguments)."""
+    n = cfg.eval.precise_bn_images
+    if not n:
+        return {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def clean():
+        for batch in decoded(uri, manifest, cfg, n).iter_batches(batch_size=256, batch_format="numpy"):
+            ok = batch["ok"]
+            if ok.any():
+                images = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(device)
+                yield preprocess.normalize(preprocess.pixels(images))
+
+    out = {}
+    for name, net in nets.items():
+        bn = precise_bn(copy.deepcopy(net.backbone).to(device), clean(), lambda m, x: m(x))
+        out[name] = {k: v.cpu() for k, v in bn.state_dict().items()
+                     if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    return out
+
+
+def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
+            actors: int, use_gpu: bool, bn: dict[str, dict]) -> dict[str, np.ndarray]:
+    """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``,
+    and the ``BASELINES`` columns with ``eval.baselines``; ``bn`` from ``batchnorm_buffers``."""
+    ds = (decoded(uri, manifest, cfg, limit)
           .map_batches(FeatureActor, batch_size=256, batch_format="numpy",
                        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
-                                              "s3": S3Options.of(d)},
+                                              "s3": S3Options.of(cfg.data), "bn": bn},
                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
     ds.context.execution_options.preserve_order = True  # the first ``limit`` rows, as in training
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -104,8 +147,13 @@ def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: n
 
 
 def probes(train: dict, test: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
-    """k-NN (``knn/top1_kK``) and linear probe (``linear/*``) of one feature ``column``."""
-    out = metrics.knn_accuracies(train[column], train["label"], test[column], test["label"], ks=tuple(ks),
+    """k-NN (``knn/top1_kK``, centred by the bank mean with ``eval.centre``) and linear probe
+    (``linear/*``; it standardises the features itself) of one feature ``column``."""
+    bank, queries = torch.from_numpy(train[column]).float(), torch.from_numpy(test[column]).float()
+    if cfg.eval.centre:
+        m = bank_mean(bank)
+        bank, queries = bank - m, queries - m
+    out = metrics.knn_accuracies(bank, train["label"], queries, test["label"], ks=tuple(ks),
                                  temperature=cfg.eval.knn_temperature, num_classes=num_classes)
     return {**out, **metrics.linear_probe(train[column], train["label"], test[column], test["label"])}
 
@@ -126,8 +174,9 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     if eval_manifest is None or not eval_manifest["classes"] or not train_manifest["classes"]:
         raise ConfigError("data.eval_source: evaluation needs labelled data.source and data.eval_source shards")
     bank_limit = min((n for n in (cfg.data.train_limit, cfg.eval.knn_train_limit) if n), default=None)
-    train = extract(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu)
-    test = extract(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu)
+    bn = batchnorm_buffers(train_uri, train_manifest, cfg, backbones(cfg, teacher, meta), preprocessing(cfg, meta))
+    train = extract(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu, bn)
+    test = extract(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu, bn)
     num_classes, k = len(train_manifest["classes"]), cfg.objective.num_clusters
 
     results: dict = {"checkpoint": checkpoint, "step": state.get("step"), "num_train": len(train["label"]),

@@ -2,18 +2,20 @@
 
 Ray-free: the sets arrive as iterables of numpy batches (``image`` uint8 (B, H, W, C), ``label``,
 ``ok``), whatever streams them (Ray Data shards in the job, lists in tests). All ranks call
-``knn_eval`` together (it gathers queries and neighbour lists, ``rayssl.dist``).
+``knn_eval`` together (it gathers queries, neighbour lists and the bank mean, ``rayssl.dist``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rayssl import dist
+from rayssl.eval.protocol import bank_mean
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 
 Features = Callable[[torch.Tensor], list[torch.Tensor]]  # uint8 images -> feature sets (B, D)
@@ -25,27 +27,43 @@ def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).to(device, non_blocking=True)
 
 
+def first_images(batches: Iterable[dict], images: int) -> tuple[list[dict], Iterator[dict]]:
+    """The first batches that hold at least ``images`` decodable rows (all of them if fewer), and
+    an iterator over every batch, those first ones included: one pass over the stream serves both
+    the precise-BatchNorm statistics and the features."""
+    it, head, count = iter(batches), [], 0
+    while count < images and (batch := next(it, None)) is not None:
+        head.append(batch)
+        count += int(batch["ok"].sum())
+    return head, itertools.chain(head, it)
+
+
 def extract(batches: Iterable[dict], fn: Features, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """L2-normalised features (one tensor per feature set) and labels of the decodable rows."""
+    """Features (one float tensor per feature set) and labels of the decodable rows."""
     feats, labels = [], []
     for batch in batches:
         if not batch["ok"].any():
             continue
-        feats.append([F.normalize(f.float(), dim=1).cpu() for f in fn(batch_images(batch, device))])
+        feats.append([f.float().cpu() for f in fn(batch_images(batch, device))])
         labels.append(torch.from_numpy(np.array(batch["label"][batch["ok"]])))
     return [torch.cat(f) for f in zip(*feats)], torch.cat(labels)
 
 
 def knn_eval(bank: Iterable[dict], queries: Iterable[dict], fn: Features, names: list[str], *, k: int,
-             temperature: float, num_classes: int, device: torch.device) -> dict[str, float]:
+             temperature: float, num_classes: int, device: torch.device, centre: bool) -> dict[str, float]:
     """Weighted k-NN accuracy of each feature set ``fn`` returns, named by ``names``.
 
     Each worker extracts its shard of the bank (labelled training images) and of the queries
-    (``data.eval_source``); the queries are gathered, each worker returns its local top-k, and
-    the exact global top-k is merged, so W workers score exactly what one process would.
+    (``data.eval_source``); with ``centre`` every set is centred by its global bank mean
+    (``rayssl.eval.protocol.bank_mean``) before the L2 normalisation; the queries are gathered,
+    each worker returns its local top-k, and the exact global top-k is merged, so W workers
+    score exactly what one process would.
     """
     bank_feats, bank_labels = extract(bank, fn, device)
     query_feats, query_labels = extract(queries, fn, device)
+    for i in range(len(names)):
+        m = bank_mean(bank_feats[i]) if centre else 0.0
+        bank_feats[i], query_feats[i] = (F.normalize(f - m, dim=1) for f in (bank_feats[i], query_feats[i]))
     parts = dist.gather_objects((query_feats, query_labels))
     all_labels = torch.cat([p[1] for p in parts])
     results = {}

@@ -32,7 +32,8 @@ from rayssl import dist
 from rayssl.config import Config
 from rayssl.console import Progress
 from rayssl.data.meta import DataMeta
-from rayssl.eval.online import knn_eval
+from rayssl.eval.online import batch_images, first_images, knn_eval
+from rayssl.eval.protocol import precise_bn
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
@@ -155,12 +156,7 @@ class TrainRun:
             return
         if self.start_step > 0 or not self.cfg.eval.baselines:
             return
-        teacher = self.features(self.teacher)
-
-        def both(x: torch.Tensor) -> list[torch.Tensor]:
-            return [x.flatten(1).float() / 255, *teacher(x)]
-
-        found = self.knn(both, ["raw_pixels", "random_init"])
+        found = self.knn({"raw_pixels": None, "random_init": self.teacher})
         self.results.update({f"knn/{k}": v for k, v in found.items()}, eval_seconds=time.time() - started)
         self.say(f"[rayssl] k-NN baselines: raw pixels {found['raw_pixels']:.2%}, "
                  f"random init {found['random_init']:.2%}")
@@ -236,7 +232,7 @@ class TrainRun:
         step, s = self.step, self.schedules
         online = None
         if self.online_every and step % self.online_every == 0 and step < self.total_steps:
-            online = self.knn(self.features(self.teacher), ["teacher"])["teacher"]
+            online = self.knn({"teacher": self.teacher})["teacher"]
         elapsed = time.time() - self.window_start
         return {"step": step, "epoch": step / self.steps_per_epoch,
                 "loss": float(torch.stack(self.losses).mean()) if self.losses else float("nan"),  # nan: all skipped
@@ -307,7 +303,7 @@ class TrainRun:
         if self.stopped != "nonfinite":  # a non-finite run: the driver marks the MLflow run FAILED
             self.results["train_seconds"], started = time.time() - self.started, time.time()
             if self.worker.knn_sets:
-                self.results["knn/teacher"] = self.knn(self.features(self.teacher), ["teacher"])["teacher"]
+                self.results["knn/teacher"] = self.knn({"teacher": self.teacher})["teacher"]
                 self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
                 self.results["eval_seconds"] = self.results.get("eval_seconds", 0.0) + time.time() - started
             if self.mlflow:
@@ -341,22 +337,32 @@ class TrainRun:
         run.end()
 
     # ------------------------------------------------------------------ helpers
-    def features(self, model: nn.Module) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-        """uint8 images -> [the model's backbone features of the eval preprocessing]."""
+    def knn(self, rows: dict[str, nn.Module | None]) -> dict[str, float]:
+        """Weighted k-NN of each named row: a network's backbone features, or the raw pixels (None),
+        under the feature protocol (``rayssl.eval.protocol``): each network with its BatchNorm
+        statistics recomputed on this worker's share of the first ``eval.precise_bn_images`` clean
+        bank images, every row centred by the bank mean (``eval.centre``)."""
+        e, device = self.cfg.eval, self.worker.device
         crops, size = self.views.crops, self.cfg.augment.global_crop_size
-
-        def fn(x: torch.Tensor) -> list[torch.Tensor]:
-            model.eval()
-            with torch.no_grad(), self.stepper.autocast:
-                x = crops.eval_transform(x, size)
-                return [unwrap(model).features(x.contiguous(memory_format=torch.channels_last))]
-        return fn
-
-    def knn(self, fn, names: list[str]) -> dict[str, float]:
         bank, queries = self.worker.knn_sets()
-        e = self.cfg.eval
-        return knn_eval(bank, queries, fn, names, k=e.knn_k, temperature=e.knn_temperature,
-                        num_classes=self.meta.num_classes, device=self.worker.device)
+        clean, bank = first_images(bank, -(-e.precise_bn_images // self.worker.world))
+
+        def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            with self.stepper.autocast:
+                return backbone(crops.eval_transform(x, size).contiguous(memory_format=torch.channels_last))
+
+        nets = {name: unwrap(m).backbone for name, m in rows.items() if m is not None}
+        if e.precise_bn_images:
+            nets = {name: precise_bn(m, (batch_images(b, device) for b in clean), features)
+                    for name, m in nets.items()}
+
+        @torch.no_grad()
+        def fn(x: torch.Tensor) -> list[torch.Tensor]:
+            for m in nets.values():
+                m.eval()
+            return [x.flatten(1).float() / 255 if m is None else features(nets[name], x) for name, m in rows.items()]
+        return knn_eval(bank, queries, fn, list(rows), k=e.knn_k, temperature=e.knn_temperature,
+                        num_classes=self.meta.num_classes, device=device, centre=e.centre)
 
     def _stop(self, reason: str, detail: str) -> None:
         self.stopped, self.results["stop_reason"] = reason, detail
