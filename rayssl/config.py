@@ -52,6 +52,10 @@ class DataConfig(_Section):
     decode_on: Literal["data", "worker"] = Field("data", description=(
         "'data': decode and multi-crop in Ray Data CPU tasks (GPU workers only train); "
         "'worker': decode in the training worker and multi-crop on its device."))
+    prefetch_batches: int = Field(2, ge=0, description=(
+        "Micro-batches each training worker turns into views ahead of the step, in a background thread "
+        "(with decode_on=worker: the decoding and multi-crop too, spread over the epoch); 0: in the step. "
+        "data.deterministic always uses 0."))
     shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (plus file order).")
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
     test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
@@ -213,7 +217,8 @@ class EvalConfig(_Section):
         "Precise BatchNorm: before features are extracted, every network row (teacher, random init) gets "
         "its BatchNorm statistics recomputed on this many clean bank images (data.source, the evaluation "
         "preprocessing) instead of the running statistics of augmented training crops; 0 keeps those. "
-        "Chosen on the validation split: +0.3 points at the 30-minute recipe (docs/benchmarks.md). "
+        "With eval.centre, chosen on the validation split: +0.47 points on average at the 30-minute "
+        "recipe's length, within noise at the 10-epoch default (docs/benchmarks.md, 'Sixth round'). "
         "The images are held in memory while the statistics are computed: lower it for large images."))
     centre: bool = Field(True, description=(
         "Centre every k-NN row's features (raw pixels included) by the bank's mean before the L2 "

@@ -93,13 +93,16 @@ def test_resume_is_bitwise(data) -> None:
 
 
 def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
-    """A corrupt image is skipped and counted; a run whose loss turns NaN stops with the reason
+    """A corrupt image is skipped and counted (views made in the step or ahead, ``data.prefetch_batches``);
+    a run whose loss turns NaN stops with the reason
     and without a final k-NN, and reports no checkpoint after the bad step."""
     broken = dict(data, train=data["train"].copy())
     broken["train"][:5] = b"not an image"
     reports: list = []
-    out = TrainRun(config("train.epochs=1"), META, STEPS_PER_EPOCH, worker(broken, reports, knn=False)).run()
-    assert out["history"][-1]["data/skipped_images"] > 0
+    for extra in (["data.deterministic=true"], ["data.deterministic=false", "data.prefetch_batches=2"]):
+        out = TrainRun(config("train.epochs=1", *extra), META, STEPS_PER_EPOCH,
+                       worker(broken, reports, knn=False)).run()  # in the step, then in the prefetch thread
+        assert out["history"][-1]["data/skipped_images"] == 5  # the epoch reads every image once
 
     reports = []
     run = TrainRun(config("train.skip_nonfinite=0"), META, STEPS_PER_EPOCH, worker(data, reports, knn=False))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +40,7 @@ from rayssl.objective import ClusterObjective, ObjectiveSpec
 from rayssl.schedules import build_schedules, online_knn_every
 from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
 from rayssl.train.batching import batch_plan
+from rayssl.train.prefetch import Ahead
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.train.views import Views
 
@@ -48,6 +49,9 @@ def say(line: str) -> None:
     """One line to the console (Ray Train's patched ``print`` would show it twice)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+_RAN_OUT = object()  # the end of a pass, told apart from a batch with no decodable image (None)
 
 
 @dataclass
@@ -117,7 +121,8 @@ class TrainRun:
         self.position = 0  # batches of the current epoch consumed (data.deterministic resumes)
         self.skipped_before = 0
         self.fed = False  # whether this launch has had its first training batch
-        self._batches: Iterator[dict] | None = None
+        self._batches: Ahead | None = None  # the pass's views, prepared ahead (not with data.deterministic)
+        self.prefetch = 0 if cfg.data.deterministic else cfg.data.prefetch_batches
         self._start_clock()
 
     # ------------------------------------------------------------------ start
@@ -186,6 +191,7 @@ class TrainRun:
             return
         self.step += 1
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
+            self._batches.close()
             self.position, self._batches = 0, None
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
@@ -196,15 +202,15 @@ class TrainRun:
         started = time.time()
         while True:
             if self._batches is None:  # a new pass; after a resume, skip what the epoch used
-                self._batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
+                batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
                 for _ in range(self.position):
-                    next(self._batches, None)
-            batch = next(self._batches, None)
-            if batch is None:
+                    next(batches, None)
+                self._batches = Ahead(batches, self.views, self.prefetch)
+            views = next(self._batches, _RAN_OUT)
+            if views is _RAN_OUT:
                 raise RuntimeError(f"worker {self.rank}: data shard ran out at step {self.step}; "
                                    "set train.steps_per_epoch lower")
             self.position += 1
-            views = self.views(batch)
             if views is not None:
                 if not self.fed:  # the wait for this launch's first batch is start-up: the clock times training
                     self.fed, self.results["first_batch_seconds"] = True, time.time() - self.window_start
@@ -293,6 +299,8 @@ class TrainRun:
         (with this launch's ``history``, the collapse alarm's text if it fired, and this launch's
         ``train_seconds`` (training, online k-NN included) and ``eval_seconds`` (baselines and
         final k-NN))."""
+        if self._batches is not None:
+            self._batches.close()
         if self.alarm.raised:
             self.results["collapse"] = self.alarm.raised
         if self.stopped:
