@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,9 @@ class RunLogger:
         self.settings, self.run_id, self.say = settings, settings.run_id, say
         self.retry_seconds, self.paused_until, self.warned = retry_seconds, 0.0, False
         self.client = mlflow_client(settings.uri)
+        # the per-epoch plots are drawn beside training: drawn in the step, they held every rank
+        # for 0.4-0.5 s at each epoch boundary (rank 0 draws, the others wait at the next all-reduce)
+        self.plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-plots")
         history = self._safe(self.client.get_metric_history, self.run_id, "loss") or []
         self.last_step = max((m.step for m in history), default=0)
 
@@ -328,7 +332,11 @@ class RunLogger:
         self._safe(self.client.set_tag, self.run_id, key, mask_uri(value)[:5000])
 
     def epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
-        """The cluster-prior histogram and the cluster-usage bars of one epoch."""
+        """The cluster-prior histogram and the cluster-usage bars of one epoch, drawn and logged in
+        a background thread (``end`` waits for them)."""
+        self.plotter.submit(self._epoch_plots, epoch, prior, assigned)
+
+    def _epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
         from rayssl.plots import prior_figure, usage_figure
 
         self._safe(self.client.log_figure, self.run_id,
@@ -378,6 +386,7 @@ class RunLogger:
         self._safe(log)
 
     def end(self) -> None:
+        self.plotter.shutdown(wait=True)
         self.paused_until = 0.0  # the final status matters most: try it even while paused
         self._safe(self.client.set_terminated, self.run_id, status="FINISHED")
 
