@@ -50,8 +50,9 @@ class DataConfig(_Section):
         "shards' common size, else 8/7 of augment.global_crop_size."))
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: what the shards hold.")
     decode_on: Literal["data", "worker"] = Field("data", description=(
-        "'data': decode and multi-crop in Ray Data CPU tasks (GPU workers only train); "
-        "'worker': decode in the training worker and multi-crop on its device."))
+        "'data': decode and multi-crop in Ray Data CPU tasks (GPU workers only train; for clusters with "
+        "CPUs to spare); 'worker': the training worker decodes and crops its own batches, "
+        "data.prefetch_batches ahead in a thread (CPU workers: the Fashion-MNIST configs)."))
     prefetch_batches: int = Field(2, ge=0, description=(
         "Micro-batches each training worker turns into views ahead of the step, in a background thread "
         "(with decode_on=worker: the decoding and multi-crop too, spread over the epoch); 0: in the step. "

@@ -99,6 +99,7 @@ def test_shards_in_s3_train_checkpoint_in_s3_and_resume(ray_cluster, s3_server, 
     name = f"it-{uuid.uuid4().hex[:8]}"
     uri, store = mlflow_server
     overrides = [f"data.source={train_uri}", f"data.eval_source={test_uri}", "data.shuffle_buffer=64",
+                 "data.decode_on=data",  # the cluster path: Ray Data tasks crop (the default config crops in the worker)
                  "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
                  "objective.num_clusters=32", "objective.prior_momentum=0.9", "train.batch_size=32",
                  "train.log_every=5", "train.checkpoint_every=10", "optim.warmup_epochs=0",
