@@ -166,3 +166,16 @@ def test_knn_recomputes_batchnorm_on_a_copy(data) -> None:
     found = plain.knn({"raw_pixels": None, "random_init": plain.teacher})
     assert found["raw_pixels"] == precise["raw_pixels"]  # no BatchNorm in the raw pixels
     assert found["random_init"] != precise["random_init"]
+
+
+def test_each_epoch_pass_starts_once_with_its_seed(data) -> None:
+    """With views made ahead, the next epoch's pass starts before the boundary (while the last
+    steps train), with the seed the step at its start gives, and none starts after the last epoch."""
+    for extra in ("data.prefetch_batches=0", "data.prefetch_batches=2"):
+        seeds: list = []
+        w = worker(data, [], knn=False)
+        passes = w.train_batches
+        w.train_batches = lambda seed, rows: seeds.append(seed) or passes(seed, rows)
+        cfg = config("data.deterministic=false", "train.epochs=3", extra)
+        TrainRun(cfg, META, STEPS_PER_EPOCH, w).run()
+        assert seeds == [cfg.train.seed + s for s in (0, 8, 16)], extra
