@@ -59,12 +59,3 @@ def test_close_stops_the_thread_and_the_source() -> None:
     _wait_for(lambda: not ahead.thread.is_alive())
     assert not ahead.thread.is_alive() and len(pulled) < 10
     assert next(ahead, "end") == "end"
-
-
-def test_on_end_runs_in_the_thread_while_results_still_wait() -> None:
-    ended = []
-    ahead = Ahead(range(5), lambda x: x, 2, on_end=lambda: ended.append(True))
-    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
-    _wait_for(lambda: bool(ended))
-    assert ended == [True]  # the source ran out: 3 and 4 are made, not yet taken
-    assert list(ahead) == [3, 4]

@@ -169,8 +169,8 @@ def test_knn_recomputes_batchnorm_on_a_copy(data) -> None:
 
 
 def test_each_epoch_pass_starts_once_with_its_seed(data) -> None:
-    """With views made ahead, the next epoch's pass starts before the boundary (while the last
-    steps train), with the seed the step at its start gives, and none starts after the last epoch."""
+    """With views made in the step or ahead, each epoch's pass starts once, with the seed the step
+    at its start gives, and none starts after the last epoch."""
     for extra in ("data.prefetch_batches=0", "data.prefetch_batches=2"):
         seeds: list = []
         w = worker(data, [], knn=False)

@@ -19,13 +19,10 @@ _END = object()
 class Ahead:
     """``fn(item)`` for each item of ``items``, in order, computed up to ``depth`` items ahead in a
     daemon thread (``depth`` 0: in the caller's thread, when it asks). An exception in the thread
-    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread.
-    With a thread, ``on_end`` runs in it as soon as ``items`` runs out, while the caller may still
-    be consuming the last results."""
+    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread."""
 
-    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int,
-                 on_end: Callable[[], None] | None = None) -> None:
-        self.items, self.fn, self.depth, self.on_end, self.done = iter(items), fn, depth, on_end, False
+    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int) -> None:
+        self.items, self.fn, self.depth, self.done = iter(items), fn, depth, False
         if depth:
             self.queue: queue.Queue = queue.Queue(maxsize=depth)
             self.stop = threading.Event()
@@ -46,8 +43,6 @@ class Ahead:
             for item in self.items:
                 if not self._put((True, self.fn(item))):
                     return
-            if self.on_end is not None:
-                self.on_end()
             self._put((True, _END))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
             self._put((False, err))

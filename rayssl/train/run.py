@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,8 +122,6 @@ class TrainRun:
         self.skipped_before = 0
         self.fed = False  # whether this launch has had its first training batch
         self._batches: Ahead | None = None  # the pass's views, prepared ahead (not with data.deterministic)
-        self._next: Ahead | None = None  # the next epoch's pass, started early by _start_early
-        self._lock = threading.Lock()
         self.prefetch = 0 if cfg.data.deterministic else cfg.data.prefetch_batches
         self._start_clock()
 
@@ -194,10 +191,8 @@ class TrainRun:
             return
         self.step += 1
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
-            with self._lock:  # the next epoch's pass, if its early start (_start_early) has made it
-                self._batches.close()
-                self._batches, self._next = self._next, None
-            self.position = 0
+            self._batches.close()
+            self.position, self._batches = 0, None
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
                 self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
@@ -207,7 +202,10 @@ class TrainRun:
         started = time.time()
         while True:
             if self._batches is None:  # a new pass; after a resume, skip what the epoch used
-                self._batches = self._new_pass(self.step, skip=self.position)
+                batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
+                for _ in range(self.position):
+                    next(batches, None)
+                self._batches = Ahead(batches, self.views, self.prefetch)
             views = next(self._batches, _RAN_OUT)
             if views is _RAN_OUT:
                 raise RuntimeError(f"worker {self.rank}: data shard ran out at step {self.step}; "
@@ -221,32 +219,13 @@ class TrainRun:
                     self.wait += time.time() - started
                 return views
 
-    def _new_pass(self, start: int, skip: int = 0) -> Ahead:
-        """The views of a new pass over this worker's shard, for the steps from ``start`` to the end
-        of its epoch, without its first ``skip`` batches (a resume skips what its epoch used).
-        With ``data.prefetch_batches``, a pass that runs out starts the next epoch's right away."""
-        batches = iter(self.worker.train_batches(self._shuffle_seed(start), self.plan.micro_batch))
-        for _ in range(skip):
-            next(batches, None)
-        following = start - start % self.steps_per_epoch + self.steps_per_epoch
-        early = self.prefetch and following < self.total_steps
-        return Ahead(batches, self.views, self.prefetch, on_end=(lambda: self._start_early(following)) if early else None)
-
-    def _start_early(self, start: int) -> None:
-        """In the prefetch thread of a pass that has run out (its last views wait in the queue):
-        start the next epoch's pass now, so Ray Data starts that epoch's execution while the last
-        steps of this one train, and its first views are ready at the boundary."""
-        with self._lock:
-            if self._batches is not None and not self._batches.done and self._next is None:
-                self._next = self._new_pass(start)
-
-    def _shuffle_seed(self, start: int) -> int:
-        """The local shuffle seed of the pass that starts at step ``start``: per epoch with
+    def _shuffle_seed(self) -> int:
+        """The local shuffle seed of the pass that starts now: per epoch with
         ``data.deterministic`` (a resume replays its epoch), otherwise per pass."""
         seed = self.cfg.train.seed + self.rank
         if self.cfg.data.deterministic:
-            return seed + 7919 * (start // self.steps_per_epoch)
-        return seed + start
+            return seed + 7919 * (self.step // self.steps_per_epoch)
+        return seed + self.step
 
     def _log_step(self) -> bool:
         return self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
@@ -320,10 +299,8 @@ class TrainRun:
         (with this launch's ``history``, the collapse alarm's text if it fired, and this launch's
         ``train_seconds`` (training, online k-NN included) and ``eval_seconds`` (baselines and
         final k-NN))."""
-        with self._lock:
-            for views in (self._batches, self._next):
-                if views is not None:
-                    views.close()
+        if self._batches is not None:
+            self._batches.close()
         if self.alarm.raised:
             self.results["collapse"] = self.alarm.raised
         if self.stopped:
