@@ -51,10 +51,10 @@ class Ahead:
         return self
 
     def __next__(self) -> Any:
-        if not self.depth:
-            return self.fn(next(self.items))
         if self.done:
             raise StopIteration
+        if not self.depth:
+            return self.fn(next(self.items))
         ok, value = self.queue.get()
         if not ok or value is _END:
             self.close()
