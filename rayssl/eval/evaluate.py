@@ -48,7 +48,8 @@ class FeatureActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbones = {name: net.backbone for name, net in backbones(cfg, teacher, meta).items()}
         for name, buffers in (bn or {}).items():
-            self.backbones[name].load_state_dict(buffers, strict=False)
+            if unexpected := self.backbones[name].load_state_dict(buffers, strict=False).unexpected_keys:
+                raise ValueError(f"eval.precise_bn_images: {name} has no buffer {unexpected[0]}")
         self.backbones = {name: net.to(self.device).eval() for name, net in self.backbones.items()}
         self.raw_pixels = cfg.eval.baselines
         self.preprocess = preprocessing(cfg, meta)  # the one published with the checkpoint
@@ -96,11 +97,14 @@ def batchnorm_buffers(uri: str, manifest: dict, cfg: Config, nets: dict, preproc
                 images = torch.from_numpy(np.array(batch["image"][ok])).permute(0, 3, 1, 2).to(device)
                 yield preprocess.normalize(preprocess.pixels(images))
 
-    out = {}
-    for name, net in nets.items():
-        bn = precise_bn(copy.deepcopy(net.backbone).to(device), clean(), lambda m, x: m(x))
-        out[name] = {k: v.cpu() for k, v in bn.state_dict().items()
-                     if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    # every backbone in one pass over the images (a copy on the device; the originals stay)
+    both = copy.deepcopy(torch.nn.ModuleDict({name: net.backbone for name, net in nets.items()})).to(device)
+    both = precise_bn(both, clean(), lambda m, x: [backbone(x) for backbone in m.values()])
+    out: dict[str, dict] = {name: {} for name in nets}
+    for key, value in both.state_dict().items():
+        name, rest = key.split(".", 1)
+        if rest.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+            out[name][rest] = value.cpu()
     return out
 
 
