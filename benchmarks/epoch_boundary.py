@@ -5,8 +5,9 @@
 
 Each logged step's ``images_per_second`` covers the window since the previous logged step.
 Reports the median, the slowest window and their ratio (target >= 0.8), and the windows that
-hold an epoch boundary against the others. Every epoch starts a new Ray Data execution, and the
-windows after a boundary slow down (0.51-0.60 of the median on 2 cores, docs/benchmarks.md).
+hold an epoch boundary against the others. When every epoch started a new Ray Data execution,
+the windows after a boundary slowed down (0.51-0.60 of the median on 2 cores, docs/benchmarks.md);
+the stream now runs every epoch in one execution.
 Appends one JSON line per run to ``--out``.
 """
 

@@ -168,14 +168,25 @@ def test_knn_recomputes_batchnorm_on_a_copy(data) -> None:
     assert found["random_init"] != precise["random_init"]
 
 
-def test_each_epoch_pass_starts_once_with_its_seed(data) -> None:
-    """With views made in the step or ahead, each epoch's pass starts once, with the seed the step
-    at its start gives, and none starts after the last epoch."""
-    for extra in ("data.prefetch_batches=0", "data.prefetch_batches=2"):
+def test_passes_start_once_with_their_seeds(data) -> None:
+    """With views made in the step or ahead: a pass of one epoch is followed by the next at the
+    boundary, one that holds every epoch (Ray Train's stream) is read once on, and a pass that
+    ends before its first epoch is full is an error. Each pass starts once, with the seed of the
+    step at its start, and none starts after the last epoch; with data.deterministic a pass ends
+    at every epoch boundary, even one that holds more."""
+    def run(extra: str, epochs_per_pass: int, *more: str, steps_per_epoch: int = STEPS_PER_EPOCH) -> list[int]:
         seeds: list = []
         w = worker(data, [], knn=False)
-        passes = w.train_batches
-        w.train_batches = lambda seed, rows: seeds.append(seed) or passes(seed, rows)
-        cfg = config("data.deterministic=false", "train.epochs=3", extra)
-        TrainRun(cfg, META, STEPS_PER_EPOCH, w).run()
-        assert seeds == [cfg.train.seed + s for s in (0, 8, 16)], extra
+        one = w.train_batches
+        w.train_batches = lambda seed, rows: seeds.append(seed) or [
+            b for e in range(epochs_per_pass) for b in one(seed + e, rows)]
+        TrainRun(config("train.epochs=3", extra, *more), META, steps_per_epoch, w).run()
+        return seeds
+
+    seed = config().train.seed
+    for extra in ("data.prefetch_batches=0", "data.prefetch_batches=2"):
+        assert run(extra, 1, "data.deterministic=false") == [seed + s for s in (0, 8, 16)], extra
+        assert run(extra, 3, "data.deterministic=false") == [seed], extra
+    assert run("data.prefetch_batches=0", 3) == [seed + 7919 * e for e in range(3)]  # deterministic
+    with pytest.raises(RuntimeError, match=f"ran out at step {STEPS_PER_EPOCH}"):  # a pass feeds 8 of 9 steps
+        run("data.deterministic=false", 1, steps_per_epoch=STEPS_PER_EPOCH + 1)

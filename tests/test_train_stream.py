@@ -1,9 +1,10 @@
-"""The training stream: one epoch per Ray Data execution, one task per shard
+"""The training stream: every epoch of the run in one Ray Data execution, one task per shard
 (``rayssl.data.datasets.train_stream``).
 
-Without Ray: which rows a shard's task reads (``shard_pieces``, ``read_pieces``). With the
-session's Ray cluster: every epoch holds each (limited) row once, in a fresh shard order unless
-seeded, and the multi-crop stage's blocks stay one stage call each.
+Without Ray: which rows a shard's task reads (``shard_pieces``, ``read_pieces``) and the epochs'
+shard orders (``run_order``). With the session's Ray cluster: every epoch of an execution holds
+each (limited) row once, in a fresh shard order unless seeded, and the multi-crop stage's blocks
+stay one stage call each.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayssl.config import load_config
-from rayssl.data.datasets import read_pieces, shard_pieces, train_stream
+from rayssl.data.datasets import read_pieces, run_order, shard_pieces, train_stream
 
 SHARD_ROWS = (5, 7, 3)
 
@@ -48,26 +49,35 @@ def test_a_piece_is_read_in_blocks_up_to_its_rows(tmp_path) -> None:
     assert rows == [b"s1r0", b"s1r1", b"s1r2"] + [f"s0r{r}".encode() for r in range(5)]
 
 
-def epochs_of(stream, n: int) -> list[list[bytes]]:
-    return [[v for b in stream.iter_batches(batch_size=None, batch_format="numpy") for v in b["image"]]
-            for _ in range(n)]
+def test_each_epoch_is_a_permutation_of_the_pieces() -> None:
+    fresh = run_order(5, 4, None).reshape(4, 5)
+    assert all(sorted(epoch) == list(range(5)) for epoch in fresh.tolist())
+    assert len({tuple(epoch) for epoch in fresh.tolist()}) > 1  # 4 draws of 120 orders
+    assert (run_order(5, 3, 7) == run_order(5, 3, 7)).all()
+
+
+def rows_of(stream) -> list[bytes]:
+    return [v for b in stream.iter_batches(batch_size=None, batch_format="numpy") for v in b["image"]]
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("limit", [None, 9])
-def test_every_epoch_holds_each_row_once(ray_cluster, tmp_path, limit) -> None:
-    """Six executions of the stream: each the (limited) rows exactly once; shard orders vary
-    across epochs without a seed and repeat with one (``data.deterministic``)."""
+def test_one_execution_holds_every_epoch(ray_cluster, tmp_path, limit) -> None:
+    """Twelve epochs in one execution, each the (limited) rows exactly once, in varying shard orders
+    (all alike by chance: 2**-11 with the limit's 2 shards); seeded (``data.deterministic``: an epoch
+    per execution), every execution repeats one order."""
     manifest = write_shards(tmp_path)
     cfg = load_config(None, [f"data.source={tmp_path}"] + ([f"data.train_limit={limit}"] if limit else []))
     kept = Counter([f"s{s}r{r}".encode() for s, n in enumerate(SHARD_ROWS) for r in range(n)][:limit])
-    for seed, orders in ((None, "vary"), (3, "repeat")):
-        stream = train_stream(str(tmp_path), manifest, cfg.data, 2, seed)
-        stream.context.execution_options.preserve_order = True  # as training does; orders vary by the seed alone
-        epochs = epochs_of(stream, 6)
-        assert all(Counter(rows) == kept for rows in epochs)
-        firsts = {tuple(dict.fromkeys(v[:2] for v in rows)) for rows in epochs}  # the shard order
-        assert (len(firsts) > 1) == (orders == "vary"), firsts
+    n = sum(kept.values())
+    for stream, executions in ((train_stream(str(tmp_path), manifest, cfg.data, 2, 12, None), 1),
+                               (train_stream(str(tmp_path), manifest, cfg.data, 2, 1, 3), 12)):
+        stream.context.execution_options.preserve_order = True  # to cut the epochs apart
+        rows = [v for _ in range(executions) for v in rows_of(stream)]
+        epochs = [rows[i:i + n] for i in range(0, len(rows), n)]
+        assert len(epochs) == 12 and all(Counter(epoch) == kept for epoch in epochs)
+        firsts = {tuple(dict.fromkeys(v[:2] for v in epoch)) for epoch in epochs}  # the shard order
+        assert (len(firsts) > 1) == (executions == 1), firsts
 
 
 def test_the_crop_stage_yields_one_block_per_call(shard_cache) -> None:
@@ -75,7 +85,7 @@ def test_the_crop_stage_yields_one_block_per_call(shard_cache) -> None:
     equal split is fed within a call's time, not after the whole shard (256 rows) is cropped."""
     from rayssl.data.datasets import build_datasets, plan_data, stage_rows
 
-    cfg = load_config(None, shard_cache + ["data.train_limit=512", "augment.global_crop_size=192"])
+    cfg = load_config(None, shard_cache + ["data.train_limit=512", "augment.global_crop_size=192", "train.epochs=1"])
     plan = plan_data(cfg)
     rows = stage_rows(cfg.augment, plan.meta.channels)
     sizes = [len(b["ok"]) for b in build_datasets(cfg, plan)["train"].iter_batches(batch_size=None)]
@@ -95,7 +105,7 @@ def test_each_shard_is_cropped_by_its_own_task(shard_cache, monkeypatch) -> None
 
     crop = datasets.multicrop_stage
     monkeypatch.setattr(datasets, "multicrop_stage", tagged)
-    cfg = load_config(None, shard_cache + ["data.train_limit=512"])
+    cfg = load_config(None, shard_cache + ["data.train_limit=512", "train.epochs=1"])
     plan = datasets.plan_data(cfg)
     pieces = datasets.shard_pieces(plan.train, "", 512)
     tasks = {t for b in datasets.build_datasets(cfg, plan)["train"].iter_batches(batch_size=None) for t in b["task"]}

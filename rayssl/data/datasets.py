@@ -1,7 +1,8 @@
 """Ray Data datasets for training and evaluation: Parquet shards -> decoded, augmented batches.
 
-``train`` streams the shards, one Ray Data execution per epoch (shard order shuffled every
-epoch, plus each worker's local shuffle buffer), one task per shard that reads it and, with
+``train`` streams the shards, one Ray Data execution for the whole run (a fresh shard order
+every epoch, plus each worker's local shuffle buffer; with ``data.deterministic`` one seeded
+epoch per execution), one task per shard that reads it and, with
 ``data.decode_on=data``, decodes and builds the multi-crop views, so that training workers only
 train. ``knn_bank`` (labelled training shards) and ``knn_query`` (``data.eval_source``) are
 decoded without augmentation for the k-NN evaluation. A sample that fails to decode is kept as
@@ -95,12 +96,24 @@ def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int,
                     break
 
 
-def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, seed: int | None, stage=None,
-                 stage_kwargs: dict | None = None) -> ray.data.Dataset:
-    """One epoch of the first ``data.train_limit`` images (all when None), read by one task per
-    shard in ``block_rows``-row blocks, each block through ``stage`` in the same task when given;
-    every execution (epoch) takes a fresh shard order, or the same order drawn from ``seed``
-    (``data.deterministic``, so a resume replays its epoch).
+def run_order(num_pieces: int, epochs: int, seed: int | None) -> np.ndarray:
+    """Piece indices of ``epochs`` epochs, each a permutation of the pieces: drawn from ``seed``
+    (the same orders on every call) or fresh."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(num_pieces) for _ in range(epochs)])
+
+
+def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: int, seed: int | None,
+                 stage=None, stage_kwargs: dict | None = None) -> ray.data.Dataset:
+    """``epochs`` epochs of the first ``data.train_limit`` images (all when None) in one Ray Data
+    execution, each epoch in its own shard order (``run_order``; from ``seed`` with
+    ``data.deterministic``, so a resume replays its epoch), read by one task per shard in
+    ``block_rows``-row blocks, each block through ``stage`` in the same task when given.
+
+    One execution for many epochs, so the stream runs on across epoch boundaries instead of
+    starting a new execution (its tasks, split and prefetch) at each (docs/benchmarks.md, [5/5]).
+    The orders are drawn once, when the dataset is built: a relaunch after a failure reads the
+    same shard orders (its local shuffle and crops differ).
 
     A lazy ``range`` over the shards, not ``read_parquet``, so the crops run in the read's task
     (Ray Data does not fuse a read with a batched map), and ``stage`` inside the read, not a second
@@ -110,9 +123,11 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, seed: int 
     """
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
-    order = None if seed is None else ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=False)
-    kwargs = {"pieces": pieces, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
-    return ray.data.range(len(pieces), override_num_blocks=len(pieces)).randomize_block_order(seed=order).map_batches(
+    run = [pieces[i] for i in run_order(len(pieces), epochs, seed)]
+    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
+    # a task per piece; past 4096 (or one epoch's pieces), a task reads a few consecutive pieces
+    blocks = min(len(run), max(len(pieces), 4096))
+    return ray.data.range(len(run), override_num_blocks=blocks).map_batches(
         read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
 
 
@@ -221,8 +236,9 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     d, meta = cfg.data, plan.meta
     rows = stage_rows(cfg.augment, meta.channels)
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
-    # data.deterministic: one seeded file order for every epoch (the local shuffle varies per epoch)
-    stream = train_stream(plan.train_uri, plan.train, d, rows, cfg.train.seed if d.deterministic else None,
+    # data.deterministic: one epoch per execution, in one seeded file order (the local shuffle varies per epoch)
+    epochs, seed = (1, cfg.train.seed) if d.deterministic else (math.ceil(cfg.train.epochs), None)
+    stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed,
                           stage=multicrop_stage if d.decode_on == "data" else None, stage_kwargs=crop)
     # One block per stage call, not one per task: each shard's task would otherwise glue its
     # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.

@@ -59,7 +59,9 @@ class Worker:
     """What the infrastructure gives one worker's ``TrainRun``.
 
     - ``train_batches(seed, rows)``: one pass over this worker's training shard (numpy batches
-      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``);
+      of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``), one epoch or
+      more: Ray Train's stream holds every epoch of the run, so that it runs on across epoch
+      boundaries; with ``data.deterministic`` it holds one, and each epoch starts a new pass;
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
       rank 0 keeps it as a checkpoint;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
@@ -118,7 +120,7 @@ class TrainRun:
         self.results: dict = {}
         self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
         self.stopped: str | None = None
-        self.position = 0  # batches of the current epoch consumed (data.deterministic resumes)
+        self.position = 0  # batches of the current pass consumed (data.deterministic: of the epoch, for resumes)
         self.skipped_before = 0
         self.fed = False  # whether this launch has had its first training batch
         self._batches: Ahead | None = None  # the pass's views, prepared ahead (not with data.deterministic)
@@ -191,8 +193,8 @@ class TrainRun:
             return
         self.step += 1
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
-            self._batches.close()
-            self.position, self._batches = 0, None
+            if self.cfg.data.deterministic:  # a pass per epoch, replayable from its start
+                self._end_pass()
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
                 self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
@@ -207,9 +209,12 @@ class TrainRun:
                     next(batches, None)
                 self._batches = Ahead(batches, self.views, self.prefetch)
             views = next(self._batches, _RAN_OUT)
-            if views is _RAN_OUT:
-                raise RuntimeError(f"worker {self.rank}: data shard ran out at step {self.step}; "
-                                   "set train.steps_per_epoch lower")
+            if views is _RAN_OUT:  # a pass must feed at least one epoch; then the next one starts
+                if self.position < self.steps_per_epoch * self.plan.accumulate:
+                    raise RuntimeError(f"worker {self.rank}: data shard ran out at step {self.step}; "
+                                       "set train.steps_per_epoch lower")
+                self._end_pass()
+                continue
             self.position += 1
             if views is not None:
                 if not self.fed:  # the wait for this launch's first batch is start-up: the clock times training
@@ -218,6 +223,10 @@ class TrainRun:
                 else:
                     self.wait += time.time() - started
                 return views
+
+    def _end_pass(self) -> None:
+        self._batches.close()
+        self.position, self._batches = 0, None
 
     def _shuffle_seed(self) -> int:
         """The local shuffle seed of the pass that starts now: per epoch with
