@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayssl.config import load_config
-from rayssl.data.datasets import read_pieces, run_order, shard_pieces, train_stream
+from rayssl.data.datasets import byte_rows, read_pieces, run_order, shard_pieces, train_stream
 
 SHARD_ROWS = (5, 7, 3)
 
@@ -54,6 +54,14 @@ def test_each_epoch_is_a_permutation_of_the_pieces() -> None:
     assert all(sorted(epoch) == list(range(5)) for epoch in fresh.tolist())
     assert len({tuple(epoch) for epoch in fresh.tolist()}) > 1  # 4 draws of 120 orders
     assert (run_order(5, 3, 7) == run_order(5, 3, 7)).all()
+
+
+def test_byte_blocks_hold_about_16_mib() -> None:
+    def rows(mean_bytes: int) -> int:
+        return byte_rows({"num_images": 1000, "total_bytes": 1000 * mean_bytes})
+    assert rows(514) == 4096  # Fashion-MNIST PNGs: the row cap
+    assert rows(110_000) == 152  # ~500 x 375 JPEGs: 16 MiB
+    assert rows(50_000_000) == 16  # the row floor
 
 
 def rows_of(stream) -> list[bytes]:

@@ -197,6 +197,14 @@ def stage_rows(augment, channels: int) -> int:
     return max(16, min(512, 32 * 2**20 // (4 * stage_bytes_per_row(augment, channels))))
 
 
+def byte_rows(manifest: dict) -> int:
+    """Rows per block of encoded images (``data.decode_on=worker``): about 16 MiB, 16 to 4096 rows.
+    Ray Data's cost is per block: 10 Fashion-MNIST epochs went through a two-worker split in
+    16 s of wall time in 512-row blocks and 3.5 s in 4096-row ones (docs/benchmarks.md, [5/5])."""
+    mean = manifest["total_bytes"] / max(1, manifest["num_images"])
+    return int(min(4096, max(16, 16 * 2**20 // max(1, mean))))
+
+
 @dataclass(frozen=True)
 class DataPlan:
     """The run's data, checked: the sources' URIs and manifests, and what the workers need to know."""
@@ -234,15 +242,17 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``knn_query``."""
     d, meta = cfg.data, plan.meta
-    rows = stage_rows(cfg.augment, meta.channels)
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
     # data.deterministic: one epoch per execution, in one seeded file order (the local shuffle varies per epoch)
     epochs, seed = (1, cfg.train.seed) if d.deterministic else (math.ceil(cfg.train.epochs), None)
-    stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed,
-                          stage=multicrop_stage if d.decode_on == "data" else None, stage_kwargs=crop)
-    # One block per stage call, not one per task: each shard's task would otherwise glue its
-    # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
-    stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
+    if d.decode_on == "data":
+        rows = stage_rows(cfg.augment, meta.channels)
+        stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed, multicrop_stage, crop)
+        # One block per stage call, not one per task: each shard's task would otherwise glue its
+        # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
+        stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
+    else:
+        stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed)
     datasets = {"train": stream}
     if meta.num_eval > 0:
         decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size}, "batch_format": "numpy",
