@@ -9,6 +9,7 @@ stay one stage call each.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayssl.config import load_config
-from rayssl.data.datasets import byte_rows, read_pieces, run_order, shard_pieces, train_stream
+from rayssl.data.datasets import at_idle_priority, byte_rows, read_pieces, run_order, shard_pieces, train_stream
 
 SHARD_ROWS = (5, 7, 3)
 
@@ -47,6 +48,19 @@ def test_a_piece_is_read_in_blocks_up_to_its_rows(tmp_path) -> None:
     assert [b.num_rows for b in blocks] == [2, 1, 2, 2, 1]
     rows = [v for b in blocks for v in b.column("image").to_pylist()]
     assert rows == [b"s1r0", b"s1r1", b"s1r2"] + [f"s0r{r}".encode() for r in range(5)]
+
+
+def test_idle_reads_give_the_same_rows_from_an_idle_thread(tmp_path) -> None:
+    """Pieces from ``idle_from`` on are read in a thread at SCHED_IDLE; the caller keeps its policy."""
+    pieces = shard_pieces(write_shards(tmp_path), str(tmp_path), None)
+    fs = pyarrow.fs.LocalFileSystem()
+
+    def rows(idle_from):
+        return [v for b in read_pieces({"id": np.array([2, 0, 1])}, pieces, fs, 2, idle_from=idle_from)
+                for v in b.column("image").to_pylist()]
+    assert rows(1) == rows(None) and len(rows(1)) == sum(SHARD_ROWS)
+    policies = list(at_idle_priority(os.sched_getscheduler(0) for _ in range(3)))
+    assert policies == [os.SCHED_IDLE] * 3 and os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_each_epoch_is_a_permutation_of_the_pieces() -> None:

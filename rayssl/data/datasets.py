@@ -29,6 +29,7 @@ from rayssl.data import storage
 from rayssl.data.images import decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
+from rayssl.train.prefetch import Ahead
 from rayssl.transforms import MultiCrop
 
 
@@ -80,20 +81,42 @@ def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str
 
 
 def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int, stage=None,
-                stage_kwargs: dict | None = None):
+                stage_kwargs: dict | None = None, idle_from: int | None = None):
     """Ray Data stage: ``id`` (an index into ``pieces``) -> that piece's ``image`` column, in
-    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given."""
+    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given.
+    Pieces from index ``idle_from`` on are read at idle priority (``at_idle_priority``)."""
     for i in batch["id"]:
-        path, rows = pieces[int(i)]
-        with fs.open_input_file(path) as f:
-            for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
-                part = part.slice(0, rows)
-                rows -= part.num_rows
-                table = pa.Table.from_batches([part])
+        blocks = _blocks(*pieces[int(i)], fs, block_rows)
+        if idle_from is not None and i >= idle_from:
+            blocks = at_idle_priority(blocks)
+        try:
+            for table in blocks:
                 yield table if stage is None else stage(
                     {"image": table.column("image").to_numpy(zero_copy_only=False)}, **stage_kwargs)
-                if rows <= 0:
-                    break
+        finally:
+            if isinstance(blocks, Ahead):
+                blocks.close()
+
+
+def _blocks(path: str, rows: int, fs, block_rows: int):
+    """The first ``rows`` rows of one shard's ``image`` column, as tables of ``block_rows`` rows."""
+    with fs.open_input_file(path) as f:
+        for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
+            part = part.slice(0, rows)
+            rows -= part.num_rows
+            yield pa.Table.from_batches([part])
+            if rows <= 0:
+                break
+
+
+def at_idle_priority(items) -> Ahead:
+    """``items`` produced in a new thread at Linux's ``SCHED_IDLE`` priority, one ahead: it runs only
+    on CPU that no other thread wants. A thread of its own, because an unprivileged thread may not
+    leave ``SCHED_IDLE`` again; it ends with the items. Elsewhere, at the caller's priority."""
+    def idle() -> None:
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    return Ahead(items, lambda item: item, depth=1, setup=idle)
 
 
 def run_order(num_pieces: int, epochs: int, seed: int | None) -> np.ndarray:
@@ -124,7 +147,11 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
     run = [pieces[i] for i in run_order(len(pieces), epochs, seed)]
-    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
+    # Without a stage, the reads past the first epoch run at idle priority: they take only CPU that
+    # training leaves, instead of reading every epoch of the run in one burst at its start
+    idle_from = len(pieces) if stage is None else None
+    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs,
+              "idle_from": idle_from}
     # a task per piece; past 4096 (or one epoch's pieces), a task reads a few consecutive pieces
     blocks = min(len(run), max(len(pieces), 4096))
     return ray.data.range(len(run), override_num_blocks=blocks).map_batches(
