@@ -50,9 +50,10 @@ class DataConfig(_Section):
         "shards' common size, else 8/7 of augment.global_crop_size."))
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: what the shards hold.")
     decode_on: Literal["data", "worker"] = Field("data", description=(
-        "'data': decode and multi-crop in Ray Data CPU tasks (GPU workers only train; for clusters with "
-        "CPUs to spare); 'worker': the training worker decodes and crops its own batches, "
-        "data.prefetch_batches ahead in a thread (CPU workers: the Fashion-MNIST configs)."))
+        "'data': decode and multi-crop in Ray Data CPU tasks, a Ray Data execution per epoch (GPU workers "
+        "only train; for clusters with CPUs to spare); 'worker': the training worker decodes and crops its "
+        "own batches, data.prefetch_batches ahead in a thread, and one Ray Data execution streams the "
+        "bytes of every epoch, so epoch boundaries cost no restart (CPU workers: the Fashion-MNIST configs)."))
     prefetch_batches: int = Field(2, ge=0, description=(
         "Micro-batches each training worker turns into views ahead of the step, in a background thread "
         "(with decode_on=worker: the decoding and multi-crop too, spread over the epoch); 0: in the step. "

@@ -9,7 +9,6 @@ stay one stage call each.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayssl.config import load_config
-from rayssl.data.datasets import at_idle_priority, byte_rows, read_pieces, run_order, shard_pieces, train_stream
+from rayssl.data.datasets import byte_rows, read_pieces, run_order, shard_pieces, train_stream
 
 SHARD_ROWS = (5, 7, 3)
 
@@ -50,19 +49,6 @@ def test_a_piece_is_read_in_blocks_up_to_its_rows(tmp_path) -> None:
     assert rows == [b"s1r0", b"s1r1", b"s1r2"] + [f"s0r{r}".encode() for r in range(5)]
 
 
-def test_idle_reads_give_the_same_rows_from_an_idle_thread(tmp_path) -> None:
-    """Pieces from ``idle_from`` on are read in a thread at SCHED_IDLE; the caller keeps its policy."""
-    pieces = shard_pieces(write_shards(tmp_path), str(tmp_path), None)
-    fs = pyarrow.fs.LocalFileSystem()
-
-    def rows(idle_from):
-        return [v for b in read_pieces({"id": np.array([2, 0, 1])}, pieces, fs, 2, idle_from=idle_from)
-                for v in b.column("image").to_pylist()]
-    assert rows(1) == rows(None) and len(rows(1)) == sum(SHARD_ROWS)
-    policies = list(at_idle_priority(os.sched_getscheduler(0) for _ in range(3)))
-    assert policies == [os.SCHED_IDLE] * 3 and os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
 def test_each_epoch_is_a_permutation_of_the_pieces() -> None:
     fresh = run_order(5, 4, None).reshape(4, 5)
     assert all(sorted(epoch) == list(range(5)) for epoch in fresh.tolist())
@@ -85,21 +71,21 @@ def rows_of(stream) -> list[bytes]:
 @pytest.mark.ray
 @pytest.mark.parametrize("limit", [None, 9])
 def test_one_execution_holds_every_epoch(ray_cluster, tmp_path, limit) -> None:
-    """Twelve epochs in one execution, each the (limited) rows exactly once, in varying shard orders
-    (all alike by chance: 2**-11 with the limit's 2 shards); seeded (``data.deterministic``: an epoch
-    per execution), every execution repeats one order."""
+    """Twelve epochs, in one execution or one each: every epoch the (limited) rows exactly once, in
+    varying shard orders (all alike by chance: 2**-11 with the limit's 2 shards); seeded
+    (``data.deterministic``: an epoch per execution), every execution repeats one order."""
     manifest = write_shards(tmp_path)
     cfg = load_config(None, [f"data.source={tmp_path}"] + ([f"data.train_limit={limit}"] if limit else []))
     kept = Counter([f"s{s}r{r}".encode() for s, n in enumerate(SHARD_ROWS) for r in range(n)][:limit])
     n = sum(kept.values())
-    for stream, executions in ((train_stream(str(tmp_path), manifest, cfg.data, 2, 12, None), 1),
-                               (train_stream(str(tmp_path), manifest, cfg.data, 2, 1, 3), 12)):
+    for epochs, seed in ((12, None), (1, None), (1, 3)):
+        stream = train_stream(str(tmp_path), manifest, cfg.data, 2, epochs, seed)
         stream.context.execution_options.preserve_order = True  # to cut the epochs apart
-        rows = [v for _ in range(executions) for v in rows_of(stream)]
-        epochs = [rows[i:i + n] for i in range(0, len(rows), n)]
-        assert len(epochs) == 12 and all(Counter(epoch) == kept for epoch in epochs)
-        firsts = {tuple(dict.fromkeys(v[:2] for v in epoch)) for epoch in epochs}  # the shard order
-        assert (len(firsts) > 1) == (executions == 1), firsts
+        rows = [v for _ in range(12 // epochs) for v in rows_of(stream)]
+        cut = [rows[i:i + n] for i in range(0, len(rows), n)]
+        assert len(cut) == 12 and all(Counter(epoch) == kept for epoch in cut)
+        firsts = {tuple(dict.fromkeys(v[:2] for v in epoch)) for epoch in cut}  # the shard order
+        assert (len(firsts) > 1) == (seed is None), (epochs, seed, firsts)
 
 
 def test_the_crop_stage_yields_one_block_per_call(shard_cache) -> None:

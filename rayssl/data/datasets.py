@@ -1,10 +1,10 @@
 """Ray Data datasets for training and evaluation: Parquet shards -> decoded, augmented batches.
 
 ``train`` streams the shards, one Ray Data execution for the whole run (a fresh shard order
-every epoch, plus each worker's local shuffle buffer; with ``data.deterministic`` one seeded
-epoch per execution), one task per shard that reads it and, with
-``data.decode_on=data``, decodes and builds the multi-crop views, so that training workers only
-train. ``knn_bank`` (labelled training shards) and ``knn_query`` (``data.eval_source``) are
+every epoch, plus each worker's local shuffle buffer; an epoch per execution with
+``data.deterministic``, seeded, and with ``data.decode_on=data``), one task per shard that
+reads it and, with ``data.decode_on=data``, decodes and builds the multi-crop views, so that
+training workers only train. ``knn_bank`` (labelled training shards) and ``knn_query`` (``data.eval_source``) are
 decoded without augmentation for the k-NN evaluation. A sample that fails to decode is kept as
 a row with ``ok=False``: the worker skips and counts it, so every worker still sees the same
 number of rows and steps.
@@ -29,7 +29,6 @@ from rayssl.data import storage
 from rayssl.data.images import decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
-from rayssl.train.prefetch import Ahead
 from rayssl.transforms import MultiCrop
 
 
@@ -81,42 +80,20 @@ def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str
 
 
 def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int, stage=None,
-                stage_kwargs: dict | None = None, idle_from: int | None = None):
+                stage_kwargs: dict | None = None):
     """Ray Data stage: ``id`` (an index into ``pieces``) -> that piece's ``image`` column, in
-    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given.
-    Pieces from index ``idle_from`` on are read at idle priority (``at_idle_priority``)."""
+    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given."""
     for i in batch["id"]:
-        blocks = _blocks(*pieces[int(i)], fs, block_rows)
-        if idle_from is not None and i >= idle_from:
-            blocks = at_idle_priority(blocks)
-        try:
-            for table in blocks:
+        path, rows = pieces[int(i)]
+        with fs.open_input_file(path) as f:
+            for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
+                part = part.slice(0, rows)
+                rows -= part.num_rows
+                table = pa.Table.from_batches([part])
                 yield table if stage is None else stage(
                     {"image": table.column("image").to_numpy(zero_copy_only=False)}, **stage_kwargs)
-        finally:
-            if isinstance(blocks, Ahead):
-                blocks.close()
-
-
-def _blocks(path: str, rows: int, fs, block_rows: int):
-    """The first ``rows`` rows of one shard's ``image`` column, as tables of ``block_rows`` rows."""
-    with fs.open_input_file(path) as f:
-        for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
-            part = part.slice(0, rows)
-            rows -= part.num_rows
-            yield pa.Table.from_batches([part])
-            if rows <= 0:
-                break
-
-
-def at_idle_priority(items) -> Ahead:
-    """``items`` produced in a new thread at Linux's ``SCHED_IDLE`` priority, one ahead: it runs only
-    on CPU that no other thread wants. A thread of its own, because an unprivileged thread may not
-    leave ``SCHED_IDLE`` again; it ends with the items. Elsewhere, at the caller's priority."""
-    def idle() -> None:
-        if hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    return Ahead(items, lambda item: item, depth=1, setup=idle)
+                if rows <= 0:
+                    break
 
 
 def run_order(num_pieces: int, epochs: int, seed: int | None) -> np.ndarray:
@@ -130,11 +107,14 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
                  stage=None, stage_kwargs: dict | None = None) -> ray.data.Dataset:
     """``epochs`` epochs of the first ``data.train_limit`` images (all when None) in one Ray Data
     execution, each epoch in its own shard order (``run_order``; from ``seed`` with
-    ``data.deterministic``, so a resume replays its epoch), read by one task per shard in
+    ``data.deterministic``, so a resume replays its epoch; one unseeded epoch: a fresh order for
+    every execution), read by one task per shard in
     ``block_rows``-row blocks, each block through ``stage`` in the same task when given.
 
     One execution for many epochs, so the stream runs on across epoch boundaries instead of
     starting a new execution (its tasks, split and prefetch) at each (docs/benchmarks.md, [5/5]).
+    Nothing bounds how far Ray Data reads ahead: every epoch's bytes are read in the first
+    seconds (a stage would crop every epoch ahead, hence one epoch per execution with one).
     The orders are drawn once, when the dataset is built: a relaunch after a failure reads the
     same shard orders (its local shuffle and crops differ).
 
@@ -147,15 +127,13 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
     run = [pieces[i] for i in run_order(len(pieces), epochs, seed)]
-    # Without a stage, the reads past the first epoch run at idle priority: they take only CPU that
-    # training leaves, instead of reading every epoch of the run in one burst at its start
-    idle_from = len(pieces) if stage is None else None
-    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs,
-              "idle_from": idle_from}
+    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
     # a task per piece; past 4096 (or one epoch's pieces), a task reads a few consecutive pieces
     blocks = min(len(run), max(len(pieces), 4096))
-    return ray.data.range(len(run), override_num_blocks=blocks).map_batches(
-        read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
+    ids = ray.data.range(len(run), override_num_blocks=blocks)
+    if seed is None and epochs == 1:  # an epoch per execution: a fresh shard order for each
+        ids = ids.randomize_block_order()
+    return ids.map_batches(read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
 
 
 def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
@@ -270,8 +248,11 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     ``knn_bank`` and ``knn_query``."""
     d, meta = cfg.data, plan.meta
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
-    # data.deterministic: one epoch per execution, in one seeded file order (the local shuffle varies per epoch)
-    epochs, seed = (1, cfg.train.seed) if d.deterministic else (math.ceil(cfg.train.epochs), None)
+    # One execution for the run's epochs when it streams encoded bytes. An epoch per execution with
+    # data.deterministic (one seeded file order; the local shuffle varies per epoch) and when Ray Data
+    # crops: nothing would bound how many epochs of views it cropped ahead (docs/benchmarks.md, [5/5]).
+    epochs = 1 if d.deterministic or d.decode_on == "data" else math.ceil(cfg.train.epochs)
+    seed = cfg.train.seed if d.deterministic else None
     if d.decode_on == "data":
         rows = stage_rows(cfg.augment, meta.channels)
         stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed, multicrop_stage, crop)

@@ -19,12 +19,10 @@ _END = object()
 class Ahead:
     """``fn(item)`` for each item of ``items``, in order, computed up to ``depth`` items ahead in a
     daemon thread (``depth`` 0: in the caller's thread, when it asks). An exception in the thread
-    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread.
-    ``setup()``, when given, runs first in the thread (e.g. to set the thread's priority)."""
+    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread."""
 
-    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int,
-                 setup: Callable[[], None] | None = None) -> None:
-        self.items, self.fn, self.depth, self.done, self.setup = iter(items), fn, depth, False, setup
+    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int) -> None:
+        self.items, self.fn, self.depth, self.done = iter(items), fn, depth, False
         if depth:
             self.queue: queue.Queue = queue.Queue(maxsize=depth)
             self.stop = threading.Event()
@@ -42,8 +40,6 @@ class Ahead:
 
     def _fill(self) -> None:
         try:
-            if self.setup:
-                self.setup()
             for item in self.items:
                 if not self._put((True, self.fn(item))):
                     return
