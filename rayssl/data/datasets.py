@@ -4,10 +4,10 @@
 every epoch, plus each worker's local shuffle buffer; an epoch per execution with
 ``data.deterministic``, seeded, and with ``data.decode_on=data``), one task per shard that
 reads it and, with ``data.decode_on=data``, decodes and builds the multi-crop views, so that
-training workers only train. ``knn_bank`` (labelled training shards) and ``knn_query`` (``data.eval_source``) are
-decoded without augmentation for the k-NN evaluation. A sample that fails to decode is kept as
-a row with ``ok=False``: the worker skips and counts it, so every worker still sees the same
-number of rows and steps.
+training workers only train. ``knn_bank`` (labelled training shards) and ``knn_query``
+(``data.eval_source``) are decoded without augmentation for the k-NN evaluation. A sample that
+fails to decode is kept as a row with ``ok=False``: the worker skips and counts it, so every
+worker still sees the same number of rows and steps.
 """
 
 from __future__ import annotations
@@ -205,7 +205,8 @@ def stage_rows(augment, channels: int) -> int:
 def byte_rows(manifest: dict) -> int:
     """Rows per block of encoded images (``data.decode_on=worker``): about 16 MiB, 16 to 4096 rows.
     Ray Data's cost is per block: 10 Fashion-MNIST epochs went through a two-worker split in
-    16 s of wall time in 512-row blocks and 3.5 s in 4096-row ones (docs/benchmarks.md, [5/5])."""
+    23.9 s in 512-row blocks and 10.9 s in 4096-row ones, about 7 s of each the first batch
+    (docs/benchmarks.md, [5/5])."""
     mean = manifest["total_bytes"] / max(1, manifest["num_images"])
     return int(min(4096, max(16, 16 * 2**20 // max(1, mean))))
 

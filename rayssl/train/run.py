@@ -61,7 +61,8 @@ class Worker:
     - ``train_batches(seed, rows)``: one pass over this worker's training shard (numpy batches
       of ``rows`` rows, shuffled with ``seed``; see ``rayssl.train.views.Views``), one epoch or
       more: Ray Train's stream holds every epoch of the run, so that it runs on across epoch
-      boundaries; with ``data.deterministic`` it holds one, and each epoch starts a new pass;
+      boundaries (one epoch with ``data.decode_on=data``: the next pass starts when it runs out);
+      with ``data.deterministic`` it holds one, and each epoch boundary ends the pass;
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
       rank 0 keeps it as a checkpoint;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
