@@ -20,18 +20,27 @@ CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _epoch_figure() -> Figure:
+    """A figure drawn every epoch, beside training: fixed margins (a constrained layout costs a
+    second draw) and one artist per histogram, so that both epoch figures together cost about
+    0.2 CPU-s instead of 0.5 (``benchmarks/epoch_plots.py``)."""
+    fig = _figure(6, 3.5, layout=None)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.15)
     return fig
 
 
 def usage_figure(counts: np.ndarray, title: str) -> Figure:
     """Cluster sizes sorted in decreasing order (bars, log y)."""
     ordered = np.sort(np.asarray(counts).ravel())[::-1]
-    fig = _figure(6, 3.5)
+    fig = _epoch_figure()
     ax = fig.add_subplot()
-    ax.bar(np.arange(ordered.size), np.maximum(ordered, 0.5), width=1.0)
+    ax.stairs(np.maximum(ordered, 0.5), np.arange(ordered.size + 1) - 0.5, fill=True, baseline=0.5)
     ax.set_yscale("log")
     ax.set(title=title, xlabel="cluster (sorted by size)", ylabel="samples")
     return fig
@@ -42,9 +51,9 @@ def prior_figure(prior: np.ndarray, title: str) -> Figure:
     scaled = np.asarray(prior, dtype=np.float64).ravel() * prior.size
     lo = max(float(scaled[scaled > 0].min(initial=1.0)), 1e-4)
     hi = max(float(scaled.max(initial=1.0)), 2.0)
-    fig = _figure(6, 3.5)
+    fig = _epoch_figure()
     ax = fig.add_subplot()
-    ax.hist(np.clip(scaled, lo, None), bins=np.geomspace(min(lo, 0.5), hi * 1.01, 40))
+    ax.stairs(*np.histogram(np.clip(scaled, lo, None), bins=np.geomspace(min(lo, 0.5), hi * 1.01, 40)), fill=True)
     ax.axvline(1.0, color="k", linestyle="--", linewidth=1, label="uniform")
     ax.set_xscale("log")
     ax.set(title=title, xlabel="K x pi_k (teacher prior, before normalisation)", ylabel="clusters")

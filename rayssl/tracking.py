@@ -13,6 +13,7 @@ tracking never stops training.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -294,8 +295,11 @@ class RunLogger:
         self.retry_seconds, self.paused_until, self.warned = retry_seconds, 0.0, False
         self.client = mlflow_client(settings.uri)
         # the per-epoch plots are drawn beside training: drawn in the step, they held every rank
-        # for 0.4-0.5 s at each epoch boundary (rank 0 draws, the others wait at the next all-reduce)
+        # for 0.4-0.5 s at each epoch boundary (rank 0 draws, the others wait at the next all-reduce).
+        # On a busy CPU the thread's time still comes out of rank 0's step: the figures are cheap.
         self.plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-plots")
+        # matplotlib's import (~0.5 CPU-s) during start-up, not in the first epoch's boundary window
+        self.plotter.submit(importlib.import_module, "rayssl.plots")
         history = self._safe(self.client.get_metric_history, self.run_id, "loss") or []
         self.last_step = max((m.step for m in history), default=0)
 
