@@ -190,3 +190,15 @@ def test_passes_start_once_with_their_seeds(data) -> None:
     assert run("data.prefetch_batches=0", 3) == [seed + 7919 * e for e in range(3)]  # deterministic
     with pytest.raises(RuntimeError, match=f"ran out at step {STEPS_PER_EPOCH}"):  # a pass feeds 8 of 9 steps
         run("data.deterministic=false", 1, steps_per_epoch=STEPS_PER_EPOCH + 1)
+
+
+def test_stream_starts_before_the_baselines(data) -> None:
+    """The training pass is opened before the k-NN baselines read their sets, so Ray Data reads
+    ahead during start-up instead of in the first logged window."""
+    events: list[str] = []
+    w = worker(data, [])
+    train, knn = w.train_batches, w.knn_sets
+    w.train_batches = lambda seed, rows: events.append("train") or train(seed, rows)
+    w.knn_sets = lambda: events.append("knn") or knn()
+    TrainRun(config("data.deterministic=false", "data.prefetch_batches=2"), META, STEPS_PER_EPOCH, w).run()
+    assert events[:2] == ["train", "knn"]

@@ -204,11 +204,8 @@ class TrainRun:
         """The next batch with a decodable image (a batch with none is skipped whole)."""
         started = time.time()
         while True:
-            if self._batches is None:  # a new pass; after a resume, skip what the epoch used
-                batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
-                for _ in range(self.position):
-                    next(batches, None)
-                self._batches = Ahead(batches, self.views, self.prefetch)
+            if self._batches is None:
+                self._open_pass()
             views = next(self._batches, _RAN_OUT)
             if views is _RAN_OUT:  # a pass must feed at least one epoch; then the next one starts
                 if self.position < self.steps_per_epoch * self.plan.accumulate:
@@ -224,6 +221,14 @@ class TrainRun:
                 else:
                     self.wait += time.time() - started
                 return views
+
+    def _open_pass(self) -> None:
+        """Start a pass over this worker's shard; after a resume, skip what the epoch used. Its
+        views are prepared ``data.prefetch_batches`` ahead from now on."""
+        batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
+        for _ in range(self.position):
+            next(batches, None)
+        self._batches = Ahead(batches, self.views, self.prefetch)
 
     def _end_pass(self) -> None:
         self._batches.close()
@@ -332,6 +337,7 @@ class TrainRun:
     def run(self) -> dict:
         """Restore, baselines, every interval logged, finish: the whole run."""
         self.restore()
+        self._open_pass()  # Ray Data reads ahead while the baselines run, not in the first steps
         self.baselines()
         self._start_clock()  # train_seconds, the ETA and the first window count training only
         while (metrics := self.train_interval()) is not None:
