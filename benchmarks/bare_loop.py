@@ -1,6 +1,6 @@
 """The control for epoch_boundary.py: rayssl's training loop without Ray, Ray Data or MLflow.
 
-    python benchmarks/bare_loop.py                       # 2 processes, 2340 steps: the default run's length
+    python benchmarks/bare_loop.py                       # 2 processes, 2,400 steps: about a default run's 2,340
     python benchmarks/bare_loop.py --steps 200 train.precision=fp32
 
 Two processes in a gloo group (the default run's 2 workers, 1 torch thread each) run ``TrainRun``

@@ -337,7 +337,8 @@ class TrainRun:
     def run(self) -> dict:
         """Restore, baselines, every interval logged, finish: the whole run."""
         self.restore()
-        self._open_pass()  # Ray Data reads ahead while the baselines run, not in the first steps
+        if self.step < self.total_steps:  # Ray Data reads ahead while the baselines run, not in the first steps
+            self._open_pass()
         self.baselines()
         self._start_clock()  # train_seconds, the ETA and the first window count training only
         while (metrics := self.train_interval()) is not None:
