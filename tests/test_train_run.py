@@ -194,11 +194,20 @@ def test_passes_start_once_with_their_seeds(data) -> None:
 
 def test_stream_starts_before_the_baselines(data) -> None:
     """The training pass is opened before the k-NN baselines read their sets, so Ray Data reads
-    ahead during start-up instead of in the first logged window."""
+    ahead during start-up instead of in the first logged window; a run resumed at its last step
+    opens none."""
     events: list[str] = []
     w = worker(data, [])
     train, knn = w.train_batches, w.knn_sets
     w.train_batches = lambda seed, rows: events.append("train") or train(seed, rows)
     w.knn_sets = lambda: events.append("knn") or knn()
-    TrainRun(config("data.deterministic=false", "data.prefetch_batches=2"), META, STEPS_PER_EPOCH, w).run()
+    cfg = config("data.deterministic=false", "data.prefetch_batches=2")
+    states: list = []
+    w.report = lambda metrics, state: states.append(state)
+    TrainRun(cfg, META, STEPS_PER_EPOCH, w).run()
     assert events[:2] == ["train", "knn"]
+    events.clear()  # resumed at its last step: nothing left to train, no stream opened
+    done = worker(data, [], restore_from=[s for s in states if s is not None][-1])
+    done.train_batches = lambda seed, rows: events.append("train") or train(seed, rows)
+    TrainRun(cfg, META, STEPS_PER_EPOCH, done).run()
+    assert events == []

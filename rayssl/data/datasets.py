@@ -114,8 +114,8 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
     One execution for many epochs, so the stream runs on across epoch boundaries instead of
     starting a new execution (its tasks, split and prefetch) at each (docs/benchmarks.md, [5/5]).
     Nothing bounds how far Ray Data reads ahead: every epoch's bytes are read in the first
-    seconds, which the workers spend on the k-NN baselines (``TrainRun.run`` opens the stream
-    before them); a stage would crop every epoch ahead, hence one epoch per execution with one.
+    seconds, which the workers spend on the k-NN baselines when the run has them (``TrainRun.run``
+    opens the stream before them); a stage would crop every epoch ahead, hence one epoch per execution with one.
     The orders are drawn once, when the dataset is built: a relaunch after a failure reads the
     same shard orders (its local shuffle and crops differ).
 
