@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator, model_validator)
 
 from rayssl.names import BACKBONES, MODES, SCOPES, TARGET_PRIORS
+from rayssl.train.budget import BudgetError, parse_duration
 
 
 MASK = "***"
@@ -136,7 +137,15 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(2.0, gt=0.0)
+    epochs: float = Field(2.0, gt=0.0, description=(
+        "The run's length in epochs; with train.time_budget, the most it may train (the data stream "
+        "holds this many epochs)."))
+    time_budget: str | None = Field(None, description=(
+        "Wall-clock training time, e.g. 90s, 12m, 8h or 1h30m (baselines, start-up and the final k-NN "
+        "not included): the run times its first steps after warm-up, then fixes its total optimizer "
+        "steps (MLflow param train.total_steps, kept by every checkpoint and resume) so that training "
+        "ends within the budget, at most train.epochs; every schedule spans that total. Gives trials "
+        "of a sweep equal time, whatever their speed. Unset: train.epochs decides."))
     batch_size: PositiveInt = Field(128, description="Images per worker per micro-batch.")
     steps_per_epoch: PositiveInt | None = Field(None, description="Default: dataset size / global batch.")
     log_every: PositiveInt = 20
@@ -148,6 +157,22 @@ class TrainConfig(_Section):
     skip_nonfinite: int = Field(0, ge=0, description=(
         "Steps with a NaN/inf loss or gradient that may be skipped (no update) before the run stops; "
         "0: stop at the first, keeping the last good checkpoint."))
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _budget(cls, value):
+        """A duration string (90s, 12m, 8h, 1h30m) or a number of seconds, kept as written."""
+        if value is None:
+            return None
+        try:
+            parse_duration(value)
+        except BudgetError as err:
+            raise ValueError(str(err)) from None
+        return f"{value:g}s" if isinstance(value, (int, float)) else str(value).strip()
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
 
 
 class ScalingConfig(_Section):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from rayssl.train.budget import BudgetPlan
+
 BASELINES = (("raw_pixels", "raw pixels"), ("random_init", "the same network at random init (step 0)"))
 DIAGNOSTICS = (  # metric of the last logged step, label, format
     ("loss", "loss", "{:.3f}"),
@@ -101,7 +103,15 @@ def _time(results: dict, history: list[dict], wall: float | None) -> str:
     speeds = [m["images_per_second"] for m in history if math.isfinite(m.get("images_per_second", math.nan))]
     if speeds:
         rows += ["", f"Throughput: {statistics.median(speeds):,.0f} images/s (median over {len(speeds)} logged steps)."]
+    if results.get("budget"):
+        rows += ["", f"`train.time_budget`: {_budget_line(results['budget'])}."]
     return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _budget_line(budget: dict) -> str:
+    """What the budget bought (``rayssl.train.budget.BudgetPlan.line``), planned at the measured rate."""
+    plan = BudgetPlan(**budget)
+    return plan.line() + ("; raise train.epochs to train the whole budget" if plan.capped else "")
 
 
 def _diagnostics(history: list[dict], num_clusters: int) -> str:

@@ -18,8 +18,15 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
     return np.concatenate([warm, decay])
 
 
-def build_schedules(cfg, steps_per_epoch: int, global_batch: int) -> dict[str, np.ndarray]:
-    """All schedules of a run, indexed by optimizer step.
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    """A run's optimizer steps from ``train.epochs``: its length without ``train.time_budget``,
+    the cap with one (``rayssl.train.budget``)."""
+    return max(1, round(cfg.train.epochs * steps_per_epoch))
+
+
+def build_schedules(cfg, steps_per_epoch: int, global_batch: int, total: int | None = None) -> dict[str, np.ndarray]:
+    """All schedules of a run, indexed by optimizer step, each spanning ``total`` steps
+    (default ``total_steps``; a budgeted run's fixed total, ``rayssl.train.budget``).
 
     - ``lr``: linear warmup, then cosine to ``optim.min_lr``; the peak is ``optim.lr`` scaled
       by global_batch / 256 (the linear scaling rule);
@@ -28,7 +35,7 @@ def build_schedules(cfg, steps_per_epoch: int, global_batch: int) -> dict[str, n
     - ``teacher_temperature``: linear warmup from ``objective.teacher_temperature_warmup``,
       then constant.
     """
-    total = max(1, round(cfg.train.epochs * steps_per_epoch))
+    total = total or total_steps(cfg, steps_per_epoch)
     o, obj = cfg.optim, cfg.objective
     peak = o.lr * global_batch / 256
     warm_t = min(total, round(obj.teacher_temperature_warmup_epochs * steps_per_epoch))
@@ -52,7 +59,8 @@ def online_knn_every(cfg, steps_per_epoch: int) -> int:
 
 
 def knn_evaluations(cfg, steps_per_epoch: int) -> int:
-    """Teacher k-NN results one run reports: the online ones before the last step, and the final one."""
-    total = max(1, round(cfg.train.epochs * steps_per_epoch))  # as build_schedules
+    """Teacher k-NN results one run reports: the online ones before the last step, and the final one
+    (at most that many for a budgeted run, which may end before ``train.epochs``)."""
+    total = total_steps(cfg, steps_per_epoch)
     every = online_knn_every(cfg, steps_per_epoch)
     return (len(range(every, total, every)) if every else 0) + 1

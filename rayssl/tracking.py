@@ -332,6 +332,10 @@ class RunLogger:
                  if k != "step" and isinstance(v, (int, float)) and np.isfinite(v)]
         self._safe(self.client.log_batch, self.run_id, metrics=batch)
 
+    def param(self, key: str, value: Any) -> None:
+        """One MLflow param found during the run (``train.total_steps`` of a budgeted run)."""
+        self._safe(self.client.log_param, self.run_id, key, _param(value))
+
     def tag(self, key: str, value: str) -> None:
         self._safe(self.client.set_tag, self.run_id, key, mask_uri(value)[:5000])
 

@@ -14,6 +14,8 @@ from PIL import Image
 from rayssl.config import load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.data.meta import DataMeta
+from rayssl.schedules import build_schedules
+from rayssl.train.budget import BudgetPlan
 from rayssl.train.run import TrainRun, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +213,62 @@ def test_stream_starts_before_the_baselines(data) -> None:
     done.train_batches = lambda seed, rows: events.append("train") or train(seed, rows)
     TrainRun(cfg, META, STEPS_PER_EPOCH, done).run()
     assert events == []
+
+
+def budget_run(data, *extra: str, restore_from: dict | None = None) -> tuple[TrainRun, dict, list, list]:
+    """A run of ``train.time_budget`` (capped at 100 epochs, 800 steps): the run, its results,
+    its reports and its console lines."""
+    reports: list = []
+    lines: list = []
+    w = worker(data, reports, restore_from=restore_from, knn=False)
+    w.say = lines.append
+    run = TrainRun(config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra),
+                   META, STEPS_PER_EPOCH, w)
+    return run, run.run(), reports, lines
+
+
+@pytest.fixture(scope="module")
+def budgeted(data):
+    """One run of a 5 s budget (steps 10-40 timed), shared by the tests that read it."""
+    return budget_run(data, "train.time_budget=5s")
+
+
+def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
+    """After the timed steps 10-40, the run fixes its total once, says what the budget bought,
+    checkpoints it there, and every schedule spans exactly that total: the run ends at it, the
+    LR at optim.min_lr and the teacher momentum at its end value."""
+    run, out, reports, lines = budgeted
+    total = out["budget"]["total_steps"]
+    assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
+    assert {len(v) for v in run.schedules.values()} == {total}
+    expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, total)
+    assert all(np.array_equal(run.schedules[k], expected[k]) for k in expected)
+    assert run.stepper.schedules is run.schedules
+    last = out["history"][-1]
+    assert last["lr"] == expected["lr"][-1] == pytest.approx(run.cfg.optim.min_lr, rel=0.05)
+    assert last["momentum"] == expected["momentum"][-1]
+    fixed = [(m, s) for m, s in reports if s is not None and s["step"] == 40]
+    assert fixed and fixed[0][1]["budget"] == out["budget"] and fixed[0][1]["total_steps"] == total
+    assert [line for line in lines if "budget 5s:" in line] == [f"[rayssl] {BudgetPlan(**out['budget']).line()}"]
+
+
+def test_resumed_budget_run_keeps_the_recorded_total(data, budgeted) -> None:
+    """Restored from the checkpoint where the total was fixed, the run keeps it and never times
+    steps again, whatever budget it is relaunched with and however fast this launch runs (the
+    checkpoint is edited to hold a total this machine could not reach in the budget)."""
+    state = copy.deepcopy([s for _, s in budgeted[2] if s is not None and s["step"] == 40][0])
+    state["budget"]["total_steps"] = state["total_steps"] = 60
+    for budget in ("1h", "0.2s"):
+        run, out, _, lines = budget_run(data, f"train.time_budget={budget}", restore_from=copy.deepcopy(state))
+        assert run.total_steps == 60 == out["history"][-1]["step"] and out["budget"]["total_steps"] == 60
+        assert {len(v) for v in run.schedules.values()} == {60}
+        assert not any("buys" in line or line.startswith("[rayssl] budget") for line in lines)
+
+
+def test_budget_too_short_for_the_warmup_stops_with_one_line(data) -> None:
+    run, out, reports, _ = budget_run(data, "train.time_budget=0.05s")
+    assert out["stopped"] == "budget" and "knn/teacher" not in out and "train_seconds" not in out
+    reason = out["stop_reason"]
+    assert "\n" not in reason and reason.startswith("train.time_budget: 0.05s buys")
+    assert "16 steps of optim.warmup_epochs" in reason
+    assert run.step == 40 and all(state is None for _, state in reports)

@@ -25,6 +25,7 @@ from rayssl.data.datasets import DataPlan, build_datasets, plan_data
 from rayssl import console, tracking
 from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
+from rayssl.train.run import FAILED_STOPS
 from rayssl.train.step import NonFiniteError
 
 
@@ -186,7 +187,7 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     Ray is joined or started (and a multi-node cluster's storage checked), then the MLflow run
     is created (or, for a run with a checkpoint, continued) and marked FAILED if anything after
     raises. A NaN/inf step beyond ``train.skip_nonfinite`` raises ``NonFiniteError`` (the run FAILED, its checkpoints
-    ending at the last good step); a collapse stop returns ``stopped="collapse"``. A sweep's
+    ending at the last good step), a ``train.time_budget`` too short for the warm-up ``ConfigError``; a collapse stop returns ``stopped="collapse"``. A sweep's
     trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
     ``show``: rank 0's lines and a progress bar on this process's console (``rayssl.console``).
     """
@@ -203,9 +204,9 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
         tracking.finish(settings, failed=True)
         raise
     out = dict(result.return_value or {})
-    if out.get("stopped") == "nonfinite":
+    if out.get("stopped") in FAILED_STOPS:
         tracking.finish(settings, failed=True)
-        raise NonFiniteError(out["stop_reason"])
+        raise (NonFiniteError if out["stopped"] == "nonfinite" else ConfigError)(out["stop_reason"])
     out["run_path"] = result.path
     if settings:
         out["mlflow_run_id"] = settings.run_id

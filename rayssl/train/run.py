@@ -37,9 +37,10 @@ from rayssl.eval.protocol import precise_bn
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
-from rayssl.schedules import build_schedules, online_knn_every
+from rayssl.schedules import build_schedules, online_knn_every, total_steps
 from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
 from rayssl.train.batching import batch_plan
+from rayssl.train.budget import BudgetError, BudgetPlan, budget_total, check_budget, measure_window
 from rayssl.train.prefetch import Ahead
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.train.views import Views
@@ -52,6 +53,7 @@ def say(line: str) -> None:
 
 
 _RAN_OUT = object()  # the end of a pass, told apart from a batch with no decodable image (None)
+FAILED_STOPS = ("nonfinite", "budget")  # stops that end the run FAILED, without the final k-NN
 
 
 @dataclass
@@ -106,11 +108,16 @@ class TrainRun:
         objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump())).to(device)
         self.student = worker.prepare_model(student)
         self.plan = batch_plan(cfg, worker.world)  # the same global batch at any world size
-        self.schedules = build_schedules(cfg, steps_per_epoch, self.plan.global_batch)
-        self.total_steps = len(self.schedules["lr"])
+        # train.epochs: the run's length, or a budgeted run's cap until its total is fixed (``_time_step``)
+        self.cap_steps = total_steps(cfg, steps_per_epoch)
+        self.schedules = build_schedules(cfg, steps_per_epoch, self.plan.global_batch, self.cap_steps)
+        self.total_steps = self.cap_steps
         self.stepper = Stepper(self.student, self.teacher, objective, build_optimizer(self.student, cfg.optim),
                                self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device),
                                accumulate=self.plan.accumulate)
+        self.budget: BudgetPlan | None = None  # what train.time_budget bought, once fixed
+        self.fixed_at = 0  # the step at which this launch fixed the budget's total (0: it did not)
+        self.used_seconds = 0.0  # training seconds of earlier launches (the budget's clock)
         self.views = Views(cfg, meta, device)
         self.alarm = CollapseAlarm.of(cfg.monitor)
         self.mlflow = RunLogger(tracking, worker.say) if tracking and worker.rank == 0 else None
@@ -143,7 +150,10 @@ class TrainRun:
             return
         self.stepper.load_state_dict(state)
         self.step = self.start_step = self.last_checkpoint = state["step"]
+        self.used_seconds = state.get("trained_seconds", 0.0)
         self.results = {**state["results"], "resumed_from_step": self.start_step}
+        if state.get("budget"):  # the recorded total, never measured again
+            self._fix(BudgetPlan(**state["budget"]))
         self.skipped_before = state.get("skipped_images", 0)
         world = len(state["rng"])
         if world == self.worker.world:
@@ -193,12 +203,51 @@ class TrainRun:
                                     "set train.precision=fp32 or train.skip_nonfinite")
             return
         self.step += 1
+        if self.cfg.train.time_budget and self.budget is None:
+            self._time_step()
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
             if self.cfg.data.deterministic:  # a pass per epoch, replayable from its start
                 self._end_pass()
             prior, assigned = self.stepper.usage.collect()
             if self.mlflow:
                 self.mlflow.epoch_plots(self.step // self.steps_per_epoch, prior, assigned)
+
+    def _time_step(self) -> None:
+        """``train.time_budget``: time the steps of ``measure_window``, then fix the run's total
+        (``rayssl.train.budget``); every rank takes the slowest rank's rate, so all fix the same."""
+        first, last = measure_window(self.start_step, self._warmup()[0])
+        if self.step == first:
+            self.timed_from = time.time()
+        if self.step != last:
+            return
+        seconds = float(dist.all_max(torch.tensor([(time.time() - self.timed_from) / (last - first)],
+                                                  dtype=torch.float64)))
+        t = self.cfg.train
+        try:
+            check_budget(t.time_budget, t.budget_seconds, seconds, *self._warmup())
+        except BudgetError as err:
+            self._stop("budget", str(err))
+            return
+        used = self.used_seconds + time.time() - self.started
+        total = budget_total(t.budget_seconds, used, self.step, seconds, self.cap_steps)
+        self._fix(BudgetPlan(t.time_budget, total, self.steps_per_epoch, self.plan.images_per_step / seconds,
+                             capped=total == self.cap_steps))
+        self.fixed_at = self.step
+        self.say(f"[rayssl] {self.budget.line()}")
+
+    def _warmup(self) -> tuple[int, str]:
+        """The longest warm-up of the run in steps, and its config key."""
+        o, obj = self.cfg.optim, self.cfg.objective
+        return max((round(o.warmup_epochs * self.steps_per_epoch), "optim.warmup_epochs"),
+                   (round(obj.teacher_temperature_warmup_epochs * self.steps_per_epoch),
+                    "objective.teacher_temperature_warmup_epochs"))
+
+    def _fix(self, budget: BudgetPlan) -> None:
+        """The run's total steps from its budget: every schedule rebuilt over it."""
+        self.budget, self.total_steps = budget, budget.total_steps
+        self.schedules = self.stepper.schedules = build_schedules(
+            self.cfg, self.steps_per_epoch, self.plan.global_batch, budget.total_steps)
+        self.results["budget"] = budget.to_dict()
 
     def _next_views(self) -> list[torch.Tensor]:
         """The next batch with a decodable image (a batch with none is skipped whole)."""
@@ -246,7 +295,10 @@ class TrainRun:
         return self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
 
     def _checkpoint_step(self) -> bool:
-        return self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.total_steps
+        """Every ``train.checkpoint_every`` steps, at the end, and where the budget's total was fixed
+        (so a restart finds it)."""
+        return (self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.total_steps
+                or self.step == self.fixed_at)
 
     def _metrics(self) -> dict:
         """The logged metrics of the step just taken (collectives: every rank computes them)."""
@@ -288,12 +340,16 @@ class TrainRun:
         if self.mlflow:
             self.mlflow.metrics(self.step, metrics)
         self.worker.report(metrics, self.state_dict() if checkpoint else None)
+        if self.mlflow and self.step == self.fixed_at:  # after the checkpoint: a restart logs the same value
+            self.mlflow.param("train.total_steps", self.total_steps)
         self.last_checkpoint = self.step if checkpoint else self.last_checkpoint
         self._window()
 
     def state_dict(self) -> dict:
         """What a checkpoint holds (collectives: every rank's RNG state and data position)."""
         return {**self.stepper.state_dict(), "step": self.step, "results": self.results,
+                "total_steps": self.total_steps, "budget": self.budget and self.budget.to_dict(),
+                "trained_seconds": self.used_seconds + time.time() - self.started,
                 "config": self.cfg.redacted(mask=None), "tracking": checkpoint_record(self.tracking),
                 "meta": self.meta.to_dict(), "skipped_images": self.history[-1]["data/skipped_images"],
                 "rng": dist.gather_objects(torch.get_rng_state()),
@@ -323,7 +379,7 @@ class TrainRun:
             self.say(f"[rayssl] stopped: {self.results['stop_reason']}")
             if self.mlflow:
                 self.mlflow.tag("rayssl.stopped", self.results["stop_reason"])
-        if self.stopped != "nonfinite":  # a non-finite run: the driver marks the MLflow run FAILED
+        if self.stopped not in FAILED_STOPS:  # the driver marks the MLflow run FAILED
             self.results["train_seconds"], started = time.time() - self.started, time.time()
             if self.worker.knn_sets:
                 self.results["knn/teacher"] = self.knn({"teacher": self.teacher})["teacher"]

@@ -1,0 +1,68 @@
+"""``train.time_budget``: the duration strings, the config's one-line errors and the budget
+arithmetic of ``rayssl.train.budget`` (the runs themselves: tests/test_train_run.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rayssl.config import ConfigError, load_config
+from rayssl.train.budget import (MARGIN, MEASURE_STEPS, SETTLE_STEPS, BudgetError, BudgetPlan, budget_total,
+                                 check_budget, measure_window, parse_duration)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("12m", 720), ("8h", 28800), ("1h30m", 5400), ("2.5m", 150), (" 12 min ", 720),
+    ("1h 0m 30s", 3630), (45, 45), (0.5, 0.5), ("12M", 720)])
+def test_durations_parse(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["12x", "", "m", "-5m", "0s", "12 parsecs", "5", "1h-30m", "nan", True])
+def test_bad_durations_are_refused(text) -> None:
+    with pytest.raises(BudgetError, match="duration"):
+        parse_duration(text)
+
+
+def test_config_keeps_the_budget_as_written_and_names_the_field_when_bad() -> None:
+    assert load_config(None, ["train.time_budget=12m"]).train.budget_seconds == 720
+    assert load_config(None, ["train.time_budget=90"]).train.time_budget == "90s"  # a bare number: seconds
+    assert load_config(None, []).train.budget_seconds is None
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.time_budget=12x"])
+    assert str(err.value) == ("train.time_budget: expected a duration such as 90s, 12m, 8h or 1h30m "
+                              "(got '12x')")
+    with pytest.raises(ConfigError, match=r"^train\.time_budget: expected a positive duration"):
+        load_config(None, ["train.time_budget=0m"])
+
+
+def test_budget_buys_the_steps_that_fit_the_time_left() -> None:
+    # 600 s budget, 20 s already trained, at step 50, 0.5 s a step: 50 + (0.97 * 600 - 20) / 0.5
+    assert budget_total(600, 20, 50, 0.5, cap_steps=10_000) == 50 + math.floor((MARGIN * 600 - 20) / 0.5) == 1174
+    assert budget_total(600, 20, 50, 0.5, cap_steps=900) == 900  # train.epochs caps it
+    assert budget_total(600, 700, 50, 0.5, cap_steps=10_000) == 50  # spent already: stop where it is
+    # the same budget on a machine twice as fast buys twice the steps after the measured ones
+    assert budget_total(600, 20, 50, 0.25, 10_000) - 50 == 2 * (budget_total(600, 20, 50, 0.5, 10_000) - 50)
+
+
+def test_steps_are_timed_after_settling_and_through_the_lr_warmup() -> None:
+    assert measure_window(0, 0) == (SETTLE_STEPS, SETTLE_STEPS + MEASURE_STEPS)
+    assert measure_window(0, 70) == (SETTLE_STEPS, 70)  # the warm-up does not depend on the total
+    assert measure_window(200, 70) == (200 + SETTLE_STEPS, 200 + SETTLE_STEPS + MEASURE_STEPS)  # a resume
+
+
+def test_a_budget_shorter_than_the_warmup_is_one_clear_line() -> None:
+    check_budget("12m", 720, 0.5, 70, "optim.warmup_epochs")  # 1396 steps: fine
+    with pytest.raises(BudgetError) as err:
+        check_budget("20s", 20, 0.5, 70, "optim.warmup_epochs")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.time_budget: 20s buys 38 steps")
+    assert "70 steps of optim.warmup_epochs" in message
+
+
+def test_plan_says_what_the_budget_bought() -> None:
+    plan = BudgetPlan("12m", 2140, 234, 470.4)
+    assert plan.line() == "budget 12m: 2,140 steps (9.1 epochs) at 470 img/s"
+    assert BudgetPlan(**plan.to_dict()) == plan
+    assert "train.epochs cap" in BudgetPlan("1h", 2340, 234, 900.0, capped=True).line()
