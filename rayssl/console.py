@@ -140,6 +140,7 @@ class Console:
         if self.bar is None:
             self.bar = tqdm(total=p.total, initial=p.step, unit="step", file=self.stream, dynamic_ncols=True,
                             desc="[rayssl] training", smoothing=0.1, mininterval=0)
+        self.bar.total = p.total  # a budgeted run's total is fixed after its first timed steps
         self.bar.set_postfix_str(p.postfix(), refresh=False)
         self.bar.update(p.step - self.bar.n)  # negative after a restart from an older checkpoint
         if p.step >= p.total:
