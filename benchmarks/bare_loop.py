@@ -52,7 +52,7 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, speeds: 
     encoded = np.array(encoded, dtype=object)
     epochs = -(-args.steps // STEPS_PER_EPOCH)
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [
-        f"scaling.num_workers={world}", f"train.epochs={epochs}", "train.checkpoint_every=1000000",
+        f"scaling.num_workers={world}", f"train.epochs={epochs}", "train.time_budget=null", "train.checkpoint_every=1000000",
         *args.overrides])
     meta = DataMeta(num_train=IMAGES, num_eval=0, channels=1, image_size=28, classes=tuple("0123456789"),
                     mean=(0.286,), std=(0.353,))

@@ -7,8 +7,8 @@ Honest protocol: training uses the first 50k Fashion-MNIST *train* images only; 
 is those 50k and the queries are the held-out last 10k of train (the validation split). The
 test split is never read. Trains one process (``--threads`` torch threads) with the same
 Stepper, MultiCrop, objective and schedules as the Ray job, for the default run's number of
-optimizer steps at its global batch (``--steps``; default: ``train.epochs`` x 60k / global
-batch, as ``jobs/pretrain.py`` would run), then scores the teacher, the raw pixels and the
+optimizer steps at its global batch (``--steps``, which every schedule spans; default, for a
+config without ``train.time_budget``: ``train.epochs`` x 60k / global batch), then scores the teacher, the raw pixels and the
 same network at random init under each feature protocol: as is, centred by the bank mean, and
 (for networks) with BatchNorm statistics recomputed on clean images, so each row gets exactly
 the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 on native-bf16 CPUs). Appends one JSON line per probe to ``--out``.
@@ -69,8 +69,11 @@ def main() -> None:
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
-    schedules = build_schedules(cfg, spe, batch)
-    total = args.steps or len(schedules["lr"])
+    if cfg.train.time_budget and not args.steps:
+        p.error(f"the config is sized by train.time_budget ({cfg.train.time_budget}): give --steps, or "
+                "train.time_budget=null to train train.epochs")
+    schedules = build_schedules(cfg, spe, batch, args.steps)  # every schedule spans the steps trained
+    total = len(schedules["lr"])
     stepper = Stepper(student, teacher, objective, build_optimizer(student, cfg.optim),
                       schedules, cfg, spe, torch.device("cpu"), use_bf16(cfg.train.precision, torch.device("cpu")))
     crops = MultiCrop(cfg.augment, 1, mean, std)

@@ -40,7 +40,7 @@ COLUMNS = {  # result key -> column title
     "mutual_information": "I(X;K)", "effective_clusters": "effective clusters",
     "jensen_gap_mean": "Jensen gap mean", "jensen_gap_std": "Jensen gap std",
 }
-BUDGET = ["train.epochs=1", "eval.baselines=false", "tracking.log_model=false"]
+BUDGET = ["train.epochs=1", "train.time_budget=null", "eval.baselines=false", "tracking.log_model=false"]
 
 
 def one_run(name: str, key: str, value: str, seed: int, overrides: list[str], work: Path) -> dict:

@@ -43,7 +43,7 @@ def arm(nodes: int, overrides: list[str]) -> dict:
     try:
         cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [
             "data.source=s3://bench/fm/train", "data.eval_source=s3://bench/fm/test", "data.train_limit=20000",
-            "train.epochs=2", "eval.baselines=false", "tracking.enabled=false", "run.storage_path=s3://bench/runs",
+            "train.epochs=2", "train.time_budget=null", "eval.baselines=false", "tracking.enabled=false", "run.storage_path=s3://bench/runs",
             f"run.name=nodes{nodes}-{int(time.time())}", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
             "scaling.worker_resources={trainer: 1}", "scaling.placement_strategy=SPREAD", *overrides])
         started = time.time()

@@ -43,7 +43,8 @@ def config(*extra: str):
         "data.decode_on=worker", "data.deterministic=true", "model.width=8", "model.head_hidden_dim=64",
         "model.head_bottleneck_dim=32", "objective.num_clusters=32", f"train.batch_size={BATCH}",
         "train.epochs=2", "train.log_every=4", "train.checkpoint_every=8", "train.precision=fp32",
-        "optim.warmup_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", *extra])
+        "optim.warmup_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.time_budget=null",
+        *extra])
 
 
 META = DataMeta(num_train=N, num_eval=128, channels=1, image_size=28, classes=tuple("0123456789"),
