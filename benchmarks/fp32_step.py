@@ -72,6 +72,16 @@ def arm(cfg, batch: int, bf16: bool, channels_last: bool, steps: int, warmup: in
             "images_per_second": round(batch * steps / (crop_s + step_s), 1)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the architecture."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a default run's worker has 1)")
@@ -84,7 +94,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", args.overrides)
-    cpu = {"cpu": platform.processor() or platform.machine(), "native_bf16": cpu_has_bf16(),
+    cpu = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "native_bf16": cpu_has_bf16(),
            "threads": args.threads, "batch": args.batch, "overrides": args.overrides}
     arms = [(False, True), (False, False)] + ([(True, True), (True, False)] if cpu["native_bf16"] else [])
     with open(args.out, "a") as f:

@@ -6,16 +6,18 @@ import numpy as np
 
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
-    """Linear warmup from ``warmup_start`` to ``start``, then cosine from ``start`` to ``end``.
+                    warmup_start: float = 0.0, hold_until: int = 0) -> np.ndarray:
+    """Linear warmup from ``warmup_start`` to ``start``, held at ``start`` up to step
+    ``hold_until``, then cosine from ``start`` to ``end``:
 
-        v(t) = end + (start - end) * (1 + cos(pi * t / T)) / 2,   t = 0 .. T-1 after the warmup
+        v(t) = end + (start - end) * (1 + cos(pi * t / T)) / 2,   t = 0 .. T-1 after the warmup and hold
     """
     warmup_steps = min(warmup_steps, total_steps)
+    hold = min(max(hold_until - warmup_steps, 0), total_steps - warmup_steps)
     warm = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
-    t = np.arange(total_steps - warmup_steps)
+    t = np.arange(total_steps - warmup_steps - hold)
     decay = end + 0.5 * (start - end) * (1 + np.cos(np.pi * t / max(len(t), 1)))
-    return np.concatenate([warm, decay])
+    return np.concatenate([warm, np.full(hold, float(start)), decay])
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:
@@ -24,9 +26,12 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
     return max(1, round(cfg.train.epochs * steps_per_epoch))
 
 
-def build_schedules(cfg, steps_per_epoch: int, global_batch: int, total: int | None = None) -> dict[str, np.ndarray]:
+def build_schedules(cfg, steps_per_epoch: int, global_batch: int, total: int | None = None,
+                    hold_until: int = 0) -> dict[str, np.ndarray]:
     """All schedules of a run, indexed by optimizer step, each spanning ``total`` steps
-    (default ``total_steps``; a budgeted run's fixed total, ``rayssl.train.budget``).
+    (default ``total_steps``; a budgeted run's fixed total, ``rayssl.train.budget``). The cosines
+    start at ``hold_until`` (a budgeted run's timed steps, before the total is known): up to
+    there every schedule is at its warm-up or start value, which do not depend on the total.
 
     - ``lr``: linear warmup, then cosine to ``optim.min_lr``; the peak is ``optim.lr`` scaled
       by global_batch / 256 (the linear scaling rule);
@@ -40,9 +45,9 @@ def build_schedules(cfg, steps_per_epoch: int, global_batch: int, total: int | N
     peak = o.lr * global_batch / 256
     warm_t = min(total, round(obj.teacher_temperature_warmup_epochs * steps_per_epoch))
     return {
-        "lr": cosine_schedule(peak, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch)),
-        "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, total),
-        "momentum": cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, total),
+        "lr": cosine_schedule(peak, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch), hold_until=hold_until),
+        "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, total, hold_until=hold_until),
+        "momentum": cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, total, hold_until=hold_until),
         "teacher_temperature": np.concatenate([
             np.linspace(obj.teacher_temperature_warmup, obj.teacher_temperature, warm_t, endpoint=False),
             np.full(total - warm_t, obj.teacher_temperature)]),

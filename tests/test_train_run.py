@@ -216,7 +216,7 @@ def test_stream_starts_before_the_baselines(data) -> None:
     assert events == []
 
 
-def budget_run(data, *extra: str, restore_from: dict | None = None) -> tuple[TrainRun, dict, list, list]:
+def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=None) -> tuple[TrainRun, dict, list, list]:
     """A run of ``train.time_budget`` (capped at 100 epochs, 800 steps): the run, its results,
     its reports and its console lines."""
     reports: list = []
@@ -224,45 +224,61 @@ def budget_run(data, *extra: str, restore_from: dict | None = None) -> tuple[Tra
     w = worker(data, reports, restore_from=restore_from, knn=False)
     w.say = lines.append
     run = TrainRun(config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra),
-                   META, STEPS_PER_EPOCH, w)
+                   META, STEPS_PER_EPOCH, w, tracking)
     return run, run.run(), reports, lines
 
 
 @pytest.fixture(scope="module")
-def budgeted(data):
-    """One run of a 5 s budget (steps 10-40 timed), shared by the tests that read it."""
-    return budget_run(data, "train.time_budget=5s")
+def budgeted(data, tmp_path_factory):
+    """One run of a 10 s budget (steps 10-110 timed) in a real SQLite MLflow store, shared by the
+    tests that read it."""
+    from rayssl import tracking
+
+    folder = tmp_path_factory.mktemp("budget")
+    cfg = config("train.time_budget=10s", "tracking.log_model=false", f"tracking.uri=sqlite:///{folder}/mlflow.db",
+                 "run.name=budget")
+    return budget_run(data, "train.time_budget=10s", "tracking.log_model=false",
+                      tracking=tracking.start(cfg, str(folder / "budget")))
 
 
 def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
-    """After the timed steps 10-40, the run fixes its total once, says what the budget bought,
+    """After the timed steps 10-110, the run fixes its total once, says what the budget bought,
     checkpoints it there, and every schedule spans exactly that total: the run ends at it, the
-    LR at optim.min_lr and the teacher momentum at its end value."""
+    LR at optim.min_lr and the teacher momentum at its end value. The timed steps ran on the
+    final arrays' values (warm-up, then held at the peak until the cosines start at step 110)."""
     run, out, reports, lines = budgeted
     total = out["budget"]["total_steps"]
-    assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
+    assert 110 < total == run.total_steps == out["history"][-1]["step"] < 800
+    assert out["budget"]["timed_until"] == 110
     assert {len(v) for v in run.schedules.values()} == {total}
-    expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, total)
+    expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, total, hold_until=110)
     assert all(np.array_equal(run.schedules[k], expected[k]) for k in expected)
     assert run.stepper.schedules is run.schedules
+    assert all(m["lr"] == expected["lr"][m["step"] - 1] and m["wd"] == expected["wd"][m["step"] - 1]
+               for m in out["history"])  # before the fix too
+    assert np.all(expected["lr"][16:110] == expected["lr"][16]) and expected["lr"][111] < expected["lr"][16]
     last = out["history"][-1]
     assert last["lr"] == expected["lr"][-1] == pytest.approx(run.cfg.optim.min_lr, rel=0.05)
     assert last["momentum"] == expected["momentum"][-1]
-    fixed = [(m, s) for m, s in reports if s is not None and s["step"] == 40]
+    fixed = [(m, s) for m, s in reports if s is not None and s["step"] == 110]
     assert fixed and fixed[0][1]["budget"] == out["budget"] and fixed[0][1]["total_steps"] == total
-    assert [line for line in lines if "budget 5s:" in line] == [f"[rayssl] {BudgetPlan(**out['budget']).line()}"]
+    assert [line for line in lines if "budget 10s:" in line] == [f"[rayssl] {BudgetPlan(**out['budget']).line()}"]
+    import mlflow
+
+    settings = run.tracking
+    assert mlflow.MlflowClient(settings.uri).get_run(settings.run_id).data.params["train.total_steps"] == str(total)
 
 
 def test_resumed_budget_run_keeps_the_recorded_total(data, budgeted) -> None:
     """Restored from the checkpoint where the total was fixed, the run keeps it and never times
     steps again, whatever budget it is relaunched with and however fast this launch runs (the
     checkpoint is edited to hold a total this machine could not reach in the budget)."""
-    state = copy.deepcopy([s for _, s in budgeted[2] if s is not None and s["step"] == 40][0])
-    state["budget"]["total_steps"] = state["total_steps"] = 60
+    state = copy.deepcopy([s for _, s in budgeted[2] if s is not None and s["step"] == 110][0])
+    state["budget"]["total_steps"] = state["total_steps"] = 130
     for budget in ("1h", "0.2s"):
         run, out, _, lines = budget_run(data, f"train.time_budget={budget}", restore_from=copy.deepcopy(state))
-        assert run.total_steps == 60 == out["history"][-1]["step"] and out["budget"]["total_steps"] == 60
-        assert {len(v) for v in run.schedules.values()} == {60}
+        assert run.total_steps == 130 == out["history"][-1]["step"] and out["budget"]["total_steps"] == 130
+        assert {len(v) for v in run.schedules.values()} == {130}
         assert not any("buys" in line or line.startswith("[rayssl] budget") for line in lines)
 
 
@@ -272,4 +288,4 @@ def test_budget_too_short_for_the_warmup_stops_with_one_line(data) -> None:
     reason = out["stop_reason"]
     assert "\n" not in reason and reason.startswith("train.time_budget: 0.05s buys")
     assert "16 steps of optim.warmup_epochs" in reason
-    assert run.step == 40 and all(state is None for _, state in reports)
+    assert run.step == 110 and all(state is None for _, state in reports)

@@ -4,8 +4,8 @@ A budgeted run cannot know its number of optimizer steps before it has trained a
 times them and then fixes the total once:
 
 1. steps ``start + SETTLE_STEPS`` to ``measure_end`` (at least ``MEASURE_STEPS`` of them, and
-   on to the end of the LR warm-up, which does not depend on the total) are timed; every rank
-   takes the slowest rank's seconds per step, so all ranks fix the same total;
+   on to the end of the LR warm-up) are timed; every rank takes the slowest rank's seconds per
+   step, so all ranks fix the same total;
 2. the total is the steps done plus the steps that fit the budget left at that rate:
 
        T = t_fix + floor((MARGIN * B - used) / seconds_per_step),   at most ``train.epochs`` epochs
@@ -15,9 +15,10 @@ times them and then fixes the total once:
    checkpoint and the MLflow param ``train.total_steps``, and a resumed, restarted or resized
    run takes it from there: it never measures again, on a faster machine or a slower one.
 
-Before T is fixed the cosine schedules run over the provisional ``train.epochs`` length; their
-values at the measured steps (all inside the LR warm-up, which is fixed in epochs) differ from
-the final arrays' by at most (1 - cos(pi t / T)) / 2 of their range, under 0.5 % for t < T / 10.
+Up to t_fix every schedule holds its warm-up or start value (the cosines start at t_fix), so
+the timed steps ran on exactly the values of the final arrays: the schedules are exact. The
+rate is timed once: a machine that slows down later (a busier host, CPU steal on a shared VM)
+overruns the budget by as much, one that speeds up ends early.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 SETTLE_STEPS = 10  # first steps of a launch, not timed: oneDNN primitive creation, allocations, first batches
-MEASURE_STEPS = 30  # the fewest timed steps
+MEASURE_STEPS = 100  # the fewest timed steps: the first windows of a run are the noisiest (docs/benchmarks.md)
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|h|m|s)")
@@ -87,6 +88,7 @@ class BudgetPlan:
     total_steps: int
     steps_per_epoch: int
     images_per_second: float
+    timed_until: int  # the step where the total was fixed: the schedules' cosines start there
     capped: bool = False  # the total hit train.epochs before the budget ran out
 
     @property
@@ -102,4 +104,4 @@ class BudgetPlan:
     def to_dict(self) -> dict:
         return {"time_budget": self.time_budget, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "images_per_second": self.images_per_second,
-                "capped": self.capped}
+                "timed_until": self.timed_until, "capped": self.capped}

@@ -109,9 +109,9 @@ class TrainRun:
         self.student = worker.prepare_model(student)
         self.plan = batch_plan(cfg, worker.world)  # the same global batch at any world size
         # train.epochs: the run's length, or a budgeted run's cap until its total is fixed (``_time_step``)
-        self.cap_steps = total_steps(cfg, steps_per_epoch)
-        self.schedules = build_schedules(cfg, steps_per_epoch, self.plan.global_batch, self.cap_steps)
-        self.total_steps = self.cap_steps
+        self.step = self.start_step = self.last_checkpoint = 0
+        self.cap_steps = self.total_steps = total_steps(cfg, steps_per_epoch)
+        self.schedules = self._schedules(self.cap_steps, self._timed()[1] if cfg.train.time_budget else 0)
         self.stepper = Stepper(self.student, self.teacher, objective, build_optimizer(self.student, cfg.optim),
                                self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device),
                                accumulate=self.plan.accumulate)
@@ -124,7 +124,6 @@ class TrainRun:
         if self.mlflow and worker.node:
             self.mlflow.tag("rayssl.rank0_node", worker.node)
         self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
-        self.step = self.start_step = self.last_checkpoint = 0
         self.results: dict = {}
         self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
         self.stopped: str | None = None
@@ -154,6 +153,8 @@ class TrainRun:
         self.results = {**state["results"], "resumed_from_step": self.start_step}
         if state.get("budget"):  # the recorded total, never measured again
             self._fix(BudgetPlan(**state["budget"]))
+        elif self.cfg.train.time_budget:  # not fixed yet: this launch times its own steps
+            self.schedules = self.stepper.schedules = self._schedules(self.cap_steps, self._timed()[1])
         self.skipped_before = state.get("skipped_images", 0)
         world = len(state["rng"])
         if world == self.worker.world:
@@ -215,7 +216,7 @@ class TrainRun:
     def _time_step(self) -> None:
         """``train.time_budget``: time the steps of ``measure_window``, then fix the run's total
         (``rayssl.train.budget``); every rank takes the slowest rank's rate, so all fix the same."""
-        first, last = measure_window(self.start_step, self._warmup()[0])
+        first, last = self._timed()
         if self.step == first:
             self.timed_from = time.time()
         if self.step != last:
@@ -231,9 +232,16 @@ class TrainRun:
         used = self.used_seconds + time.time() - self.started
         total = budget_total(t.budget_seconds, used, self.step, seconds, self.cap_steps)
         self._fix(BudgetPlan(t.time_budget, total, self.steps_per_epoch, self.plan.images_per_step / seconds,
-                             capped=total == self.cap_steps))
+                             timed_until=self.step, capped=total == self.cap_steps))
         self.fixed_at = self.step
         self.say(f"[rayssl] {self.budget.line()}")
+
+    def _timed(self) -> tuple[int, int]:
+        """The steps this launch times for ``train.time_budget`` (``measure_window``)."""
+        return measure_window(self.start_step, self._warmup()[0])
+
+    def _schedules(self, total: int, hold_until: int) -> dict[str, np.ndarray]:
+        return build_schedules(self.cfg, self.steps_per_epoch, self.plan.global_batch, total, hold_until)
 
     def _warmup(self) -> tuple[int, str]:
         """The longest warm-up of the run in steps, and its config key."""
@@ -245,8 +253,7 @@ class TrainRun:
     def _fix(self, budget: BudgetPlan) -> None:
         """The run's total steps from its budget: every schedule rebuilt over it."""
         self.budget, self.total_steps = budget, budget.total_steps
-        self.schedules = self.stepper.schedules = build_schedules(
-            self.cfg, self.steps_per_epoch, self.plan.global_batch, budget.total_steps)
+        self.schedules = self.stepper.schedules = self._schedules(budget.total_steps, budget.timed_until)
         self.results["budget"] = budget.to_dict()
 
     def _next_views(self) -> list[torch.Tensor]:
