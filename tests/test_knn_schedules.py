@@ -52,6 +52,15 @@ def test_cosine_schedule_warmup_and_ends() -> None:
     assert s[10] == 1.0 and abs(s[-1] - 0.1) < 1e-3 and np.all(np.diff(s[10:]) <= 0)
 
 
+def test_a_held_schedule_starts_its_cosine_late() -> None:
+    """``hold_until`` (a budgeted run's timed steps): warm-up, then the start value up to that
+    step, then the whole cosine over the steps left; the length stays ``total_steps``."""
+    s = cosine_schedule(1.0, 0.1, 100, warmup_steps=10, hold_until=40)
+    assert len(s) == 100 and np.all(s[10:41] == 1.0) and s[41] < 1.0 and abs(s[-1] - 0.1) < 1e-3
+    assert np.array_equal(s[40:], cosine_schedule(1.0, 0.1, 60))
+    assert np.array_equal(cosine_schedule(1.0, 0.1, 100, 10, hold_until=5), cosine_schedule(1.0, 0.1, 100, 10))
+
+
 def test_run_schedules_follow_config() -> None:
     cfg = load_config(None, ["train.epochs=2", "optim.lr=0.001", "optim.warmup_epochs=1",
                              "objective.teacher_temperature_warmup=0.02",
