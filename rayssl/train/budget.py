@@ -27,8 +27,8 @@ import math
 import re
 from dataclasses import dataclass
 
-SETTLE_STEPS = 10  # first steps of a launch, not timed: oneDNN primitive creation, allocations, first batches
-MEASURE_STEPS = 100  # the fewest timed steps: the first windows of a run are the noisiest (docs/benchmarks.md)
+SETTLE_STEPS = 50  # first steps of a launch, not timed: they ran 12-20 % off the run's median, both ways (docs/benchmarks.md)
+MEASURE_STEPS = 100  # the fewest timed steps
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|h|m|s)")
