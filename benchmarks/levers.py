@@ -8,8 +8,8 @@ is those 50k and the queries are the held-out last 10k of train (the validation 
 test split is never read. Trains one process (``--threads`` torch threads) with the same
 Stepper, MultiCrop, objective and schedules as the Ray job, for the default run's number of
 optimizer steps at its global batch (``--steps``, which every schedule spans; default, for a
-config without ``train.time_budget``: ``train.epochs`` x 60k / global batch), then scores the teacher, the raw pixels and the
-same network at random init under each feature protocol: as is, centred by the bank mean, and
+config without ``train.time_budget``: ``train.epochs`` x 60k / global batch), then scores the
+teacher, the raw pixels and the same network at random init under each feature protocol: as is, centred by the bank mean, and
 (for networks) with BatchNorm statistics recomputed on clean images, so each row gets exactly
 the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 on native-bf16 CPUs). Appends one JSON line per probe to ``--out``.
 """

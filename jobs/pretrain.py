@@ -59,10 +59,10 @@ tuning advice:
   optim.lr                  peak LR per 256 images (scaled by the global batch); lower it first if
                             the loss goes non-finite.
   train.time_budget         training time (90s, 12m, 8h), the default's way to size a run: after its first
-                            timed steps the run fixes its total steps (say "budget 12m: 1,370 steps (5.9
-                            epochs) at 470 img/s") and lays every schedule over it; at most train.epochs
-                            epochs. Start-up, baselines and the final k-NN come on top (about 2 min for the
-                            default on 2 cores). train.time_budget=null: exactly train.epochs epochs.
+                            timed steps the run fixes its total steps (say "budget 10.5m: 1,649 steps (7.0
+                            epochs) at 689 img/s") and lays every schedule over it; at most train.epochs
+                            epochs. Start-up, baselines and the final k-NN come on top (2-4 min for the
+                            default on 2 cores, measured in fp32 and bf16). train.time_budget=null: exactly train.epochs epochs.
                             A resumed or restarted run keeps the total it fixed (MLflow param train.total_steps).
   train.batch_size          per worker; the global batch is batch_size x accumulate_steps x workers
                             (the max of an elastic range [min, max]: fewer workers accumulate more).
