@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
+
+STARTED = time.time()  # the job's clock (train.time_budget_scope=job), read before the imports
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -107,7 +110,8 @@ def final_report(cfg, results: dict, wall_seconds: float) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The job; ``started``: when it started (the process's first line), default now."""
     parser = argparse.ArgumentParser(
         description="Distributed self-supervised pretraining by clustering (rayssl).",
         epilog=TUNING, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. objective.mode=center train.epochs=3")
     args = parser.parse_args(argv)
-    started = time.time()
+    started = time.time() if started is None else started
     try:
         cfg = load_config(args.config, args.overrides + (["run.verbose=true"] if args.verbose else []))
     except ConfigError as err:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayssl.train.step import NonFiniteError
 
     try:
-        results = pretrain(cfg)
+        results = pretrain(cfg, started)
     except ConfigError as err:  # inputs found wrong once Ray and the data are in reach
         parser.exit(2, f"error: {err}\n")
     except NonFiniteError as err:
@@ -142,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

@@ -141,11 +141,15 @@ class TrainConfig(_Section):
         "The run's length in epochs; with train.time_budget, the most it may train (the data stream "
         "holds this many epochs)."))
     time_budget: str | None = Field(None, description=(
-        "Wall-clock training time, e.g. 90s, 12m, 8h or 1h30m (baselines, start-up and the final k-NN "
-        "not included): the run times its first steps after warm-up, then fixes its total optimizer "
+        "Wall-clock time, e.g. 90s, 12m, 8h or 1h30m, of training (or of the whole job: "
+        "train.time_budget_scope): the run times its first steps after warm-up, then fixes its total optimizer "
         "steps (MLflow param train.total_steps, kept by every checkpoint and resume) so that training "
         "ends within the budget, at most train.epochs; every schedule spans that total. Gives trials "
         "of a sweep equal time, whatever their speed. Unset: train.epochs decides."))
+    time_budget_scope: Literal["training", "job"] = Field("training", description=(
+        "What train.time_budget covers. training: the training steps only (equal-time sweep trials). "
+        "job: the whole job from its process's start to exit; the run subtracts the start-up and "
+        "baselines it spent and keeps back the final k-NN's time, measured by the baselines' k-NN."))
     batch_size: PositiveInt = Field(128, description="Images per worker per micro-batch.")
     steps_per_epoch: PositiveInt | None = Field(None, description="Default: dataset size / global batch.")
     log_every: PositiveInt = 20

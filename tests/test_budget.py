@@ -66,3 +66,19 @@ def test_plan_says_what_the_budget_bought() -> None:
     assert plan.line() == "budget 12m: 2,140 steps (9.1 epochs) at 470 img/s"
     assert BudgetPlan(**plan.to_dict()) == plan
     assert "train.epochs cap" in BudgetPlan("1h", 2340, 234, 900.0, 110, capped=True).line()
+
+
+def test_a_job_budget_leaves_out_the_start_up_and_keeps_the_final_knn_back() -> None:
+    # 14m for the job, 150 s since the job started (start-up, baselines, 150 steps), 40 s kept for the
+    # final k-NN, at step 150, 0.4 s a step: 150 + (0.97 * 840 - 150 - 40) / 0.4
+    assert budget_total(840, 150, 150, 0.4, 10_000, reserve_s=40) == 150 + math.floor((MARGIN * 840 - 190) / 0.4)
+    assert budget_total(840, 150, 150, 0.4, 10_000, reserve_s=40) == budget_total(840, 190, 150, 0.4, 10_000)
+    with pytest.raises(BudgetError) as err:  # 3 min of start-up and evaluation leave 3m nothing
+        check_budget("3m", 180, 0.5, 70, "optim.warmup_epochs", outside_s=180)
+    assert str(err.value).startswith("train.time_budget: 3m buys 0 steps besides 3.0 min of start-up and evaluation")
+    plan = BudgetPlan("14m", 1702, 234, 640.2, 150, scope="job", outside_seconds=114, reserve_seconds=36)
+    assert plan.line() == ("budget 14m for the job: 1,702 steps (7.3 epochs) at 640 img/s, after 1.9 min of "
+                           "start-up and baselines, 0.6 min kept for the final k-NN")
+    assert BudgetPlan(**plan.to_dict()) == plan
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("scope", "outside_seconds", "reserve_seconds")}
+    assert BudgetPlan(**old).scope == "training"  # a checkpoint written before the scope existed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,13 +219,15 @@ def test_stream_starts_before_the_baselines(data) -> None:
     assert events == []
 
 
-def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=None) -> tuple[TrainRun, dict, list, list]:
+def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=None, knn: bool = False,
+               job_started: float | None = None) -> tuple[TrainRun, dict, list, list]:
     """A run of ``train.time_budget`` (capped at 100 epochs, 800 steps): the run, its results,
     its reports and its console lines."""
     reports: list = []
     lines: list = []
-    w = worker(data, reports, restore_from=restore_from, knn=False)
+    w = worker(data, reports, restore_from=restore_from, knn=knn)
     w.say = lines.append
+    w.job_started = w.job_started if job_started is None else job_started
     run = TrainRun(config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra),
                    META, STEPS_PER_EPOCH, w, tracking)
     return run, run.run(), reports, lines
@@ -300,3 +304,26 @@ def test_budget_too_short_for_the_warmup_stops_with_one_line(data) -> None:
     assert "\n" not in reason and reason.startswith("train.time_budget: 0.05s buys")
     assert "16 steps of optim.warmup_epochs" in reason
     assert run.step == 40 and all(state is None for _, state in reports)
+
+
+def test_job_budget_subtracts_the_start_up_and_keeps_the_final_knn_back(data) -> None:
+    """``train.time_budget_scope=job``: the job started 2 s before the run (its start-up); the
+    baselines' k-NN time is kept back for the final k-NN; the total fits what is left, and the
+    run ends (final k-NN included) within the budget from the job's start."""
+    started = time.time() - 2.0
+    run, out, _, lines = budget_run(data, "train.time_budget=10s", "train.time_budget_scope=job", knn=True,
+                                    job_started=started)
+    plan = BudgetPlan(**out["budget"])
+    assert plan.scope == "job" and plan.outside_seconds >= 2.0 + out["baseline_seconds"]
+    assert plan.reserve_seconds == out["baseline_seconds"] > 0
+    assert any(line.endswith("kept for the final k-NN") and "for the job" in line for line in lines)
+    assert run.total_steps == out["history"][-1]["step"] < 800 and "knn/teacher" in out
+    assert time.time() - started < 10.0 * 1.5  # the budget's margin and one window's rate error
+
+
+def test_job_budget_spent_before_training_is_one_line(data) -> None:
+    run, out, _, _ = budget_run(data, "train.time_budget=30s", "train.time_budget_scope=job",
+                                job_started=time.time() - 40.0)
+    assert out["stopped"] == "budget" and "\n" not in out["stop_reason"]
+    assert re.match(r"train\.time_budget: 30s buys 0 steps besides 0\.[67] min of start-up and evaluation",
+                    out["stop_reason"])

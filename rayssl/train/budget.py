@@ -1,16 +1,21 @@
-"""``train.time_budget``: a run's length in wall-clock training time instead of epochs.
+"""``train.time_budget``: a run's length in wall-clock time instead of epochs.
 
-A budgeted run cannot know its number of optimizer steps before it has trained a few, so it
-times them and then fixes the total once:
+The budget covers training (``train.time_budget_scope=training``, the default) or the whole
+job (``job``: from the process's start to its exit, Ray start-up, shard build and baselines
+included, with the final k-NN's time kept back). A budgeted run cannot know its number of
+optimizer steps before it has trained a few, so it times them and then fixes the total once:
 
 1. steps ``start + SETTLE_STEPS`` to ``measure_end`` (at least ``MEASURE_STEPS`` of them, and
    on to the end of the LR warm-up) are timed; every rank takes the slowest rank's seconds per
    step, so all ranks fix the same total;
 2. the total is the steps done plus the steps that fit the budget left at that rate:
 
-       T = t_fix + floor((MARGIN * B - used) / seconds_per_step),   at most ``train.epochs`` epochs
+       T = t_fix + floor((MARGIN * B - spent - reserve) / seconds_per_step),   at most ``train.epochs`` epochs
 
-   with B the budget and ``used`` the training seconds spent so far (all launches);
+   with B the budget and ``spent`` the training seconds of all launches so far (scope
+   ``training``), or the seconds since the job started (scope ``job``), where ``reserve`` is
+   the final k-NN's time, measured by the baselines' k-NN of the same network at random
+   init (0 in scope ``training``, or when no baselines ran);
 3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``); T goes into every
    checkpoint and the MLflow param ``train.total_steps``, and a resumed, restarted or resized
    run takes it from there: it never measures again, on a faster machine or a slower one.
@@ -62,22 +67,26 @@ def measure_window(start_step: int, warmup_steps: int) -> tuple[int, int]:
     return first, max(first + MEASURE_STEPS, warmup_steps)
 
 
-def budget_total(budget_s: float, used_s: float, step: int, seconds_per_step: float, cap_steps: int) -> int:
-    """T = ``step`` + the steps that fit ``MARGIN * budget_s - used_s`` at ``seconds_per_step``,
-    at most ``cap_steps`` (``train.epochs``) and at least ``step`` (the steps already taken)."""
-    left = max(MARGIN * budget_s - used_s, 0.0)
+def budget_total(budget_s: float, spent_s: float, step: int, seconds_per_step: float, cap_steps: int,
+                 reserve_s: float = 0.0) -> int:
+    """T = ``step`` + the steps that fit ``MARGIN * budget_s - spent_s - reserve_s`` at
+    ``seconds_per_step``, at most ``cap_steps`` (``train.epochs``) and at least ``step`` (the
+    steps already taken)."""
+    left = max(MARGIN * budget_s - spent_s - reserve_s, 0.0)
     return max(step, min(cap_steps, step + math.floor(left / seconds_per_step)))
 
 
 def check_budget(time_budget: str, budget_s: float, seconds_per_step: float, warmup_steps: int,
-                 warmup_key: str) -> None:
-    """``BudgetError`` (one line) when the whole budget, at the measured rate, buys fewer steps
-    than the warm-up (``warmup_steps`` of ``warmup_key``): such a run would never train past it."""
-    bought = math.floor(MARGIN * budget_s / seconds_per_step)
+                 warmup_key: str, outside_s: float = 0.0) -> None:
+    """``BudgetError`` (one line) when the budget, less ``outside_s`` (scope ``job``: the
+    start-up, baselines and final k-NN), buys fewer steps at the measured rate than the warm-up
+    (``warmup_steps`` of ``warmup_key``): such a run would never train past it."""
+    bought = max(math.floor((MARGIN * budget_s - outside_s) / seconds_per_step), 0)
     if bought < warmup_steps:
+        besides = f" besides {outside_s / 60:.1f} min of start-up and evaluation" if outside_s else ""
         raise BudgetError(
-            f"train.time_budget: {time_budget} buys {bought} steps at {seconds_per_step:.2f} s a step, fewer "
-            f"than the {warmup_steps} steps of {warmup_key}; raise the budget or shorten the warm-up")
+            f"train.time_budget: {time_budget} buys {bought} steps{besides} at {seconds_per_step:.2f} s a step, "
+            f"fewer than the {warmup_steps} steps of {warmup_key}; raise the budget or shorten the warm-up")
 
 
 @dataclass(frozen=True)
@@ -90,18 +99,28 @@ class BudgetPlan:
     images_per_second: float
     timed_until: int  # the step where the total was fixed: the schedules' cosines start there
     capped: bool = False  # the total hit train.epochs before the budget ran out
+    scope: str = "training"  # train.time_budget_scope
+    outside_seconds: float = 0.0  # scope job: start-up and baselines before the first training step
+    reserve_seconds: float = 0.0  # scope job: kept back for the final k-NN
 
     @property
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
 
     def line(self) -> str:
-        """``budget 12m: 2,140 steps (9.1 epochs) at 470 img/s``."""
+        """``budget 12m: 2,140 steps (9.1 epochs) at 470 img/s``; scope job: ``budget 14m for the
+        job: 1,702 steps (7.3 epochs) at 640 img/s, after 1.9 min of start-up and baselines,
+        0.6 min kept for the final k-NN``."""
         cap = ", the train.epochs cap" if self.capped else ""
-        return (f"budget {self.time_budget}: {self.total_steps:,} steps ({self.epochs:.1f} epochs{cap}) "
-                f"at {self.images_per_second:,.0f} img/s")
+        line = (f"budget {self.time_budget}{' for the job' if self.scope == 'job' else ''}: "
+                f"{self.total_steps:,} steps ({self.epochs:.1f} epochs{cap}) at {self.images_per_second:,.0f} img/s")
+        if self.scope == "job":
+            line += (f", after {self.outside_seconds / 60:.1f} min of start-up and baselines, "
+                     f"{self.reserve_seconds / 60:.1f} min kept for the final k-NN")
+        return line
 
     def to_dict(self) -> dict:
         return {"time_budget": self.time_budget, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "images_per_second": self.images_per_second,
-                "timed_until": self.timed_until, "capped": self.capped}
+                "timed_until": self.timed_until, "capped": self.capped, "scope": self.scope,
+                "outside_seconds": self.outside_seconds, "reserve_seconds": self.reserve_seconds}

@@ -90,7 +90,7 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
                            "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
                            "run_path": run_path, "run_uri": run_uri(cfg, run_path),
-                           "filesystem": filesystem, "console": console_queue},
+                           "filesystem": filesystem, "console": console_queue, "job_started": launch.started},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
             resources_per_worker=s.resources_per_worker, placement_strategy=s.placement_strategy,
@@ -141,15 +141,18 @@ class Launch:
     filesystem: pyarrow.fs.FileSystem | None
     data: DataPlan
     steps_per_epoch: int
+    started: float  # the job's start, time.time(): train.time_budget_scope=job counts from it
 
 
-def check_inputs(cfg: Config, min_cpus: float = 0) -> Launch:
+def check_inputs(cfg: Config, min_cpus: float = 0, started: float | None = None) -> Launch:
     """Every input check, before Ray starts: storage writable, data found, the batch fits the
     data. Each failure is one line naming the field. Only a first Fashion-MNIST run starts Ray
-    here (``init_ray(scaling.address, min_cpus)``), after its checks, to build the shards."""
+    here (``init_ray(scaling.address, min_cpus)``), after its checks, to build the shards.
+    ``started``: when the job started (default: now)."""
+    started = time.time() if started is None else started
     path, filesystem = storage(cfg)
     data = plan_data(cfg, start_ray=lambda: init_ray(cfg.scaling.address, min_cpus, cfg.run.verbose))
-    return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train))
+    return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train), started)
 
 
 def check_shared_storage(cfg: Config, nodes: int) -> None:
@@ -214,7 +217,8 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     return out
 
 
-def pretrain(cfg: Config) -> dict:
+def pretrain(cfg: Config, started: float | None = None) -> dict:
     """Run (or resume, for an existing ``run.name``) a pretraining job; rank 0's results.
-    All inputs are checked before Ray starts (``check_inputs``), then ``fit``."""
-    return fit(check_inputs(cfg), show=True)
+    All inputs are checked before Ray starts (``check_inputs``), then ``fit``. ``started``: the
+    job's start (``jobs/pretrain.py``: its process's first line), default now."""
+    return fit(check_inputs(cfg, started=started), show=True)

@@ -55,7 +55,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     progress=channel.progress,
                     restore=lambda say: restore(loop_config, say),
                     knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
-                    prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id())
+                    prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id(),
+                    job_started=loop_config["job_started"])
     return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
 
 

@@ -74,7 +74,9 @@ class Worker:
     - ``say(line)``, ``progress(line, Progress)``: rank 0's console lines and logged steps (the
       driver's ``rayssl.console`` draws a bar from the latter);
     - ``node``: the id of the node this worker runs on (rank 0's is tagged ``rayssl.rank0_node``
-      in MLflow, newest launch wins: where its logs are, and which node a test may remove).
+      in MLflow, newest launch wins: where its logs are, and which node a test may remove);
+    - ``job_started``: when the job started (``time.time()`` on the driver), the clock of
+      ``train.time_budget_scope=job``.
     """
 
     train_batches: Callable[[int, int], Iterable[dict]]
@@ -88,6 +90,7 @@ class Worker:
     say: Callable[[str], None] = say
     progress: Callable[[str, Progress], None] = lambda line, progress: say(line)
     node: str = ""
+    job_started: float = field(default_factory=time.time)
 
 
 class TrainRun:
@@ -176,7 +179,8 @@ class TrainRun:
         if self.start_step > 0 or not self.cfg.eval.baselines:
             return
         found = self.knn({"raw_pixels": None, "random_init": self.teacher})
-        self.results.update({f"knn/{k}": v for k, v in found.items()}, eval_seconds=time.time() - started)
+        seconds = time.time() - started  # also the final k-NN's expected time (the same network and sets)
+        self.results.update({f"knn/{k}": v for k, v in found.items()}, eval_seconds=seconds, baseline_seconds=seconds)
         self.say(f"[rayssl] k-NN baselines: raw pixels {found['raw_pixels']:.2%}, "
                  f"random init {found['random_init']:.2%}")
 
@@ -221,18 +225,23 @@ class TrainRun:
             self.timed_from = time.time()
         if self.step != last:
             return
-        seconds = float(dist.all_max(torch.tensor([(time.time() - self.timed_from) / (last - first)],
-                                                  dtype=torch.float64)))
-        t = self.cfg.train
+        t, now = self.cfg.train, time.time()
+        job = t.time_budget_scope == "job"
+        # every rank takes the slowest rank's figures, so that all fix the same total
+        seconds, spent, outside, reserve = dist.all_max(torch.tensor([
+            (now - self.timed_from) / (last - first),
+            now - self.worker.job_started if job else self.used_seconds + now - self.started,
+            self.started - self.worker.job_started if job else 0.0,
+            self.results.get("baseline_seconds", 0.0) if job else 0.0], dtype=torch.float64)).tolist()
         try:
-            check_budget(t.time_budget, t.budget_seconds, seconds, *self._warmup())
+            check_budget(t.time_budget, t.budget_seconds, seconds, *self._warmup(), outside_s=outside + reserve)
         except BudgetError as err:
             self._stop("budget", str(err))
             return
-        used = self.used_seconds + time.time() - self.started
-        total = budget_total(t.budget_seconds, used, self.step, seconds, self.cap_steps)
+        total = budget_total(t.budget_seconds, spent, self.step, seconds, self.cap_steps, reserve)
         self._fix(BudgetPlan(t.time_budget, total, self.steps_per_epoch, self.plan.images_per_step / seconds,
-                             timed_until=self.step, capped=total == self.cap_steps))
+                             timed_until=self.step, capped=total == self.cap_steps, scope=t.time_budget_scope,
+                             outside_seconds=outside, reserve_seconds=reserve))
         self.fixed_at = self.step
         self.say(f"[rayssl] {self.budget.line()}")
 
