@@ -61,12 +61,14 @@ tuning advice:
                             optim.teacher_momentum_end.
   optim.lr                  peak LR per 256 images (scaled by the global batch); lower it first if
                             the loss goes non-finite.
-  train.time_budget         training time (90s, 12m, 8h), the default's way to size a run: after its first
-                            timed steps the run fixes its total steps (say "budget 10.5m: 1,649 steps (7.0
-                            epochs) at 689 img/s") and lays every schedule over it; at most train.epochs
-                            epochs. Start-up, baselines and the final k-NN come on top (2-4 min for the
-                            default on 2 cores, measured in fp32 and bf16). train.time_budget=null: exactly train.epochs epochs.
+  train.time_budget         wall-clock time (90s, 12m, 8h), the default's way to size a run: after its first
+                            timed steps the run fixes its total steps (say "budget 14m for the job: 1,339
+                            steps (5.7 epochs) at 548 img/s, ...") and lays every schedule over it; at most
+                            train.epochs epochs. train.time_budget=null: exactly train.epochs epochs.
                             A resumed or restarted run keeps the total it fixed (MLflow param train.total_steps).
+  train.time_budget_scope   job (the default config): the budget is the whole job, start to exit; the run
+                            subtracts the start-up and baselines it spent and keeps the baselines' k-NN time
+                            for the final one. training: the budget is training alone (sweeps: equal-time trials).
   train.batch_size          per worker; the global batch is batch_size x accumulate_steps x workers
                             (the max of an elastic range [min, max]: fewer workers accumulate more).
   scaling.num_workers, scaling.use_gpu, scaling.cpus_per_worker
@@ -99,14 +101,20 @@ reliability:
 
 
 def final_report(cfg, results: dict, wall_seconds: float) -> str:
-    """The run's report (``rayssl.report``), also logged to its MLflow run as ``report.md``."""
+    """The run's report (``rayssl.report``), also logged to its MLflow run as ``report.md``. It
+    says so when MLflow's backlog was left in the run folder; ``report.md`` joins that backlog
+    when MLflow cannot take it either."""
     from rayssl import report, tracking
+    from rayssl.data.storage import S3Options
+    from rayssl.tracking_backlog import RunFolder, pending
     from rayssl.train.launch import run_uri
 
-    text = report.render(results, cfg.redacted(), wall_seconds, run_uri(cfg, results["run_path"]),
-                         results.get("mlflow"))
+    folder = RunFolder.of(run_uri(cfg, results["run_path"]), S3Options.of(cfg.data))
+    left = "mlflow_run_id" in results and pending(folder)
+    text = report.render(results, cfg.redacted(), wall_seconds, folder.uri, results.get("mlflow"),
+                         folder.uri if left else None)
     if "mlflow_run_id" in results:
-        tracking.log_report(tracking.tracking_uri(cfg), results["mlflow_run_id"], text)
+        tracking.log_report(tracking.tracking_uri(cfg), results["mlflow_run_id"], text, folder)
     return text
 
 

@@ -33,7 +33,8 @@ tuning advice:
   mode (prior vs center vs sinkhorn) at the best temperature; alpha and prior_momentum last.
   Short trials rank configs well enough: use `fixed` to cut epochs and data, then rerun the
   best.yaml at full length. Equal time instead of equal steps: fixed {train.time_budget: 5m}
-  (with the train.epochs cap above it) gives every trial the same training time, so a recipe that
+  (with the train.epochs cap above it; a sweep's budget covers training, train.time_budget_scope:
+  training, unless the space sets it) gives every trial the same training time, so a recipe that
   trains slower pays in steps; each trial times its own steps, so give trials that share CPUs a
   cluster where they run alone (max_concurrent_trials: 1 on a small machine). Equal steps: set
   train.time_budget: null (the default config is sized by time). ASHA compares trials at each online k-NN evaluation

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SQLITE = "sqlite:///"
@@ -27,3 +30,15 @@ def mlflow_client(uri: str, create: bool = True):
     elif db is not None and not db.exists():
         raise FileNotFoundError(str(db))
     return MlflowClient(tracking_uri=uri)
+
+
+@contextmanager
+def quick_http() -> Iterator[None]:
+    """Fail fast on an unreachable server: MLflow otherwise retries for minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -28,19 +28,20 @@ DIAGNOSTICS = (  # metric of the last logged step, label, format
 
 
 def render(results: dict, config: dict, wall_seconds: float | None = None, run_folder: str | None = None,
-           mlflow_hint: str | None = None) -> str:
+           mlflow_hint: str | None = None, backlog: str | None = None) -> str:
     """The report as markdown.
 
     ``results``: what ``rayssl.train.launch.fit`` returns (``history`` included); ``config``: the
     redacted config (``Config.redacted()``: secrets already masked); ``wall_seconds``: the
     driver's time from start to now; ``run_folder``: where the checkpoints are (what
-    ``jobs/evaluate.py --checkpoint`` takes); ``mlflow_hint``: ``rayssl.tracking.ui_hint``.
+    ``jobs/evaluate.py --checkpoint`` takes); ``mlflow_hint``: ``rayssl.tracking.ui_hint``;
+    ``backlog``: the run folder, when it holds what MLflow did not take (``rayssl.tracking_backlog``).
     """
     objective, history = config["objective"], results.get("history") or []
     title = (f"# rayssl run {config['run']['name']}\n\n`objective.mode={objective['mode']}`, "
              f"K = {objective['num_clusters']}, {config['model']['backbone']}, {_workers(history, config)} worker(s)"
              + (f", step {history[-1]['step']}" if history else ""))
-    sections = [title, _outcome(results), _knn(results, config), _time(results, history, wall_seconds),
+    sections = [title, _outcome(results, backlog), _knn(results, config), _time(results, history, wall_seconds),
                 _diagnostics(history, objective["num_clusters"]), _next(run_folder, mlflow_hint)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -51,8 +52,8 @@ def _workers(history: list[dict], config: dict) -> str:
     return str(config["scaling"]["num_workers"])
 
 
-def _outcome(results: dict) -> str:
-    """Whether the run ended as planned: stopped early, the collapse alarm, a resume."""
+def _outcome(results: dict, backlog: str | None) -> str:
+    """Whether the run ended as planned: stopped early, the collapse alarm, a resume, MLflow's backlog."""
     lines = []
     if results.get("stopped"):
         lines.append(f"**Stopped early ({results['stopped']})**: {results.get('stop_reason', '')}")
@@ -61,6 +62,11 @@ def _outcome(results: dict) -> str:
     if "resumed_from_step" in results:
         lines.append(f"Resumed from the checkpoint of step {results['resumed_from_step']}; times and throughput "
                      "below are this launch's.")
+    if backlog:
+        lines.append(f"**MLflow backlog left**: MLflow did not answer when training ended, so what it did not take "
+                     f"(metrics with their steps, params, tags, artifacts, the model, the final status) is kept in "
+                     f"`{backlog}/tracking_backlog`. Deliver it into the same MLflow run with:\n\n"
+                     f"```bash\npython jobs/sync_tracking.py {backlog}\n```")
     return "\n\n".join(lines)
 
 

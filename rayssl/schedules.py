@@ -54,6 +54,21 @@ def build_schedules(cfg, steps_per_epoch: int, global_batch: int, total: int | N
     }
 
 
+def stretch(schedules: dict[str, np.ndarray], at: int, total: int) -> dict[str, np.ndarray]:
+    """Every schedule re-laid over a new ``total`` from step ``at`` on (a budgeted run's re-timing,
+    ``rayssl.train.budget``): steps before ``at`` keep their values, the rest of each curve is
+    resampled so that its shape runs from ``at`` to the new last step, ending at its end value:
+
+        v'(t) = v(at + (t - at) * (n - 1) / (n' - 1)),   n = len(v) - at,  n' = total - at
+    """
+    out = {}
+    for name, v in schedules.items():
+        n, n_new = len(v) - at, total - at
+        x = at + np.arange(n_new) * ((n - 1) / (n_new - 1) if n_new > 1 else 0.0)
+        out[name] = np.concatenate([v[:at], np.interp(x, np.arange(len(v)), v)])
+    return out
+
+
 def online_knn_every(cfg, steps_per_epoch: int) -> int:
     """Steps between online k-NN evaluations (0: none): ``eval.every_epochs`` rounded to the
     nearest multiple of ``train.log_every``, since evaluations happen at logged steps."""

@@ -5,10 +5,13 @@
   relaunch keeps logging into it) and logs params, tags and the resolved config; at the end
   ``jobs/pretrain.py`` adds ``report.md`` (``log_report``).
 - World rank 0 (``RunLogger``) logs metrics at every reported step, the per-epoch cluster
-  plots, the training curves, ``results.json`` and the final backbone.
-Nothing else in rayssl imports MLflow. Every value passes through ``Config.redacted``, so
-secrets never reach params, tags or artifacts. Logging failures after the start only warn:
-tracking never stops training.
+  plots, the training curves, ``results.json`` and the final backbone. An outage of the
+  tracking server loses none of it: what MLflow does not take waits in an ordered, bounded
+  backlog and is delivered when it answers again, or, if it still does not when training
+  ends, kept in the run folder for ``jobs/sync_tracking.py`` (``rayssl.tracking_backlog``).
+Nothing else in rayssl imports MLflow but ``rayssl.tracking_backlog``. Every value passes
+through ``Config.redacted``, so secrets never reach params, tags, artifacts or the backlog.
+Logging failures after the start only warn: tracking never stops training.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +36,11 @@ import numpy as np
 import rayssl
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage
-from rayssl.mlflow_client import mlflow_client, sqlite_path
+from rayssl.mlflow_client import mlflow_client, quick_http, sqlite_path
+from rayssl.tracking_backlog import Backlog, RunFolder, Target, deliver, keep_text, one_line, refused, weight
 
 DEFAULT_STORE = "~/rayssl_results"
 RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
-MODEL_NAME = "backbone"
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch
 
 log = logging.getLogger(__name__)
@@ -71,18 +75,6 @@ def _artifact_location(uri: str) -> str | None:
     Ray and Tune change the working directory); a server chooses its own."""
     db = sqlite_path(uri)
     return str(db.parent / "mlartifacts") if db is not None else None
-
-
-@contextmanager
-def _quick_http() -> Iterator[None]:
-    """Fail fast on an unreachable server: MLflow otherwise retries for minutes."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -180,7 +172,7 @@ def _open(cfg: Config, uri: str, work: Callable, activity: str):
     failing fast; when that fails: a one-line ``ConfigError`` naming ``tracking.uri``, or with
     ``tracking.required=false`` a warning and None."""
     try:
-        with _quick_http():
+        with quick_http():
             client = mlflow_client(uri)
             experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
             return client, experiment_id, work(client, experiment_id)
@@ -229,19 +221,20 @@ def finish_parent(parent: MlflowRun | None, summary: dict, files: list[Path]) ->
     if not parent:
         return
     logger = RunLogger(parent)
-    stopped = logger._safe(logger.client.search_runs, [parent.experiment_id],
-                           f"tags.`mlflow.parentRunId` = '{parent.run_id}' AND attributes.status = 'RUNNING'")
-    for run in stopped or []:
-        logger._safe(logger.client.set_terminated, run.info.run_id, status="KILLED")
+    try:
+        with quick_http():
+            for run in logger.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = "
+                                                 f"'{parent.run_id}' AND attributes.status = 'RUNNING'"):
+                logger.client.set_terminated(run.info.run_id, status="KILLED")
+    except Exception as err:  # noqa: BLE001 - the sweep's outcome matters more
+        log.warning("MLflow: stopped trials not marked KILLED (%s)", one_line(err))
     logger.numbers({"best_value": summary["best_value"], "num_trials": summary["num_trials"],
                     "stopped_early": summary["stopped_early"], "seconds": summary.get("seconds", 0)}, 0)
-    from mlflow.entities import RunTag
-
-    logger._safe(logger.client.log_batch, parent.run_id, tags=[
-        RunTag(f"best.{k}", _param(v)) for k, v in summary["best_params"].items()] + [
-        RunTag("sweep.metric", summary["metric"])])
+    for key, value in summary["best_params"].items():
+        logger.tag(f"best.{key}", _param(value))
+    logger.tag("sweep.metric", summary["metric"])
     for path in files:
-        logger._safe(logger.client.log_artifact, parent.run_id, str(path))
+        logger.artifact(path)
     logger.end()
 
 
@@ -250,7 +243,7 @@ def finish(settings: MlflowRun | None, failed: bool) -> None:
     A run rank 0 already finished stays FINISHED (Tune may stop a trial after its last report)."""
     if settings and failed:
         try:
-            with _quick_http():
+            with quick_http():
                 client = mlflow_client(settings.uri)
                 if client.get_run(settings.run_id).info.status == "RUNNING":
                     client.set_terminated(settings.run_id, status="FAILED")
@@ -258,18 +251,24 @@ def finish(settings: MlflowRun | None, failed: bool) -> None:
             log.warning("MLflow: could not mark run %s failed: %s", settings.run_id, err)
 
 
-def log_report(uri: str, run_id: str, text: str) -> bool:
+def log_report(uri: str, run_id: str, text: str, run_folder: RunFolder | None = None) -> bool:
     """Driver side, after ``fit``: ``text`` (``rayssl.report.render``, built from the redacted
     config) as the artifact ``report.md`` of run ``run_id``, by id: the run, which rank 0 has
-    usually ended, is neither reopened nor made active. On failure one line to stderr and False."""
+    usually ended, is neither reopened nor made active. On failure one line to stderr and False;
+    with ``run_folder``, ``report.md`` is kept in its backlog for ``jobs/sync_tracking.py``."""
     try:
-        with _quick_http():
+        with quick_http():
             mlflow_client(uri, create=False).log_text(run_id, text, "report.md")
         return True
     except Exception as err:  # noqa: BLE001 - the run itself is done; the report was printed
-        print(f"MLflow: report.md not logged to run {run_id} at {mask_uri(uri)} "
-              f"({type(err).__name__}: {mask_uri(str(err).splitlines()[0][:160]) if str(err) else ''})",
-              file=sys.stderr)
+        line = f"MLflow: report.md not logged to run {run_id} at {mask_uri(uri)} ({one_line(err)})"
+        if run_folder:
+            try:
+                line += (f"; kept in {keep_text(run_folder, run_id, uri, 'report.md', text)}, deliver it with: "
+                         f"python jobs/sync_tracking.py {run_folder.uri}")
+            except Exception as kept:  # noqa: BLE001 - the printed report is still there
+                line += f"; not kept either ({one_line(kept)})"
+        print(line, file=sys.stderr)
         return False
 
 
@@ -280,43 +279,114 @@ def ui_hint(settings: dict) -> str:
 
 
 class RunLogger:
-    """World rank 0's MLflow writer. Every call is safe: a failure warns once, then logging
-    pauses for ``retry_seconds`` and resumes; training goes on regardless.
+    """World rank 0's MLflow writer. Every call is safe, and nothing it is given is lost to an
+    outage of the tracking server (``rayssl.tracking_backlog``): each call becomes an entry of
+    a bounded, ordered backlog, delivered at once while MLflow answers. When it does not, the
+    entries wait (one console line), the head is retried at most every ``retry_seconds`` in
+    the ``rayssl-mlflow`` thread beside training, and all of it goes in order once MLflow
+    answers (one line). ``end`` delivers the final status last; if MLflow still does not
+    answer, the backlog is written to ``run_folder`` for ``jobs/sync_tracking.py``.
 
     Metrics of a step already in the run (a restart recomputes up to one checkpoint interval)
     are not logged again, so every metric history has one point per step.
+    ``model_config``: the config's ``model`` section, from which the logged backbone is rebuilt.
     """
 
-    def __init__(self, settings: MlflowRun, say: Callable[[str], None] = print, retry_seconds: float = 60.0):
+    def __init__(self, settings: MlflowRun, say: Callable[[str], None] = print, retry_seconds: float = 5.0,
+                 run_folder: RunFolder | None = None, model_config: dict | None = None,
+                 backlog: Backlog | None = None):
         # a dead server must cost seconds per call, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.settings, self.run_id, self.say = settings, settings.run_id, say
-        self.retry_seconds, self.paused_until, self.warned = retry_seconds, 0.0, False
+        self.run_folder, self.model_config = run_folder, model_config
+        self.retry_seconds, self.retry_at = retry_seconds, 0.0
+        self.down = self.warned_full = self.warned_refused = False
+        self.delivered = 0  # points delivered since MLflow stopped answering
+        self.backlog = backlog or Backlog()
+        self.sending = threading.Lock()  # one thread delivers at a time, in order
         self.client = mlflow_client(settings.uri)
+        self.target = Target(self.client, settings.uri, settings.run_id)
         # the per-epoch plots are drawn beside training: drawn in the step, they held every rank
         # for 0.4-0.5 s at each epoch boundary (rank 0 draws, the others wait at the next all-reduce).
         # On a busy CPU the thread's time still comes out of rank 0's step: the figures are cheap.
-        self.plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-plots")
+        # The same thread retries the backlog while MLflow does not answer.
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-mlflow")
         # matplotlib's import (~0.5 CPU-s) during start-up, not in the first epoch's boundary window
-        self.plotter.submit(importlib.import_module, "rayssl.plots")
-        history = self._safe(self.client.get_metric_history, self.run_id, "loss") or []
+        self.sender.submit(importlib.import_module, "rayssl.plots")
+        try:
+            history = self.client.get_metric_history(self.run_id, "loss")
+        except Exception:  # noqa: BLE001 - said at the first entry that cannot be delivered
+            history, self.retry_at = [], time.time() + retry_seconds
         self.last_step = max((m.step for m in history), default=0)
 
-    def _safe(self, fn: Callable, *args, **kwargs):
-        if time.time() < self.paused_until:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            self.paused_until = time.time() + self.retry_seconds
-            if not self.warned:
-                self.say(f"[rayssl] MLflow logging failed ({type(err).__name__}: "
-                         f"{mask_uri(str(err).splitlines()[0][:160]) if str(err) else ''}); "
-                         f"training continues, logging retries in {self.retry_seconds:.0f} s")
-                self.warned = True
-            return None
+    # ------------------------------------------------------------------ delivery
+    def _submit(self, entry: dict, here: bool = False) -> None:
+        """Queue ``entry`` and deliver what MLflow takes: in this thread while it answers (or
+        ``here``, in the sender thread), else in the sender thread, so training never waits."""
+        if not self.backlog.add(entry):
+            if not self.warned_full:
+                self.warned_full = True
+                self.say(f"[rayssl] MLflow backlog full ({self.backlog.max_points} points, "
+                         f"{self.backlog.max_bytes / 2**20:.0f} MiB of files): newer metrics and artifacts "
+                         "are dropped until MLflow answers")
+            return
+        if here or not self.down:
+            self._pump()
+        else:
+            self.sender.submit(self._pump)
 
+    def _pump(self) -> None:
+        """Deliver from the head while MLflow answers; after a failure, nothing for
+        ``retry_seconds``. A thread that finds another delivering leaves its entry to that one."""
+        while len(self.backlog) and time.time() >= self.retry_at and self.sending.acquire(blocking=False):
+            try:
+                drained = self._drain()
+            finally:
+                self.sending.release()
+            if not drained:
+                return
+
+    def _drain(self) -> bool:
+        """Entries from the head until none is left (True) or MLflow does not answer (False)."""
+        while (entry := self.backlog.head()) is not None:
+            try:
+                deliver(self.target, entry, self.backlog.spool)
+                self.delivered += weight(entry)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                if not refused(err):
+                    self._failed(err)
+                    return False
+                self._refused(entry, err)
+            self.backlog.pop()
+        if self.down:
+            self.down = False
+            self.say(f"[rayssl] MLflow back: {self.delivered} points delivered")
+        return True
+
+    def _failed(self, err: Exception) -> None:
+        self.retry_at = time.time() + self.retry_seconds
+        if not self.down:
+            self.down, self.delivered = True, 0
+            self.say(f"[rayssl] MLflow unreachable ({one_line(err)}); training continues, {self.backlog.points} "
+                     "points kept, delivered when it answers")
+
+    def _refused(self, entry: dict, err: Exception) -> None:
+        if not self.warned_refused:
+            self.warned_refused = True
+            self.say(f"[rayssl] MLflow refused a {entry['kind']} entry ({one_line(err)}); dropped, as any further "
+                     "refused entry will be")
+
+    def _spool(self, name: str, write: Callable[[Path], Any], entry: dict, here: bool = False) -> None:
+        """Write the file of ``entry`` (called ``name`` in MLflow) with ``write(path)``, then submit it."""
+        try:
+            entry["file"] = self.backlog.write(name, write)
+        except Exception as err:  # noqa: BLE001 - a full local disk must not stop training either
+            self.say(f"[rayssl] MLflow: {name} not logged ({one_line(err)})")
+            return
+        self._submit(entry, here)
+
+    # ------------------------------------------------------------------ what a run logs
     def metrics(self, step: int, values: dict[str, float]) -> None:
         """The numbers of ``values`` at ``step``, unless the run already has that step."""
         if step > self.last_step:
@@ -324,79 +394,83 @@ class RunLogger:
             self.last_step = step
 
     def numbers(self, values: dict[str, Any], step: int) -> None:
-        """Every finite number of ``values`` (but ``step``) as a metric at ``step``."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()
-                 if k != "step" and isinstance(v, (int, float)) and np.isfinite(v)]
-        self._safe(self.client.log_batch, self.run_id, metrics=batch)
+        """Every finite number of ``values`` (but ``step``) as a metric at ``step``, stamped now."""
+        batch = {k: float(v) for k, v in values.items()
+                 if k != "step" and isinstance(v, (int, float)) and np.isfinite(v)}
+        if batch:
+            self._submit({"kind": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": batch})
 
     def param(self, key: str, value: Any) -> None:
         """One MLflow param found during the run (``train.total_steps`` of a budgeted run)."""
-        self._safe(self.client.log_param, self.run_id, key, _param(value))
+        self._submit({"kind": "param", "key": key, "value": _param(value)})
 
     def tag(self, key: str, value: str) -> None:
-        self._safe(self.client.set_tag, self.run_id, key, mask_uri(value)[:5000])
+        self._submit({"kind": "tag", "key": key, "value": mask_uri(value)[:5000]})
+
+    def artifact(self, path: str | Path, folder: str = "") -> None:
+        """A copy of the file ``path`` as an artifact under ``folder``."""
+        self._spool(Path(path).name, lambda to: shutil.copyfile(path, to), {"kind": "artifact", "path": folder})
 
     def epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
         """The cluster-prior histogram and the cluster-usage bars of one epoch, drawn and logged in
         a background thread (``end`` waits for them)."""
-        self.plotter.submit(self._epoch_plots, epoch, prior, assigned)
+        self.sender.submit(self._epoch_plots, epoch, prior, assigned)
 
     def _epoch_plots(self, epoch: int, prior: np.ndarray, assigned: np.ndarray) -> None:
         from rayssl.plots import prior_figure, usage_figure
 
-        self._safe(self.client.log_figure, self.run_id,
-                   prior_figure(prior, f"epoch {epoch}: teacher cluster prior"),
-                   f"plots/cluster_prior/epoch_{epoch:03d}.png")
-        self._safe(self.client.log_figure, self.run_id,
-                   usage_figure(assigned, f"epoch {epoch}: images per cluster (normalised teacher argmax)"),
-                   f"plots/cluster_usage/epoch_{epoch:03d}.png")
+        name, usage = f"epoch_{epoch:03d}.png", f"epoch {epoch}: images per cluster (normalised teacher argmax)"
+        self._spool(name, lambda to: prior_figure(prior, f"epoch {epoch}: teacher cluster prior").savefig(to),
+                    {"kind": "artifact", "path": "plots/cluster_prior"}, here=True)
+        self._spool(name, lambda to: usage_figure(assigned, usage).savefig(to),
+                    {"kind": "artifact", "path": "plots/cluster_usage"}, here=True)
 
     def curves(self, title: str) -> None:
-        """``plots/training_curves.png`` from the run's whole metric history (all launches)."""
-        from rayssl.plots import CURVES, curves_figure
-
-        def history() -> dict:
-            return {name: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, name)]
-                    for _, names in CURVES for name in names}
-
-        points = self._safe(history)
-        if points:
-            self._safe(self.client.log_figure, self.run_id, curves_figure(points, title),
-                       "plots/training_curves.png")
+        """``plots/training_curves.png`` from the run's whole metric history (all launches), drawn
+        once every metric before it is delivered."""
+        self._submit({"kind": "curves", "title": title})
 
     def results(self, results: dict, step: int) -> None:
         """``results.json`` and its numbers as metrics at the final step."""
-        self._safe(self.client.log_dict, self.run_id, results, "results.json")
+        self._spool("results.json", lambda to: to.write_text(json.dumps(results, indent=2)),
+                    {"kind": "artifact", "path": ""})
         self.numbers(results, step)
 
     def model(self, backbone, example: np.ndarray, metadata: dict) -> None:
-        """The backbone via ``mlflow.pytorch.log_model`` (rayssl's code bundled, so
-        ``mlflow.pytorch.load_model`` needs no rayssl install), optionally registered."""
-        def log() -> None:
-            import mlflow
-            import mlflow.pytorch
-            import torch
-            import torchvision
+        """The backbone via ``mlflow.pytorch.log_model``, optionally registered: its weights
+        (tensors only) and ``example`` are spooled and the module rebuilt from ``model_config``."""
+        import torch
 
-            mlflow.set_tracking_uri(self.settings.uri)
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pytorch.log_model(
-                    backbone, name=MODEL_NAME, input_example=example, metadata=metadata,
-                    code_paths=[str(Path(rayssl.__file__).parent)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                      f"torchvision=={torchvision.__version__.split('+')[0]}"],
-                    registered_model_name=self.settings.register_as)
-                mlflow.set_tag("rayssl.model_uri", info.model_uri)
+        self._spool("backbone.pt", lambda to: torch.save(
+            {"state_dict": backbone.state_dict(), "example": torch.from_numpy(example)}, to),
+            {"kind": "model", "model": self.model_config, "metadata": metadata,
+             "register_as": self.settings.register_as})
 
-        self._safe(log)
+    def end(self, status: str | None = "FINISHED") -> None:
+        """Deliver what is left and then ``status`` (None leaves the run's status as it is). If
+        MLflow still does not answer, the backlog goes to ``run_folder`` (one line says where)."""
+        self.sender.shutdown(wait=True)  # the epoch plots drawn, the retries done
+        if status:
+            self.backlog.add({"kind": "status", "status": status})
+        self.retry_at = 0.0  # one more try, now
+        self._pump()
+        if len(self.backlog):
+            self._keep()
+        self.backlog.close()
 
-    def end(self) -> None:
-        self.plotter.shutdown(wait=True)
-        self.paused_until = 0.0  # the final status matters most: try it even while paused
-        self._safe(self.client.set_terminated, self.run_id, status="FINISHED")
+    def _keep(self) -> None:
+        kept = self.backlog.summary()
+        if self.run_folder is None:
+            self.say(f"[rayssl] MLflow unreachable: {kept} not delivered to run {self.run_id}")
+            return
+        try:
+            where = self.backlog.keep(self.run_folder, {"run_id": self.run_id, "uri": mask_uri(self.settings.uri)})
+        except Exception as err:  # noqa: BLE001 - the checkpoints are what matters now
+            self.say(f"[rayssl] MLflow unreachable: {kept} lost, the backlog could not be written to "
+                     f"{self.run_folder.uri} ({one_line(err)})")
+            return
+        self.say(f"[rayssl] MLflow still unreachable at the end: {kept} kept in {where}; deliver them with: "
+                 f"python jobs/sync_tracking.py {self.run_folder.uri}")
 
 
 def checkpoint_record(settings: MlflowRun | None) -> dict | None:
@@ -413,7 +487,7 @@ def log_evaluation(record: dict | None, step: int, results: dict, files: list[Pa
         return None
     settings = MlflowRun(uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"], record["run_id"])
     try:
-        with _quick_http():
+        with quick_http():
             mlflow_client(settings.uri).get_run(settings.run_id)
     except Exception as err:  # noqa: BLE001 - the evaluation itself is written already
         print(f"MLflow: run {settings.run_id} not reachable at {mask_uri(settings.uri)} "
@@ -422,5 +496,6 @@ def log_evaluation(record: dict | None, step: int, results: dict, files: list[Pa
     logger = RunLogger(settings)
     logger.numbers(results, step)
     for path in files:
-        logger._safe(logger.client.log_artifact, settings.run_id, str(path), "evaluation")
+        logger.artifact(path, "evaluation")
+    logger.end(status=None)
     return settings.run_id

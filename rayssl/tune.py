@@ -128,7 +128,10 @@ def load_sweep(space_path: str | Path, config_path: str | Path | None, overrides
         raise ConfigError(f"{space_path}: top level must hold only sweep, fixed and space")
     sweep_over = [o for o in overrides if o.startswith("sweep.")]
     fixed = [f"{k}={json.dumps(v)}" for k, v in (doc.get("fixed") or {}).items()]
-    base = load_config(config_path, [*fixed, *(o for o in overrides if not o.startswith("sweep."))])
+    # trials compare training time: a budget covers the trial's training unless the space says otherwise
+    scope = [] if any(o.startswith("train.time_budget_scope=") for o in [*fixed, *overrides]) else [
+        "train.time_budget_scope=training"]
+    base = load_config(config_path, [*scope, *fixed, *(o for o in overrides if not o.startswith("sweep."))])
     sweep_doc = dict(doc.get("sweep") or {})
     for item in sweep_over:
         key, _, raw = item.removeprefix("sweep.").partition("=")

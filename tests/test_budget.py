@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from rayssl.config import ConfigError, load_config
-from rayssl.train.budget import (MARGIN, MEASURE_STEPS, SETTLE_STEPS, BudgetError, BudgetPlan, budget_total,
-                                 check_budget, measure_window, parse_duration)
+from rayssl.train.budget import (MARGIN, MEASURE_STEPS, REFITS, SETTLE_STEPS, BudgetError, BudgetPlan, budget_total,
+                                 check_budget, measure_window, parse_duration, refit_due)
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -82,3 +83,28 @@ def test_a_job_budget_leaves_out_the_start_up_and_keeps_the_final_knn_back() -> 
     assert BudgetPlan(**plan.to_dict()) == plan
     old = {k: v for k, v in plan.to_dict().items() if k not in ("scope", "outside_seconds", "reserve_seconds")}
     assert BudgetPlan(**old).scope == "training"  # a checkpoint written before the scope existed
+
+
+def test_refits_come_at_quarters_of_the_way_to_the_current_total() -> None:
+    # fixed at step 150 with 1,350 steps: re-timings at 450, 750, 1,050 (of the total each was fixed with)
+    assert [s for s in range(151, 1350) if refit_due(s, 150, 1350, 0)][:1] == [450]
+    assert [s for s in range(451, 1350) if refit_due(s, 150, 1350, 1)][:1] == [750]
+    assert [s for s in range(751, 1600) if refit_due(s, 150, 1590, 2)][:1] == [1230]  # after a longer re-fit
+    assert not any(refit_due(s, 150, 1350, REFITS) for s in range(151, 1350))  # all made
+    plan = BudgetPlan("14m", 1350, 234, 550.0, 150).refit(450, 1590, 650.4, capped=False)
+    assert (plan.first_total, plan.total_steps, plan.refits) == (1350, 1590, ((450, 1590),))
+    assert plan.line() == "budget 14m: 1,590 steps (6.8 epochs, re-timed at steps 450) at 650 img/s"
+    assert BudgetPlan(**plan.to_dict()) == plan
+
+
+def test_stretch_keeps_the_steps_before_and_the_shape_after() -> None:
+    from rayssl.schedules import cosine_schedule, stretch
+
+    lr = {"lr": cosine_schedule(1.0, 0.0, 1000, 100, hold_until=150)}
+    for total in (1400, 700):  # the machine sped up / slowed down
+        out = stretch(lr, 450, total)["lr"]
+        assert len(out) == total and np.array_equal(out[:450], lr["lr"][:450])
+        assert out[-1] == lr["lr"][-1] and np.all(np.diff(out[450:]) <= 0)
+        half = 450 + (total - 450) // 2  # half-way through the rest: half-way through the old rest's curve
+        assert out[half] == pytest.approx(lr["lr"][450 + (1000 - 450) // 2], abs=2e-3)
+    assert np.array_equal(stretch(lr, 450, 1000)["lr"], lr["lr"])  # the same total changes nothing

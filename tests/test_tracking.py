@@ -101,7 +101,8 @@ def test_run_logger_never_raises_when_the_server_dies(monkeypatch) -> None:
     logger.epoch_plots(1, np.full(8, 1 / 8), np.arange(8))
     logger.results({"knn/teacher": 0.5}, 1)
     logger.end()
-    assert len(lines) == 1 and "training continues" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("[rayssl] MLflow unreachable (") and "training continues" in lines[0]
+    assert lines[1].startswith("[rayssl] MLflow unreachable: ") and "not delivered" in lines[1]  # no run folder given
 
 
 def test_cluster_usage_is_the_teacher_marginal_and_argmax_counts() -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from rayssl.config import load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.data.meta import DataMeta
-from rayssl.schedules import build_schedules
+from rayssl.schedules import build_schedules, stretch
 from rayssl.train import budget
 from rayssl.train.budget import BudgetPlan
 from rayssl.train.run import TrainRun, Worker
@@ -47,6 +47,7 @@ def config(*extra: str):
         "model.head_bottleneck_dim=32", "objective.num_clusters=32", f"train.batch_size={BATCH}",
         "train.epochs=2", "train.log_every=4", "train.checkpoint_every=8", "train.precision=fp32",
         "optim.warmup_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.time_budget=null",
+        "train.time_budget_scope=training",
         *extra])
 
 
@@ -256,28 +257,38 @@ def budgeted(data, tmp_path_factory):
 
 
 def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
-    """After the timed steps 10-40, the run fixes its total once, says what the budget bought,
-    checkpoints it there, and every schedule spans exactly that total: the run ends at it, the
-    LR at optim.min_lr and the teacher momentum at its end value. The timed steps ran on the
-    final arrays' values (warm-up, then held at the peak until the cosines start at step 40)."""
+    """After the timed steps 10-40, the run fixes its total, says what the budget bought,
+    checkpoints it there, re-times at its re-fit points (checkpointed too), and every schedule
+    spans exactly the final total: the run ends at it, the LR at optim.min_lr and the teacher
+    momentum at its end value. The timed steps ran on the final arrays' values (warm-up, then
+    held at the peak until the cosines start at step 40); each re-fit kept the steps before it."""
     run, out, reports, lines = budgeted
-    total = out["budget"]["total_steps"]
+    plan = BudgetPlan(**out["budget"])
+    total = plan.total_steps
     assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
-    assert out["budget"]["timed_until"] == 40
+    assert plan.timed_until == 40 and 1 <= len(plan.refits) <= budget.REFITS
+    assert [at for at, _ in plan.refits] == sorted({at for at, _ in plan.refits}) and plan.refits[-1][1] == total
     assert {len(v) for v in run.schedules.values()} == {total}
-    expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, total, hold_until=40)
+    expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, plan.first_total, hold_until=40)
+    for at, fitted in plan.refits:
+        assert fitted > at and np.array_equal(stretch(expected, at, fitted)["lr"][:at], expected["lr"][:at])
+        expected = stretch(expected, at, fitted)
     assert all(np.array_equal(run.schedules[k], expected[k]) for k in expected)
     assert run.stepper.schedules is run.schedules
     assert all(m["lr"] == expected["lr"][m["step"] - 1] and m["wd"] == expected["wd"][m["step"] - 1]
                for m in out["history"])  # before the fix too
     assert np.all(expected["lr"][16:41] == expected["lr"][16]) and expected["lr"][41] < expected["lr"][16]
+    assert np.all(np.diff(expected["lr"][40:]) <= 0)  # one cosine, stretched or squeezed, never bumped
     last = out["history"][-1]
-    peak, floor, n = expected["lr"][16], run.cfg.optim.min_lr, total - 40  # the cosine's last of its n steps
+    peak, floor, n = expected["lr"][16], run.cfg.optim.min_lr, plan.first_total - 40  # the cosine's last step
     assert last["lr"] == expected["lr"][-1] == pytest.approx(floor + (peak - floor) * (1 + np.cos(np.pi * (n - 1) / n)) / 2)
     assert last["momentum"] == expected["momentum"][-1]
-    fixed = [(m, s) for m, s in reports if s is not None and s["step"] == 40]
-    assert fixed and fixed[0][1]["budget"] == out["budget"] and fixed[0][1]["total_steps"] == total
-    assert [line for line in lines if "budget 8s:" in line] == [f"[rayssl] {BudgetPlan(**out['budget']).line()}"]
+    fits = [(m, s) for m, s in reports if s is not None and s["step"] in {40, *(at for at, _ in plan.refits)}]
+    assert [s["step"] for _, s in fits] == [40, *(at for at, _ in plan.refits)]
+    assert fits[0][1]["budget"]["total_steps"] == plan.first_total and fits[-1][1]["total_steps"] == total
+    assert lines[[i for i, line in enumerate(lines) if "budget 8s:" in line][0]].startswith(
+        f"[rayssl] budget 8s: {plan.first_total:,} steps")
+    assert len([line for line in lines if "re-timed at step" in line]) == len(plan.refits)
     import mlflow
 
     settings = run.tracking
@@ -289,7 +300,7 @@ def test_resumed_budget_run_keeps_the_recorded_total(data, budgeted) -> None:
     steps again, whatever budget it is relaunched with and however fast this launch runs (the
     checkpoint is edited to hold a total this machine could not reach in the budget)."""
     state = copy.deepcopy([s for _, s in budgeted[2] if s is not None and s["step"] == 40][0])
-    state["budget"]["total_steps"] = state["total_steps"] = 60
+    state["budget"]["total_steps"] = state["budget"]["first_total"] = state["total_steps"] = 60
     for budget in ("1h", "0.2s"):
         run, out, _, lines = budget_run(data, f"train.time_budget={budget}", restore_from=copy.deepcopy(state))
         assert run.total_steps == 60 == out["history"][-1]["step"] and out["budget"]["total_steps"] == 60

@@ -71,6 +71,16 @@ def test_shipped_space_files_load(space) -> None:
     assert checked and all(key in base.flat() for key in checked)
 
 
+def test_a_sweeps_budget_covers_training_unless_the_space_says(tmp_path) -> None:
+    """The default config's budget covers the job; a sweep's trials compare training time."""
+    space, fixed = {"objective.teacher_temperature": {"uniform": [0.02, 0.08]}}, {"train.time_budget": "5m"}
+    _, base, _ = load_sweep(space_file(tmp_path, space, fixed=fixed), ROOT / "configs/fashion_mnist.yaml")
+    assert (base.train.time_budget, base.train.time_budget_scope) == ("5m", "training")
+    _, base, _ = load_sweep(space_file(tmp_path, space, fixed={**fixed, "train.time_budget_scope": "job"}),
+                            ROOT / "configs/fashion_mnist.yaml")
+    assert base.train.time_budget_scope == "job"
+
+
 def test_trials_log_to_the_base_store_and_evaluate_as_often_as_asked(tmp_path) -> None:
     from rayssl.tracking import default_uri
     from rayssl.tune import trial_config

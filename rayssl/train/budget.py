@@ -16,25 +16,32 @@ optimizer steps before it has trained a few, so it times them and then fixes the
    ``training``), or the seconds since the job started (scope ``job``), where ``reserve`` is
    the final k-NN's time, measured by the baselines' k-NN of the same network at random
    init (0 in scope ``training``, or when no baselines ran);
-3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``); T goes into every
-   checkpoint and the MLflow param ``train.total_steps``, and a resumed, restarted or resized
-   run takes it from there: it never measures again, on a faster machine or a slower one.
+3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``);
+4. a machine's speed drifts (a busier host, CPU steal on a shared VM: +-30 % within minutes
+   here), so at ``REFITS`` points (a quarter, half and three quarters of the way from t_fix to
+   T) the run times the steps since the last fit and fixes T again by the same formula; the
+   rest of every schedule is stretched or squeezed over the new remainder, its shape kept
+   (``rayssl.schedules.stretch``);
+5. the plan (T, each re-fit) goes into every checkpoint and the final T into the MLflow
+   param ``train.total_steps``; a resumed, restarted or resized run takes the recorded plan
+   and never measures again, on a faster machine or a slower one.
 
 Up to t_fix every schedule holds its warm-up or start value (the cosines start at t_fix), so
-the timed steps ran on exactly the values of the final arrays: the schedules are exact. The
-rate is timed once: a machine that slows down later (a busier host, CPU steal on a shared VM)
-overruns the budget by as much, one that speeds up ends early.
+the timed steps ran on exactly the values of the final arrays: the schedules are exact. Only
+the last quarter runs on a rate timed before it: a machine that slows down there overruns
+the budget by as much, one that speeds up ends early.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SETTLE_STEPS = 50  # first steps of a launch, not timed: they ran 12-20 % off the run's median, both ways (docs/benchmarks.md)
 MEASURE_STEPS = 100  # the fewest timed steps
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
+REFITS = 3  # re-timings after the first fix, at 1/4, 1/2 and 3/4 of the way to the total
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|h|m|s)")
 _UNIT = {"h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0}
@@ -76,6 +83,12 @@ def budget_total(budget_s: float, spent_s: float, step: int, seconds_per_step: f
     return max(step, min(cap_steps, step + math.floor(left / seconds_per_step)))
 
 
+def refit_due(step: int, timed_until: int, total: int, done: int) -> bool:
+    """Whether ``step`` is the next re-timing point: ``done`` of ``REFITS`` re-fits made, the
+    next at ``timed_until + (done + 1) / (REFITS + 1)`` of the way to the current ``total``."""
+    return done < REFITS and step < total and (step - timed_until) * (REFITS + 1) >= (done + 1) * (total - timed_until)
+
+
 def check_budget(time_budget: str, budget_s: float, seconds_per_step: float, warmup_steps: int,
                  warmup_key: str, outside_s: float = 0.0) -> None:
     """``BudgetError`` (one line) when the budget, less ``outside_s`` (scope ``job``: the
@@ -102,6 +115,17 @@ class BudgetPlan:
     scope: str = "training"  # train.time_budget_scope
     outside_seconds: float = 0.0  # scope job: start-up and baselines before the first training step
     reserve_seconds: float = 0.0  # scope job: kept back for the final k-NN
+    refits: tuple[tuple[int, int], ...] = ()  # (step, new total) of each re-timing
+    first_total: int = 0  # the total fixed at timed_until (0: total_steps, before any re-fit)
+
+    def __post_init__(self) -> None:  # from a checkpoint's lists
+        object.__setattr__(self, "refits", tuple((int(a), int(b)) for a, b in self.refits))
+        object.__setattr__(self, "first_total", self.first_total or self.total_steps)
+
+    def refit(self, step: int, total: int, images_per_second: float, capped: bool) -> BudgetPlan:
+        """The plan re-timed at ``step``: ``total`` steps at the rate timed since the last fit."""
+        return replace(self, total_steps=total, images_per_second=images_per_second,
+                       refits=(*self.refits, (step, total)), capped=capped)
 
     @property
     def epochs(self) -> float:
@@ -112,6 +136,8 @@ class BudgetPlan:
         job: 1,702 steps (7.3 epochs) at 640 img/s, after 1.9 min of start-up and baselines,
         0.6 min kept for the final k-NN``."""
         cap = ", the train.epochs cap" if self.capped else ""
+        if self.refits:
+            cap += f", re-timed at steps {', '.join(f'{step:,}' for step, _ in self.refits)}"
         line = (f"budget {self.time_budget}{' for the job' if self.scope == 'job' else ''}: "
                 f"{self.total_steps:,} steps ({self.epochs:.1f} epochs{cap}) at {self.images_per_second:,.0f} img/s")
         if self.scope == "job":
@@ -123,4 +149,5 @@ class BudgetPlan:
         return {"time_budget": self.time_budget, "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "images_per_second": self.images_per_second,
                 "timed_until": self.timed_until, "capped": self.capped, "scope": self.scope,
-                "outside_seconds": self.outside_seconds, "reserve_seconds": self.reserve_seconds}
+                "outside_seconds": self.outside_seconds, "reserve_seconds": self.reserve_seconds,
+                "refits": [list(r) for r in self.refits], "first_total": self.first_total}

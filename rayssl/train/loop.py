@@ -22,7 +22,7 @@ from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
 from rayssl.console import Channel
 from rayssl.data.meta import DataMeta
-from rayssl.tracking import RUN_FILE
+from rayssl.tracking import RUN_FILE, RunFolder
 from rayssl.train.run import TrainRun, Worker
 
 
@@ -56,7 +56,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     restore=lambda say: restore(loop_config, say),
                     knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
                     prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id(),
-                    job_started=loop_config["job_started"])
+                    job_started=loop_config["job_started"],
+                    run_folder=RunFolder(loop_config["filesystem"], loop_config["run_path"], run_uri))
     return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
 
 

@@ -37,10 +37,11 @@ from rayssl.eval.protocol import precise_bn
 from rayssl.models import build_encoder, make_teacher, unwrap
 from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective, ObjectiveSpec
-from rayssl.schedules import build_schedules, online_knn_every, total_steps
-from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
+from rayssl.schedules import build_schedules, online_knn_every, stretch, total_steps
+from rayssl.tracking import MlflowRun, RunFolder, RunLogger, checkpoint_record
 from rayssl.train.batching import batch_plan
-from rayssl.train.budget import BudgetError, BudgetPlan, budget_total, check_budget, measure_window
+from rayssl.train.budget import (BudgetError, BudgetPlan, budget_total, check_budget, measure_window,
+                                 refit_due)
 from rayssl.train.prefetch import Ahead
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.train.views import Views
@@ -76,7 +77,9 @@ class Worker:
     - ``node``: the id of the node this worker runs on (rank 0's is tagged ``rayssl.rank0_node``
       in MLflow, newest launch wins: where its logs are, and which node a test may remove);
     - ``job_started``: when the job started (``time.time()`` on the driver), the clock of
-      ``train.time_budget_scope=job``.
+      ``train.time_budget_scope=job``;
+    - ``run_folder``: where the checkpoints go; rank 0 keeps its MLflow backlog there when
+      MLflow does not answer at the end (``rayssl.tracking_backlog``).
     """
 
     train_batches: Callable[[int, int], Iterable[dict]]
@@ -91,6 +94,7 @@ class Worker:
     progress: Callable[[str, Progress], None] = lambda line, progress: say(line)
     node: str = ""
     job_started: float = field(default_factory=time.time)
+    run_folder: RunFolder | None = None
 
 
 class TrainRun:
@@ -119,11 +123,13 @@ class TrainRun:
                                self.schedules, cfg, steps_per_epoch, device, use_bf16(cfg.train.precision, device),
                                accumulate=self.plan.accumulate)
         self.budget: BudgetPlan | None = None  # what train.time_budget bought, once fixed
-        self.fixed_at = 0  # the step at which this launch fixed the budget's total (0: it did not)
+        self.fixed_at = 0  # the step at which this launch last fixed the budget's total (0: it did not)
+        self.fit_clock = 0.0  # when it did (0: this launch re-times nothing: it did not time the steps)
         self.used_seconds = 0.0  # training seconds of earlier launches (the budget's clock)
         self.views = Views(cfg, meta, device)
         self.alarm = CollapseAlarm.of(cfg.monitor)
-        self.mlflow = RunLogger(tracking, worker.say) if tracking and worker.rank == 0 else None
+        self.mlflow = RunLogger(tracking, worker.say, run_folder=worker.run_folder,
+                                model_config=cfg.model.model_dump()) if tracking and worker.rank == 0 else None
         if self.mlflow and worker.node:
             self.mlflow.tag("rayssl.rank0_node", worker.node)
         self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
@@ -210,6 +216,8 @@ class TrainRun:
         self.step += 1
         if self.cfg.train.time_budget and self.budget is None:
             self._time_step()
+        elif self.fit_clock and refit_due(self.step, self.budget.timed_until, self.total_steps, len(self.budget.refits)):
+            self._refit()
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
             if self.cfg.data.deterministic:  # a pass per epoch, replayable from its start
                 self._end_pass()
@@ -226,13 +234,7 @@ class TrainRun:
         if self.step != last:
             return
         t, now = self.cfg.train, time.time()
-        job = t.time_budget_scope == "job"
-        # every rank takes the slowest rank's figures, so that all fix the same total
-        seconds, spent, outside, reserve = dist.all_max(torch.tensor([
-            (now - self.timed_from) / (last - first),
-            now - self.worker.job_started if job else self.used_seconds + now - self.started,
-            self.started - self.worker.job_started if job else 0.0,
-            self.results.get("baseline_seconds", 0.0) if job else 0.0], dtype=torch.float64)).tolist()
+        seconds, spent, outside, reserve = self._clock(now, (now - self.timed_from) / (last - first))
         try:
             check_budget(t.time_budget, t.budget_seconds, seconds, *self._warmup(), outside_s=outside + reserve)
         except BudgetError as err:
@@ -242,8 +244,30 @@ class TrainRun:
         self._fix(BudgetPlan(t.time_budget, total, self.steps_per_epoch, self.plan.images_per_step / seconds,
                              timed_until=self.step, capped=total == self.cap_steps, scope=t.time_budget_scope,
                              outside_seconds=outside, reserve_seconds=reserve))
-        self.fixed_at = self.step
+        self.fixed_at, self.fit_clock = self.step, now
         self.say(f"[rayssl] {self.budget.line()}")
+
+    def _refit(self) -> None:
+        """A re-timing (``rayssl.train.budget.refit_due``): the total fixed again at the rate of
+        the steps since the last fit, the rest of every schedule laid over it."""
+        now, steps = time.time(), self.step - self.fixed_at
+        seconds, spent, _, reserve = self._clock(now, (now - self.fit_clock) / steps)
+        t = self.cfg.train
+        total = budget_total(t.budget_seconds, spent, self.step, seconds, self.cap_steps, reserve)
+        self._fix(self.budget.refit(self.step, total, self.plan.images_per_step / seconds, total == self.cap_steps))
+        self.fixed_at, self.fit_clock = self.step, now
+        self.say(f"[rayssl] re-timed at step {self.step:,}: {total:,} steps in all "
+                 f"({self.budget.epochs:.1f} epochs) at {self.budget.images_per_second:,.0f} img/s")
+
+    def _clock(self, now: float, seconds_per_step: float) -> list[float]:
+        """``[seconds_per_step, spent, outside, reserve]`` of ``rayssl.train.budget``, each the
+        largest over the ranks, so that all fix the same total."""
+        job = self.cfg.train.time_budget_scope == "job"
+        return dist.all_max(torch.tensor([
+            seconds_per_step,
+            now - self.worker.job_started if job else self.used_seconds + now - self.started,
+            self.started - self.worker.job_started if job else 0.0,
+            self.results.get("baseline_seconds", 0.0) if job else 0.0], dtype=torch.float64)).tolist()
 
     def _timed(self) -> tuple[int, int]:
         """The steps this launch times for ``train.time_budget`` (``measure_window``)."""
@@ -260,9 +284,13 @@ class TrainRun:
                     "objective.teacher_temperature_warmup_epochs"))
 
     def _fix(self, budget: BudgetPlan) -> None:
-        """The run's total steps from its budget: every schedule rebuilt over it."""
+        """The run's total steps from its budget: every schedule built over the first total, then
+        stretched at each re-fit."""
         self.budget, self.total_steps = budget, budget.total_steps
-        self.schedules = self.stepper.schedules = self._schedules(budget.total_steps, budget.timed_until)
+        schedules = self._schedules(budget.first_total, budget.timed_until)
+        for at, total in budget.refits:
+            schedules = stretch(schedules, at, total)
+        self.schedules = self.stepper.schedules = schedules
         self.results["budget"] = budget.to_dict()
 
     def _next_views(self) -> list[torch.Tensor]:
@@ -356,8 +384,6 @@ class TrainRun:
         if self.mlflow:
             self.mlflow.metrics(self.step, metrics)
         self.worker.report(metrics, self.state_dict() if checkpoint else None)
-        if self.mlflow and self.step == self.fixed_at:  # after the checkpoint: a restart logs the same value
-            self.mlflow.param("train.total_steps", self.total_steps)
         self.last_checkpoint = self.step if checkpoint else self.last_checkpoint
         self._window()
 
@@ -402,6 +428,8 @@ class TrainRun:
                 self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
                 self.results["eval_seconds"] = self.results.get("eval_seconds", 0.0) + time.time() - started
             if self.mlflow:
+                if self.budget:  # the final total, once (a restart logs the same value)
+                    self.mlflow.param("train.total_steps", self.total_steps)
                 self._finish_tracking()
         self.worker.report({"step": self.step, **self.results}, None)
         return {**self.results, "history": self.history}
