@@ -37,7 +37,7 @@ import rayssl
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data import storage
 from rayssl.mlflow_client import mlflow_client, quick_http, sqlite_path
-from rayssl.tracking_backlog import Backlog, RunFolder, Target, deliver, keep_text, one_line, refused, weight
+from rayssl.tracking_backlog import Backlog, RunFolder, Target, deliver, keep_text, one_line, undeliverable, weight
 
 DEFAULT_STORE = "~/rayssl_results"
 RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
@@ -301,7 +301,7 @@ class RunLogger:
         self.settings, self.run_id, self.say = settings, settings.run_id, say
         self.run_folder, self.model_config = run_folder, model_config
         self.retry_seconds, self.retry_at = retry_seconds, 0.0
-        self.down = self.warned_full = self.warned_refused = False
+        self.down = self.warned_full = self.warned_dropped = False
         self.delivered = 0  # points delivered since MLflow stopped answering
         self.backlog = backlog or Backlog()
         self.sending = threading.Lock()  # one thread delivers at a time, in order
@@ -354,10 +354,10 @@ class RunLogger:
                 deliver(self.target, entry, self.backlog.spool)
                 self.delivered += weight(entry)
             except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                if not refused(err):
+                if not undeliverable(err):
                     self._failed(err)
                     return False
-                self._refused(entry, err)
+                self._dropped(entry, err)
             self.backlog.pop()
         if self.down:
             self.down = False
@@ -371,11 +371,11 @@ class RunLogger:
             self.say(f"[rayssl] MLflow unreachable ({one_line(err)}); training continues, {self.backlog.points} "
                      "points kept, delivered when it answers")
 
-    def _refused(self, entry: dict, err: Exception) -> None:
-        if not self.warned_refused:
-            self.warned_refused = True
-            self.say(f"[rayssl] MLflow refused a {entry['kind']} entry ({one_line(err)}); dropped, as any further "
-                     "refused entry will be")
+    def _dropped(self, entry: dict, err: Exception) -> None:
+        if not self.warned_dropped:
+            self.warned_dropped = True
+            self.say(f"[rayssl] MLflow: a {entry['kind']} entry cannot be delivered ({one_line(err)}); dropped, "
+                     "as any further such entry will be")
 
     def _spool(self, name: str, write: Callable[[Path], Any], entry: dict, here: bool = False) -> None:
         """Write the file of ``entry`` (called ``name`` in MLflow) with ``write(path)``, then submit it."""

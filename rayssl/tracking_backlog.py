@@ -10,8 +10,8 @@ How it works:
 - ``deliver`` sends one entry. ``RunLogger`` delivers from the head, in order: while MLflow
   answers the backlog is empty after every call; when a delivery fails, the entry stays at the
   head, later ones queue behind it and the head is retried at most every few seconds, beside
-  training, until MLflow answers. An entry MLflow answers with a refusal (a 4xx: a param that
-  changed value, a deleted run) is dropped, since retrying cannot help.
+  training, until MLflow answers. An entry no retry can deliver (MLflow answered with a 4xx: a
+  param that changed value, a deleted run; or its file is gone) is dropped, with one line.
 - The backlog is bounded: ``max_points`` metric values and ``max_bytes`` of artifact files;
   past either, newer metrics and artifacts are dropped and counted. Params, tags, the curves,
   the model and the status are few and always kept.
@@ -150,7 +150,7 @@ class Backlog:
         return self.entries[0] if self.entries else None
 
     def pop(self) -> None:
-        """Remove the head (delivered, or refused) and its file."""
+        """Remove the head (delivered, or undeliverable) and its file."""
         with self.lock:
             entry = self.entries.popleft()
             self.points, self.bytes = self.points - weight(entry), self.bytes - entry.get("bytes", 0)
@@ -198,9 +198,15 @@ def keep_text(place: RunFolder, run_id: str, uri: str, name: str, text: str) -> 
 
 
 # ---------------------------------------------------------------------- delivery
+class BrokenEntry(ValueError):
+    """An entry no MLflow can take: its file is gone, its model cannot be rebuilt, an unknown kind."""
+
+
 def deliver(target: Target, entry: dict, base: Path | None) -> None:
-    """Send one entry to MLflow (raising what MLflow raises); its file is under ``base``."""
+    """Send one entry to MLflow (raising what MLflow raises, or ``BrokenEntry``); its file is under ``base``."""
     client, run_id, kind = target.client, target.run_id, entry["kind"]
+    if "file" in entry and not (base / entry["file"]).is_file():
+        raise BrokenEntry(f"{entry['file']}: the file is gone")
     if kind == "metrics":
         from mlflow.entities import Metric
 
@@ -219,16 +225,17 @@ def deliver(target: Target, entry: dict, base: Path | None) -> None:
     elif kind == "status":
         client.set_terminated(run_id, status=entry["status"])
     else:
-        raise ValueError(f"unknown backlog entry kind {kind!r}")
+        raise BrokenEntry(f"unknown entry kind {kind!r}")
 
 
-def refused(err: BaseException) -> bool:
-    """Whether MLflow answered ``err`` with a refusal that a retry cannot change (a 4xx other
-    than authentication, timeout and rate limits), rather than not answering."""
+def undeliverable(err: BaseException) -> bool:
+    """Whether a retry cannot help: a ``BrokenEntry``, or MLflow answered with a refusal (a 4xx
+    other than authentication, timeout and rate limits: a param that changed value, a deleted
+    run). Anything else is taken for MLflow (or its artifact store) not answering."""
     from mlflow.exceptions import MlflowException
 
     status = err.get_http_status_code() if isinstance(err, MlflowException) else 500
-    return 400 <= status < 500 and status not in (401, 403, 408, 429)
+    return isinstance(err, BrokenEntry) or (400 <= status < 500 and status not in (401, 403, 408, 429))
 
 
 def _curves(target: Target, title: str) -> None:
@@ -251,9 +258,12 @@ def _model(target: Target, entry: dict, weights: Path) -> None:
     from rayssl.models import build_backbone
 
     m, meta = entry["model"], entry["metadata"]
-    saved = torch.load(weights, map_location="cpu", weights_only=True)
-    backbone, _ = build_backbone(m["backbone"], meta["channels"], meta["image_size"], m["small_stem"], m["width"])
-    backbone.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(weights, map_location="cpu", weights_only=True)
+        backbone, _ = build_backbone(m["backbone"], meta["channels"], meta["image_size"], m["small_stem"], m["width"])
+        backbone.load_state_dict(saved["state_dict"])
+    except Exception as err:  # noqa: BLE001 - local: no retry would change it
+        raise BrokenEntry(f"the model cannot be rebuilt ({one_line(err)})") from err
     backbone.requires_grad_(False).eval()
     mlflow.set_tracking_uri(target.uri)
     with mlflow.start_run(run_id=target.run_id):
@@ -356,11 +366,11 @@ def _deliver_lines(target: Target, lines: list[dict], start: int, base: Path, ma
         try:
             deliver(target, entry, base)
         except Exception as err:  # noqa: BLE001 - said in one line; the rest stays for the next sync
-            if not refused(err):
+            if not undeliverable(err):
                 mark(n)
                 raise ConfigError(f"MLflow stopped answering after {n - 1} of {len(lines) - 1} entries "
                                   f"({one_line(err)}); run this again to deliver the rest") from None
-            counts["refused by MLflow"] += 1
+            counts[f"undeliverable ({one_line(err)})"] += 1
             continue
         if entry["kind"] != "status":
             counts[LABELS[entry["kind"]]] += weight(entry)

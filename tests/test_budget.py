@@ -85,11 +85,12 @@ def test_a_job_budget_leaves_out_the_start_up_and_keeps_the_final_knn_back() -> 
     assert BudgetPlan(**old).scope == "training"  # a checkpoint written before the scope existed
 
 
-def test_refits_come_at_quarters_of_the_way_to_the_current_total() -> None:
-    # fixed at step 150 with 1,350 steps: re-timings at 450, 750, 1,050 (of the total each was fixed with)
-    assert [s for s in range(151, 1350) if refit_due(s, 150, 1350, 0)][:1] == [450]
-    assert [s for s in range(451, 1350) if refit_due(s, 150, 1350, 1)][:1] == [750]
-    assert [s for s in range(751, 1600) if refit_due(s, 150, 1590, 2)][:1] == [1230]  # after a longer re-fit
+def test_refits_come_at_eighths_of_the_way_to_the_current_total() -> None:
+    # fixed at step 150 with 1,350 steps: re-timings every 150 steps (of the total each was fixed with)
+    assert REFITS == 7
+    assert [s for s in range(151, 1350) if refit_due(s, 150, 1350, 0)][:1] == [300]
+    assert [s for s in range(301, 1350) if refit_due(s, 150, 1350, 1)][:1] == [450]
+    assert [s for s in range(451, 1600) if refit_due(s, 150, 1590, 2)][:1] == [690]  # after a longer re-fit
     assert not any(refit_due(s, 150, 1350, REFITS) for s in range(151, 1350))  # all made
     plan = BudgetPlan("14m", 1350, 234, 550.0, 150).refit(450, 1590, 650.4, capped=False)
     assert (plan.first_total, plan.total_steps, plan.refits) == (1350, 1590, ((450, 1590),))

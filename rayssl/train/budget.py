@@ -18,8 +18,8 @@ optimizer steps before it has trained a few, so it times them and then fixes the
    init (0 in scope ``training``, or when no baselines ran);
 3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``);
 4. a machine's speed drifts (a busier host, CPU steal on a shared VM: +-30 % within minutes
-   here), so at ``REFITS`` points (a quarter, half and three quarters of the way from t_fix to
-   T) the run times the steps since the last fit and fixes T again by the same formula; the
+   here), so at ``REFITS`` points (every eighth of the way from t_fix to T) the run times the
+   steps since the last fit and fixes T again by the same formula; the
    rest of every schedule is stretched or squeezed over the new remainder, its shape kept
    (``rayssl.schedules.stretch``);
 5. the plan (T, each re-fit) goes into every checkpoint and the final T into the MLflow
@@ -28,7 +28,7 @@ optimizer steps before it has trained a few, so it times them and then fixes the
 
 Up to t_fix every schedule holds its warm-up or start value (the cosines start at t_fix), so
 the timed steps ran on exactly the values of the final arrays: the schedules are exact. Only
-the last quarter runs on a rate timed before it: a machine that slows down there overruns
+the last eighth runs on a rate timed before it: a machine that slows down there overruns
 the budget by as much, one that speeds up ends early.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 SETTLE_STEPS = 50  # first steps of a launch, not timed: they ran 12-20 % off the run's median, both ways (docs/benchmarks.md)
 MEASURE_STEPS = 100  # the fewest timed steps
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
-REFITS = 3  # re-timings after the first fix, at 1/4, 1/2 and 3/4 of the way to the total
+REFITS = 7  # re-timings after the first fix, every eighth of the way to the total (each one checkpointed)
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|h|m|s)")
 _UNIT = {"h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0}
