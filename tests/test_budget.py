@@ -88,10 +88,12 @@ def test_a_job_budget_leaves_out_the_start_up_and_keeps_the_final_knn_back() -> 
 def test_refits_come_at_eighths_of_the_way_to_the_current_total() -> None:
     # fixed at step 150 with 1,350 steps: re-timings every 150 steps (of the total each was fixed with)
     assert REFITS == 7
-    assert [s for s in range(151, 1350) if refit_due(s, 150, 1350, 0)][:1] == [300]
-    assert [s for s in range(301, 1350) if refit_due(s, 150, 1350, 1)][:1] == [450]
-    assert [s for s in range(451, 1600) if refit_due(s, 150, 1590, 2)][:1] == [690]  # after a longer re-fit
-    assert not any(refit_due(s, 150, 1350, REFITS) for s in range(151, 1350))  # all made
+    assert [s for s in range(151, 1350) if refit_due(s, 150, 1350, 0, 150)][:1] == [300]
+    assert [s for s in range(301, 1350) if refit_due(s, 150, 1350, 1, 300)][:1] == [450]
+    assert [s for s in range(451, 1600) if refit_due(s, 150, 1590, 2, 450)][:1] == [690]  # after a longer re-fit
+    assert not any(refit_due(s, 150, 1350, REFITS, 150) for s in range(151, 1350))  # all made
+    # a slow stretch cut the total to 862 at step 413: the next point (417) waits for 100 timed steps
+    assert [s for s in range(414, 862) if refit_due(s, 150, 862, 2, 413)][:1] == [413 + MEASURE_STEPS]
     plan = BudgetPlan("14m", 1350, 234, 550.0, 150).refit(450, 1590, 650.4, capped=False)
     assert (plan.first_total, plan.total_steps, plan.refits) == (1350, 1590, ((450, 1590),))
     assert plan.line() == "budget 14m: 1,590 steps (6.8 epochs, re-timed at steps 450) at 650 img/s"

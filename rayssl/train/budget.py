@@ -83,10 +83,13 @@ def budget_total(budget_s: float, spent_s: float, step: int, seconds_per_step: f
     return max(step, min(cap_steps, step + math.floor(left / seconds_per_step)))
 
 
-def refit_due(step: int, timed_until: int, total: int, done: int) -> bool:
+def refit_due(step: int, timed_until: int, total: int, done: int, last_fit: int) -> bool:
     """Whether ``step`` is the next re-timing point: ``done`` of ``REFITS`` re-fits made, the
-    next at ``timed_until + (done + 1) / (REFITS + 1)`` of the way to the current ``total``."""
-    return done < REFITS and step < total and (step - timed_until) * (REFITS + 1) >= (done + 1) * (total - timed_until)
+    next at ``timed_until + (done + 1) / (REFITS + 1)`` of the way to the current ``total``,
+    and at least ``MEASURE_STEPS`` after the last fit (``last_fit``): a total cut short by a slow
+    stretch brings the next points closer, and a few steps time nothing."""
+    return (done < REFITS and step < total and step - last_fit >= MEASURE_STEPS
+            and (step - timed_until) * (REFITS + 1) >= (done + 1) * (total - timed_until))
 
 
 def check_budget(time_budget: str, budget_s: float, seconds_per_step: float, warmup_steps: int,

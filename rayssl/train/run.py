@@ -216,7 +216,8 @@ class TrainRun:
         self.step += 1
         if self.cfg.train.time_budget and self.budget is None:
             self._time_step()
-        elif self.fit_clock and refit_due(self.step, self.budget.timed_until, self.total_steps, len(self.budget.refits)):
+        elif self.fit_clock and refit_due(self.step, self.budget.timed_until, self.total_steps,
+                                          len(self.budget.refits), self.fixed_at):
             self._refit()
         if self.step % self.steps_per_epoch == 0:  # every rank: the usage statistics are all-reduced
             if self.cfg.data.deterministic:  # a pass per epoch, replayable from its start
