@@ -8,6 +8,7 @@ when training ended.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the MLflow store to deliver to; default MLFLOW_TRACKING_URI, else the one the "
                              "backlog recorded (pass it here when that one had a password, which was masked)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # what it delivered, nothing else
 
     from rayssl.tracking_backlog import sync
 

@@ -303,7 +303,7 @@ class RunLogger:
         self.retry_seconds, self.retry_at = retry_seconds, 0.0
         self.down = self.warned_full = self.warned_dropped = False
         self.delivered = 0  # points delivered since MLflow stopped answering
-        self.backlog = backlog or Backlog()
+        self.backlog = Backlog() if backlog is None else backlog
         self.sending = threading.Lock()  # one thread delivers at a time, in order
         self.client = mlflow_client(settings.uri)
         self.target = Target(self.client, settings.uri, settings.run_id)

@@ -245,9 +245,14 @@ def test_a_server_down_at_the_end_leaves_a_backlog_that_sync_replays_once(server
     assert data.data.tags["rayssl.stopped"] == "token at http://x/?token=***"
     assert {"plots/cluster_prior/epoch_001.png", "plots/cluster_usage/epoch_001.png", "plots/training_curves.png",
             "results.json"} <= set(artifacts(client, plain.run_id))
+    import mlflow.artifacts
     import mlflow.pytorch
 
-    loaded = mlflow.pytorch.load_model(data.data.tags["rayssl.model_uri"])
+    logged = client.get_logged_model(data.data.tags["rayssl.model_uri"].removeprefix("models:/"))
+    assert logged.source_run_id == plain.run_id and logged.name == "backbone"
+    local = mlflow.artifacts.download_artifacts(logged.artifact_location, dst_path=str(tmp_path / "model"),
+                                                tracking_uri=server.uri)
+    loaded = mlflow.pytorch.load_model(local)
     with torch.no_grad():
         assert torch.allclose(loaded(torch.from_numpy(example)), backbone(torch.from_numpy(example)))
     models = client.search_logged_models([plain.experiment_id])
