@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -338,3 +339,31 @@ def test_job_budget_spent_before_training_is_one_line(data) -> None:
     assert out["stopped"] == "budget" and "\n" not in out["stop_reason"]
     assert re.match(r"train\.time_budget: 30s buys 0 steps besides 0\.[67] min of start-up and evaluation",
                     out["stop_reason"])
+
+
+def test_a_failed_run_keeps_what_mlflow_did_not_take(data, tmp_path) -> None:
+    """A run that stops FAILED (here: a budget too short) while its MLflow server does not answer
+    leaves its undelivered points in the run folder for ``jobs/sync_tracking.py``, without a
+    status (the driver marks the run FAILED)."""
+    import socket
+
+    from rayssl.tracking import MlflowRun
+    from rayssl.tracking_backlog import DIR, RunFolder
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reports: list = []
+    w = worker(data, reports, knn=False)
+    lines: list = []
+    w.say, w.run_folder = lines.append, RunFolder(None, str(tmp_path / "run"), str(tmp_path / "run"))
+    run = TrainRun(config("train.epochs=100", "optim.warmup_epochs=2", "train.time_budget=0.05s"),
+                   META, STEPS_PER_EPOCH, w, MlflowRun(f"http://127.0.0.1:{port}", "0" * 32))
+    run.mlflow.retry_seconds = 3600  # no retry during the run: everything waits for the end
+    out = run.run()
+    assert out["stopped"] == "budget"
+    kept = [p for p in (tmp_path / "run" / DIR).iterdir() if p.suffix == ".jsonl"]
+    assert len(kept) == 1 and any("jobs/sync_tracking.py" in line for line in lines)
+    entries = [json.loads(line) for line in kept[0].read_text().splitlines()[1:]]
+    assert {e.get("step") for e in entries if e["kind"] == "metrics"} == set(range(4, 40, 4))  # the stop came at step 40
+    assert not any(e["kind"] == "status" for e in entries)

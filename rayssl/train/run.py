@@ -432,6 +432,8 @@ class TrainRun:
                 if self.budget:  # the final total, once (a restart logs the same value)
                     self.mlflow.param("train.total_steps", self.total_steps)
                 self._finish_tracking()
+        elif self.mlflow:  # what MLflow has not taken yet, delivered or kept; the driver marks the run FAILED
+            self.mlflow.end(status=None)
         self.worker.report({"step": self.step, **self.results}, None)
         return {**self.results, "history": self.history}
 
