@@ -289,7 +289,8 @@ def test_sinkhorn_marginal_kl_falls(seed, k, extra, tau, scale):
         assert b <= a + 1e-12, kls
     kl20 = float(marginal_kl(sinkhorn(log_q, log_rho, 20), log_rho))
     assert kl20 < 2e-3                   # worst seen in 6000 random trials: 5.4e-4
-    assert kl20 <= 0.1 * kls[0] + 1e-12  # worst seen: 0.015
+    # a 10x fall, but for a start already near the marginal (N = 2K = 4, KL 7.2e-4 -> 1.0e-4: 0.14x)
+    assert kl20 <= 0.1 * kls[0] + 1e-12 or kl20 < 2e-4
 
 
 def test_sinkhorn_marginal_kl_falls_geometrically_when_well_conditioned():
