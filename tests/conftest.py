@@ -151,48 +151,14 @@ def tiny_run(shard_cache, tmp_path_factory) -> tuple:
     return storage / name, pretrain(tiny_config(storage, shard_cache, name, *TINY_RUN))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server():
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), in its own
-    process group so that stopping it stops its workers. Yields ``(uri, store_folder)``."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """A real ``mlflow server`` on 127.0.0.1 (``tests/mlflow_server.py``). Yields ``(uri, store_folder)``."""
+    from pathlib import Path
 
-    root = os.path.join(_TMP, "mlflow-server")
-    os.makedirs(root, exist_ok=True)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", os.path.join(root, "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, "server.log"), "w"))
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start in 90 s; see {root}/server.log")
-        time.sleep(0.5)
-    yield uri, root
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(Path(_TMP) / "mlflow-server")
+    server.start()
+    yield server.uri, str(server.root)
+    server.stop()

@@ -28,69 +28,15 @@ from rayssl.config import ModelConfig, load_config
 from rayssl.models import build_backbone
 from rayssl.tracking_backlog import DIR, Backlog, RunFolder, keep_text, pending
 
+from mlflow_server import MlflowServer, free_port  # tests/mlflow_server.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SYNC = [sys.executable, str(ROOT / "jobs" / "sync_tracking.py")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-class Server:
-    """A real ``mlflow server`` (SQLite backend, proxied artifacts) that a test stops and starts
-    again on the same port and store; its own process group, so stopping it stops its workers."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.proc = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "a"))
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                pytest.fail(f"mlflow server did not start in 60 s; see {self.root}/server.log")
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + 15
-        while answers(self.port) and time.time() < deadline:  # its workers may outlive it briefly
-            time.sleep(0.1)
-        assert not answers(self.port), "the stopped mlflow server still answers"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("mlflow-server"))
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     s.start()
     yield s
     if s.proc.poll() is None:
@@ -104,7 +50,7 @@ def quick_mlflow(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-def new_run(server: Server, name: str) -> tracking.MlflowRun:
+def new_run(server: MlflowServer, name: str) -> tracking.MlflowRun:
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("backlog") or client.get_experiment(client.create_experiment("backlog"))
     return tracking.MlflowRun(server.uri, client.create_run(experiment.experiment_id, run_name=name).info.run_id,
