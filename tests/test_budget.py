@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rayssl.config import ConfigError, load_config
-from rayssl.train.budget import (MARGIN, MEASURE_STEPS, REFITS, SETTLE_STEPS, BudgetError, BudgetPlan, budget_total,
+from rayssl.train.budget import (MARGIN, MEASURE_STEPS, REFIT_MIN_STEPS, REFITS, SETTLE_STEPS, BudgetError, BudgetPlan, budget_total,
                                  check_budget, measure_window, parse_duration, refit_due)
 
 
@@ -93,7 +93,7 @@ def test_refits_come_at_eighths_of_the_way_to_the_current_total() -> None:
     assert [s for s in range(451, 1600) if refit_due(s, 150, 1590, 2, 450)][:1] == [690]  # after a longer re-fit
     assert not any(refit_due(s, 150, 1350, REFITS, 150) for s in range(151, 1350))  # all made
     # a slow stretch cut the total to 862 at step 413: the next point (417) waits for 100 timed steps
-    assert [s for s in range(414, 862) if refit_due(s, 150, 862, 2, 413)][:1] == [413 + MEASURE_STEPS]
+    assert [s for s in range(414, 862) if refit_due(s, 150, 862, 2, 413)][:1] == [413 + REFIT_MIN_STEPS]
     plan = BudgetPlan("14m", 1350, 234, 550.0, 150).refit(450, 1590, 650.4, capped=False)
     assert (plan.first_total, plan.total_steps, plan.refits) == (1350, 1590, ((450, 1590),))
     assert plan.line() == "budget 14m: 1,590 steps (6.8 epochs, re-timed at steps 450) at 650 img/s"

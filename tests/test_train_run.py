@@ -241,6 +241,7 @@ def short_timing():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(budget, "SETTLE_STEPS", 10)
         patch.setattr(budget, "MEASURE_STEPS", 30)
+        patch.setattr(budget, "REFIT_MIN_STEPS", 5)
         yield
 
 
@@ -267,8 +268,14 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     plan = BudgetPlan(**out["budget"])
     total = plan.total_steps
     assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
-    assert plan.timed_until == 40 and 1 <= len(plan.refits) <= budget.REFITS
-    assert [at for at, _ in plan.refits] == sorted({at for at, _ in plan.refits}) and plan.refits[-1][1] == total
+    # the re-timings came exactly where due (whatever this machine's speed made of the totals)
+    due, fitted, last = [], plan.first_total, 40
+    for step in range(41, total):
+        if budget.refit_due(step, 40, fitted, len(due), last):
+            due.append(step)
+            fitted, last = dict(plan.refits)[step], step
+    assert plan.timed_until == 40 and [at for at, _ in plan.refits] == due
+    assert fitted == total and (len(due) >= 1 or plan.first_total - 40 < 8 * 5)  # a re-timing if there was room
     assert {len(v) for v in run.schedules.values()} == {total}
     expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, plan.first_total, hold_until=40)
     for at, fitted in plan.refits:

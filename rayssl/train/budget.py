@@ -42,6 +42,7 @@ SETTLE_STEPS = 50  # first steps of a launch, not timed: they ran 12-20 % off th
 MEASURE_STEPS = 100  # the fewest timed steps
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
 REFITS = 7  # re-timings after the first fix, every eighth of the way to the total (each one checkpointed)
+REFIT_MIN_STEPS = 100  # the fewest steps a re-timing times (since the last fit)
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(min|h|m|s)")
 _UNIT = {"h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0}
@@ -86,9 +87,9 @@ def budget_total(budget_s: float, spent_s: float, step: int, seconds_per_step: f
 def refit_due(step: int, timed_until: int, total: int, done: int, last_fit: int) -> bool:
     """Whether ``step`` is the next re-timing point: ``done`` of ``REFITS`` re-fits made, the
     next at ``timed_until + (done + 1) / (REFITS + 1)`` of the way to the current ``total``,
-    and at least ``MEASURE_STEPS`` after the last fit (``last_fit``): a total cut short by a slow
+    and at least ``REFIT_MIN_STEPS`` after the last fit (``last_fit``): a total cut short by a slow
     stretch brings the next points closer, and a few steps time nothing."""
-    return (done < REFITS and step < total and step - last_fit >= MEASURE_STEPS
+    return (done < REFITS and step < total and step - last_fit >= REFIT_MIN_STEPS
             and (step - timed_until) * (REFITS + 1) >= (done + 1) * (total - timed_until))
 
 
