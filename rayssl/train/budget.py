@@ -17,8 +17,8 @@ optimizer steps before it has trained a few, so it times them and then fixes the
    the final k-NN's time, measured by the baselines' k-NN of the same network at random
    init (0 in scope ``training``, or when no baselines ran);
 3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``);
-4. a machine's speed drifts (a busier host, CPU steal on a shared VM: +-30 % within minutes
-   here), so at ``REFITS`` points (every eighth of the way from t_fix to T) the run times the
+4. a machine's speed drifts (a busier host, CPU steal on a shared VM: 548 -> 718 img/s and
+   1,481 -> 665 img/s within minutes on the 2-core VMs of docs/benchmarks.md), so at ``REFITS`` points (every eighth of the way from t_fix to T) the run times the
    steps since the last fit and fixes T again by the same formula; the
    rest of every schedule is stretched or squeezed over the new remainder, its shape kept
    (``rayssl.schedules.stretch``);
