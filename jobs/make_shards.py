@@ -4,6 +4,8 @@
     python jobs/make_shards.py /usr/share/datasets/fashion-mnist ./shards/fmnist-test --split test
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/make_shards.py s3://raw/images s3://my-bucket/shards
+    python jobs/make_shards.py fashion-mnist-scenes ./shards/scenes-train        # Fashion-MNIST on photos
+    python jobs/make_shards.py fashion-mnist-scenes ./shards/scenes-test --split test
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ advice:
                       cluster use s3:// for both: each shard is read and written by one Ray task.
   Rerunning with the same source and options does nothing; --force rebuilds. Bad files are
   skipped and listed with their reason in manifest.json, never fatal.
+  fashion-mnist-scenes  SRC keyword: Fashion-MNIST items on random crops of real photos, 32 px RGB
+                      (rayssl/data/scenes.py; the set of data.source=fashion-mnist-scenes), one
+                      --split of the IDX files in --fashion-mnist-dir, --min-shards shards, no Ray;
+                      the same bytes for the same --seed. A missing or unreadable photo stops it
+                      with one line naming the file.
 """
 
 
@@ -39,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Build Parquet image shards + manifest.json for rayssl (data.source).",
         epilog=ADVICE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="SRC",
-                        help="image folder (class = top-level sub-folder), IDX folder, or .parquet/.csv listing")
+                        help="image folder (class = top-level sub-folder), IDX folder, .parquet/.csv listing, "
+                             "or fashion-mnist-scenes")
     parser.add_argument("destination", metavar="DST", help="output folder: local path or s3://bucket/prefix")
     parser.add_argument("--split", default="train", choices=("train", "test"),
                         help="IDX sources: train or test (t10k) files (default: train)")
@@ -52,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--fashion-mnist-dir", default="/usr/share/datasets/fashion-mnist",
+                        help="fashion-mnist-scenes: the Fashion-MNIST IDX files (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="fashion-mnist-scenes: the construction's seed (default: 0)")
     args = parser.parse_args(argv)
+    if args.source == "fashion-mnist-scenes":
+        return _scenes(parser, args)
 
     from rayssl.data.shards import check_locations, make_shards
     from rayssl.data.storage import S3Options
@@ -70,6 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     print(f"{m['num_images']} images, {m['num_skipped']} skipped, {m['num_converted']} converted, "
           f"{len(m['shards'])} shards, {m['total_bytes'] / 2**20:.1f} MB -> {args.destination}")
+    return 0
+
+
+def _scenes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``SRC = fashion-mnist-scenes``: build one split of the scenes set (rayssl/data/scenes.py), no Ray."""
+    if args.reencode or args.class_names:
+        parser.error("--reencode and --class-names do not apply to fashion-mnist-scenes")
+    from rayssl.data import scenes
+    from rayssl.data.storage import S3Options
+
+    try:
+        m = scenes.build(args.fashion_mnist_dir, args.destination, args.split, seed=args.seed,
+                         shards=args.min_shards, s3=S3Options(args.endpoint_url, args.region), force=args.force)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"{m['num_images']} images, {len(m['shards'])} shards, {m['total_bytes'] / 2**20:.1f} MB "
+          f"-> {args.destination}")
     return 0
 
 
