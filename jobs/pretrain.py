@@ -13,6 +13,7 @@ import time
 STARTED = time.time()  # the job's clock (train.time_budget_scope=job), read before the imports
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -88,6 +89,15 @@ tuning advice:
 reliability:
   run.max_failures          restarts after a lost worker (preemption, OOM, dead node), each from the newest
                             intact checkpoint (at most train.checkpoint_every steps are recomputed); -1: no limit.
+  run.stop_timeout          SIGTERM (ray job stop, a deleted RayJob) or Ctrl-C: the run finishes its step, writes a
+                            checkpoint and exits 143 / 130 within this many seconds (30), MLflow status KILLED
+                            (tags rayssl.stopped, rayssl.stopped_step); relaunch with the same run.name to resume.
+                            A second signal exits at once. ray job stop SIGKILLs after RAY_JOB_STOP_WAIT_TIME_S (3 s):
+                            submit with --runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "40"}}'.
+  run.stall_timeout         a worker that gets no batch this long (180 s; 100 step times once timed) ends the run
+                            with one line naming what Ray cannot place (its pending demands), not a silent hang.
+  data.cpus_per_task        CPUs each Ray Data task asks for; default the workers' share below 1 (0.5 here), so
+                            reads fit beside fractional workers on small nodes.
   train.skip_nonfinite      NaN/inf steps to skip (no update) before stopping; 0 stops at the first, keeping the
                             last good checkpoint (exit code 1).
   monitor.min_effective_clusters, monitor.min_mutual_information, monitor.patience
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 
     from rayssl.train.launch import pretrain
     from rayssl.train.step import NonFiniteError
+    from rayssl.train.watchdog import StallError
+    from rayssl.train.stop import JobStopped
 
     try:
         results = pretrain(cfg, started)
@@ -146,6 +158,14 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     except NonFiniteError as err:
         parser.exit(1, f"stopped: {err}\n")
+    except StallError as err:  # no batch within run.stall_timeout: the line names what Ray cannot place
+        parser.exit(1, f"{err}\n")
+    except JobStopped as err:  # SIGTERM (ray job stop) or SIGINT (Ctrl-C): the run is KILLED in MLflow
+        if err.abandoned:  # training still runs in a thread: exit now, before `ray job stop`'s SIGKILL
+            print(err, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(err.code)
+        parser.exit(err.code, f"{err}\n")
     print("\n" + final_report(cfg, results, time.time() - started))
     if results.get("stopped") == "collapse":
         print(f"stopped early: {results['stop_reason']}", file=sys.stderr)

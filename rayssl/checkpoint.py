@@ -5,6 +5,11 @@ A checkpoint folder holds ``checkpoint.pt`` (``torch.save`` of the training stat
 the manifest exists and the state file has exactly that size and hash; a crash while writing
 or uploading (or a truncated copy) leaves a folder that is not intact, and resume falls back
 to the newest intact one. Works on any pyarrow filesystem (local or ``s3://``); no Ray here.
+
+An error that may pass by itself (``rayssl.data.storage.transient``: a refused connection, a 5xx)
+is raised, never taken for a missing or damaged checkpoint, and so is a ``StorageOutage`` (a
+filesystem that rides out outages gave up): a storage outage must not make an older checkpoint,
+or none, look like the newest intact one. Callers ride it out (``rayssl.data.storage.ride_out``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import pyarrow.fs
 import torch
+
+from rayssl.data.storage import StorageOutage, transient
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -42,19 +49,24 @@ def _manifest(fs: pyarrow.fs.FileSystem, folder: str) -> dict | None:
         with fs.open_input_stream(f"{folder}/{MANIFEST_FILE}") as f:
             manifest = json.loads(f.read())
         return manifest if {"step", "bytes", "sha256"} <= set(manifest) else None
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as err:
+        if transient(err) or isinstance(err, StorageOutage):
+            raise
         return None
 
 
 def load_intact(fs: pyarrow.fs.FileSystem, folder: str) -> dict | None:
-    """The state in ``folder`` if it is intact (manifest present, size and SHA-256 match), else None."""
+    """The state in ``folder`` if it is intact (manifest present, size and SHA-256 match), else None
+    (a transient storage error is raised)."""
     manifest = _manifest(fs, folder)
     if manifest is None:
         return None
     try:
         with fs.open_input_stream(f"{folder}/{CHECKPOINT_FILE}") as f:
             raw = f.read()
-    except OSError:
+    except OSError as err:
+        if transient(err):
+            raise
         return None
     if len(raw) != manifest["bytes"] or hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
         return None
@@ -66,7 +78,9 @@ def candidates(fs: pyarrow.fs.FileSystem, run_path: str) -> list[str]:
     then by name, which Ray stamps with the time); folders without a manifest come last."""
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
-    except OSError:
+    except OSError as err:
+        if transient(err):
+            raise
         return []
     folders = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
                and posixpath.basename(i.path).startswith("checkpoint_")]

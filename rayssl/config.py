@@ -42,6 +42,10 @@ class DataConfig(_Section):
     cache_dir: str = Field("~/.cache/rayssl", description="Where the fashion-mnist shards are built.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL.")
     region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION.")
+    outage_limit_s: PositiveFloat = Field(120.0, description=(
+        "Seconds an object-storage outage (refused or cut connections, timeouts, 5xx answers) is ridden out "
+        "during a run, while shards are read or a checkpoint is uploaded or read, retrying with backoff; "
+        "past it the run stops with one line naming the bucket (the newest intact checkpoint is kept)."))
     access_key_id: SecretStr | None = Field(None, description=(
         "S3 access key; default: the AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, role), which is safer. "
         "Never logged: masked in MLflow params, artifacts and checkpoints."))
@@ -59,6 +63,11 @@ class DataConfig(_Section):
         "Micro-batches each training worker turns into views ahead of the step, in a background thread "
         "(with decode_on=worker: the decoding and multi-crop too, spread over the epoch); 0: in the step. "
         "data.deterministic always uses 0."))
+    cpus_per_task: PositiveFloat | None = Field(None, description=(
+        "Logical CPUs each Ray Data task (shard reads, decoding, crops) asks for; default: "
+        "scaling.cpus_per_worker when below 1, else 1. In the workers' units, so a node that holds a "
+        "fractional worker also holds a data task beside it (with 1 CPU per task, two 0.5-CPU workers "
+        "on 1-CPU nodes leave no node for the reads: the run stalls)."))
     shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (plus file order).")
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
     test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
@@ -234,6 +243,16 @@ class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")
     storage_path: str = "~/rayssl_results"
     max_failures: int = Field(0, ge=-1)
+    stall_timeout: PositiveFloat = Field(180.0, description=(
+        "Seconds a training worker waits for its next batch before the run is declared stalled: it prints "
+        "what Ray cannot place (its pending resource demands) and fails (an elastic run with "
+        "run.max_failures restarts at the size that fits). After the first steps the limit is 100 step "
+        "times when that is shorter, never under 30 s."))
+    stop_timeout: PositiveFloat = Field(30.0, description=(
+        "Seconds a stopped job (SIGTERM: `ray job stop`, a deleted RayJob; SIGINT: Ctrl-C) has to finish "
+        "its step, write its checkpoint and let Ray Train end before it exits anyway (MLflow status KILLED "
+        "either way); `ray job stop` must wait longer: RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s) of at "
+        "least this plus 10 s."))
     verbose: bool = Field(False, description=(
         "Show Ray's and Ray Data's logs on the console too; by default they go to Ray's log folder "
         "and the console shows rayssl's lines and one progress bar."))
@@ -320,6 +339,11 @@ class Config(_Section):
             raise ValueError("data.deterministic: needs data.decode_on=worker (Ray Data tasks crop with "
                              "their own random seeds)")
         return self
+
+    @property
+    def data_cpus(self) -> float:
+        """CPUs per Ray Data task: ``data.cpus_per_task``, default ``scaling.cpus_per_worker`` below 1, else 1."""
+        return self.data.cpus_per_task or min(1.0, self.scaling.cpus_per_worker)
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as ``{dotted.key: value}``, secrets masked (see ``redacted``)."""

@@ -39,6 +39,12 @@ def all_max(x: Tensor) -> Tensor:
     return x
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on any rank: one one-element all-reduce on ``device`` (the
+    backend's device: CUDA for NCCL). TrainRun's stop request, so every rank stops at one step."""
+    return bool(all_max(torch.tensor([float(flag)], device=device)).item())
+
+
 def sum_int(value: int) -> int:
     """An integer count summed over all ranks (float64 carries counts exactly below 2**53)."""
     return int(all_sum(torch.tensor(float(value), dtype=torch.float64)))

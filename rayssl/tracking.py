@@ -251,6 +251,24 @@ def finish(settings: MlflowRun | None, failed: bool) -> None:
             log.warning("MLflow: could not mark run %s failed: %s", settings.run_id, err)
 
 
+def mark_stopped(settings: MlflowRun | None, tags: dict[str, str]) -> None:
+    """Driver side, after a stop by signal (``rayssl.train.stop``): ``tags`` (``rayssl.stopped``:
+    why and what was kept; ``rayssl.stopped_step``) and the status KILLED, unless rank 0 already
+    ended the run. Bounded (``quick_http``): the job must exit before its SIGKILL."""
+    if not settings:
+        return
+    try:
+        with quick_http():
+            from mlflow.entities import RunTag
+
+            client = mlflow_client(settings.uri)
+            client.log_batch(settings.run_id, tags=[RunTag(k, mask_uri(v)[:5000]) for k, v in tags.items()])
+            if client.get_run(settings.run_id).info.status == "RUNNING":
+                client.set_terminated(settings.run_id, status="KILLED")
+    except Exception as err:  # noqa: BLE001 - the exit matters more
+        log.warning("MLflow: could not mark run %s killed: %s", settings.run_id, one_line(err))
+
+
 def log_report(uri: str, run_id: str, text: str, run_folder: RunFolder | None = None) -> bool:
     """Driver side, after ``fit``: ``text`` (``rayssl.report.render``, built from the redacted
     config) as the artifact ``report.md`` of run ``run_id``, by id: the run, which rank 0 has

@@ -176,17 +176,26 @@ def test_node_loss_fixed_size_resumes_from_the_checkpoint_and_finishes(ray_nodes
 
 
 def test_elastic_run_shrinks_after_a_node_loss_and_grows_when_a_node_joins(ray_nodes, mlflow_server) -> None:
-    """scaling.num_workers=[1,2] on two trainer nodes: losing one, the run goes on with one
-    worker (no wait for a replacement); a new node joins and the run grows back to two. The
-    global batch and schedules stay fixed, so every step is logged once with the same lr."""
+    """scaling.num_workers=[1,2] SPREAD on two 1-CPU trainer nodes, 0.5 CPU per worker, the
+    head's CPUs taken: every node has at most 0.5 CPU free beside the workers, the layout in
+    which 1-CPU Ray Data tasks fit nowhere and the run hung. Ray Data's tasks ask for 0.5 CPU
+    (data.cpus_per_task's default, the workers' units), so the run trains on. Losing a node,
+    it goes on with one worker (no wait for a replacement); a new node joins and the run grows
+    back to two. The global batch and schedules stay fixed, so every step is logged once with
+    the same lr."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     cluster, bucket = ray_nodes
     uri, _ = mlflow_server
     name = f"elastic-{uuid.uuid4().hex[:6]}"
     for node in list(cluster.worker_nodes)[:-2]:  # two trainer nodes (the node-loss test may have left two already)
         cluster.remove_node(node)
+    hog = placement_group([{"CPU": 2, "node:__internal_head__": 0.01}])  # the head's CPUs, held
+    assert hog.wait(60)
     cfg = node_config(bucket, name, uri, "scaling.num_workers=[1,2]", "scaling.worker_resources={trainer: 1}",
-                      "scaling.resize_check_s=2", "train.epochs=6", "train.log_every=2",
-                      "train.checkpoint_every=8", "run.max_failures=2")
+                      "scaling.placement_strategy=SPREAD", "scaling.resize_check_s=2", "train.epochs=6",
+                      "train.log_every=2", "train.checkpoint_every=8", "run.max_failures=2")
+    assert cfg.data_cpus == 0.5
     thread, outcome = run_in_thread(cfg)
     run_id = lambda: outcome.get("mlflow_run_id") or _run_id(uri, name)  # noqa: E731
     sizes = lambda: [m.value for m in metric_history(uri, run_id(), "world_size")] if run_id() else []  # noqa: E731
@@ -204,6 +213,7 @@ def test_elastic_run_shrinks_after_a_node_loss_and_grows_when_a_node_joins(ray_n
     assert seen[0] == 2.0 and 1.0 in seen and seen[-1] == 2.0, seen  # shrank, then grew back
     lr = {m.step: m.value for m in metric_history(uri, outcome["mlflow_run_id"], "lr")}
     assert sorted(lr) == list(range(2, 16 * 6 + 1, 2))
+    remove_placement_group(hog)
     print(f"\n[recovery] elastic: {shrunk_at - killed_at:.1f} s from the node loss to steps on one worker")
 
 

@@ -100,6 +100,39 @@ def test_resume_is_bitwise(data) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_request_finishes_the_step_checkpoints_it_and_resumes_exactly(data) -> None:
+    """The driver's stop request (``Worker.stop_requested``, asked after every step; SIGTERM after
+    step 5 here, neither a logged nor a checkpoint step) ends the run after that step: its metrics
+    logged, a checkpoint of step 5, no final k-NN, ``stopped="signal"``. The relaunch from that
+    checkpoint continues at step 6 and ends bitwise equal to the run that was never stopped."""
+    straight: list = []
+    TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, straight, knn=False)).run()
+
+    asked: list[int] = []
+
+    def sigterm_after_5() -> str | None:
+        asked.append(1)
+        return "SIGTERM" if len(asked) >= 5 else None
+
+    reports: list = []
+    w = worker(data, reports)
+    w.stop_requested = sigterm_after_5
+    out = TrainRun(config(), META, STEPS_PER_EPOCH, w).run()
+    assert len(asked) == 5 and out["stopped"] == "signal" and out["stop_reason"] == "SIGTERM at step 5"
+    assert [m["step"] for m in out["history"]] == [4, 5] and out["history"][-1]["stopped"] == "signal"
+    assert "knn/teacher" not in out and "knn/raw_pixels" in out  # the baselines ran, the final k-NN did not
+    saved = [s for _, s in reports if s is not None]
+    assert [s["step"] for s in saved] == [5] and reports[-1][1] is None
+
+    resumed: list = []
+    again = TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, resumed, restore_from=saved[0], knn=False)).run()
+    assert again["resumed_from_step"] == 5 and [m["step"] for m in again["history"]] == [8, 12, 16]
+    assert "stopped" not in again and "stop_reason" not in again
+    a, b = straight[-2][1]["teacher"], resumed[-2][1]["teacher"]
+    assert straight[-2][1]["step"] == resumed[-2][1]["step"] == 16
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
     """A corrupt image is skipped and counted (views made in the step or ahead, ``data.prefetch_batches``);
     a run whose loss turns NaN stops with the reason
@@ -270,7 +303,7 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
     # the re-timings came exactly where due (whatever this machine's speed made of the totals)
     due, fitted, last = [], plan.first_total, 40
-    for step in range(41, total):
+    for step in range(41, total + 1):  # a re-timing may end the run at its own step (total == step)
         if budget.refit_due(step, 40, fitted, len(due), last):
             due.append(step)
             fitted, last = dict(plan.refits)[step], step

@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 import torch
+from ray.data._internal.datasource.range_datasource import RangeDatasource
 
 from rayssl.config import AugmentConfig, ConfigError
-from rayssl.data import storage
+from rayssl.data import scenes, storage
 from rayssl.data.images import decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
@@ -41,6 +42,18 @@ def _fashion_mnist(data_cfg, start_ray) -> tuple[str, str]:
         for split in ("train", "test"):
             make_shards(data_cfg.fashion_mnist_dir, str(root / split), split=split, min_shards=8,
                         progress=lambda line: None, start_ray=start_ray)
+    return str(root / "train"), str(root / "test")
+
+
+def _fashion_mnist_scenes(data_cfg) -> tuple[str, str]:
+    """Shards of Fashion-MNIST on photos (``rayssl.data.scenes``), built once under
+    ``data.cache_dir`` from the IDX files of ``data.fashion_mnist_dir``; no Ray."""
+    root = Path(data_cfg.cache_dir).expanduser() / scenes.NAME
+    with _field("data.fashion_mnist_dir"):
+        storage.check_readable(data_cfg.fashion_mnist_dir)
+    with _field("data.source"):  # a missing or unreadable photo, named
+        for split in ("train", "test"):
+            scenes.build(data_cfg.fashion_mnist_dir, str(root / split), split, progress=lambda line: None)
     return str(root / "train"), str(root / "test")
 
 
@@ -80,20 +93,39 @@ def shard_pieces(manifest: dict, root: str, limit: int | None) -> list[tuple[str
 
 
 def read_pieces(batch: dict, pieces: list[tuple[str, int]], fs, block_rows: int, stage=None,
-                stage_kwargs: dict | None = None):
+                stage_kwargs: dict | None = None, s3: storage.S3Options | None = None):
     """Ray Data stage: ``id`` (an index into ``pieces``) -> that piece's ``image`` column, in
-    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given."""
+    blocks of ``block_rows`` rows, each passed through ``stage(batch, **stage_kwargs)`` when given.
+    A storage outage is ridden out up to ``s3.outage_limit_s`` (``read_piece``)."""
     for i in batch["id"]:
         path, rows = pieces[int(i)]
-        with fs.open_input_file(path) as f:
-            for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
-                part = part.slice(0, rows)
-                rows -= part.num_rows
-                table = pa.Table.from_batches([part])
-                yield table if stage is None else stage(
-                    {"image": table.column("image").to_numpy(zero_copy_only=False)}, **stage_kwargs)
-                if rows <= 0:
-                    break
+        for table in read_piece(fs, path, rows, block_rows, s3):
+            yield table if stage is None else stage(
+                {"image": table.column("image").to_numpy(zero_copy_only=False)}, **stage_kwargs)
+
+
+def read_piece(fs, path: str, rows: int, block_rows: int, s3: storage.S3Options | None = None):
+    """The first ``rows`` rows of a shard's ``image`` column, as tables of at most ``block_rows``.
+
+    Through a storage outage (``storage.Outage``: refused or cut connections, 5xx answers) the
+    shard is opened again with backoff, up to ``data.outage_limit_s``, and the read resumes after
+    the rows already given: no row is lost or given twice. Past the limit, ``StorageOutage``."""
+    done, outage = 0, storage.Outage(path, s3, "reading shards")
+    while done < rows:
+        try:
+            with fs.open_input_file(path) as f:
+                start = 0  # row of the file where this block starts
+                for part in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=["image"]):
+                    part, start = part.slice(max(0, done - start), rows - done), start + part.num_rows
+                    outage.ok()
+                    if part.num_rows:
+                        done += part.num_rows
+                        yield pa.Table.from_batches([part])
+                    if done >= rows:
+                        return
+            return  # the file holds fewer rows than the manifest says: what it holds
+        except OSError as err:
+            outage.failed(err)
 
 
 def run_order(num_pieces: int, epochs: int, seed: int | None) -> np.ndarray:
@@ -104,12 +136,13 @@ def run_order(num_pieces: int, epochs: int, seed: int | None) -> np.ndarray:
 
 
 def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: int, seed: int | None,
-                 stage=None, stage_kwargs: dict | None = None) -> ray.data.Dataset:
+                 stage=None, stage_kwargs: dict | None = None, cpus: float = 1.0) -> ray.data.Dataset:
     """``epochs`` epochs of the first ``data.train_limit`` images (all when None) in one Ray Data
     execution, each epoch in its own shard order (``run_order``; from ``seed`` with
     ``data.deterministic``, so a resume replays its epoch; one unseeded epoch: a fresh order for
     every execution), read by one task per shard in
-    ``block_rows``-row blocks, each block through ``stage`` in the same task when given.
+    ``block_rows``-row blocks, each block through ``stage`` in the same task when given; each task
+    asks for ``cpus`` logical CPUs (``Config.data_cpus``).
 
     One execution for many epochs, so the stream runs on across epoch boundaries instead of
     starting a new execution (its tasks, split and prefetch) at each (docs/benchmarks.md, [5/5]).
@@ -128,20 +161,26 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
     run = [pieces[i] for i in run_order(len(pieces), epochs, seed)]
-    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs}
+    kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs,
+              "s3": storage.S3Options(endpoint_url=data_cfg.endpoint_url, outage_limit_s=data_cfg.outage_limit_s)}
     # a task per piece; past 4096 (or one epoch's pieces), a task reads a few consecutive pieces
     blocks = min(len(run), max(len(pieces), 4096))
-    ids = ray.data.range(len(run), override_num_blocks=blocks)
+    # ``ray.data.range``, but with the tasks' CPUs: a read and a map fuse only when they ask the same
+    ids = ray.data.read_datasource(RangeDatasource(n=len(run), block_format="arrow", column_name="id"),
+                                   override_num_blocks=blocks, num_cpus=cpus)
     if seed is None and epochs == 1:  # an epoch per execution: a fresh shard order for each
         ids = ids.randomize_block_order()
-    return ids.map_batches(read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
+    return ids.map_batches(read_pieces, batch_size=1, batch_format="numpy", fn_kwargs=kwargs, num_cpus=cpus)
 
 
 def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | None]:
     """``(train URI, its manifest, eval URI, its manifest)``; the eval pair is None without
-    ``data.eval_source`` (Fashion-MNIST: its test split). Errors name the field and URI."""
-    if data_cfg.source == "fashion-mnist":
-        train_uri, eval_uri = _fashion_mnist(data_cfg, start_ray)
+    ``data.eval_source`` (Fashion-MNIST and its scenes: the test split). Errors name the field and URI."""
+    if data_cfg.source in ("fashion-mnist", scenes.NAME):
+        if data_cfg.source == "fashion-mnist":
+            train_uri, eval_uri = _fashion_mnist(data_cfg, start_ray)
+        else:
+            train_uri, eval_uri = _fashion_mnist_scenes(data_cfg)
         eval_uri = data_cfg.eval_source or eval_uri
     else:
         train_uri, eval_uri = data_cfg.source, data_cfg.eval_source
@@ -150,8 +189,10 @@ def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | Non
     return train_uri, train, eval_uri, query
 
 
-def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None) -> ray.data.Dataset:
-    """The shards' ``columns``, the first ``limit`` rows (all when None), in manifest order.
+def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None,
+         cpus: float = 1.0) -> ray.data.Dataset:
+    """The shards' ``columns``, the first ``limit`` rows (all when None), in manifest order; each
+    read task asks for ``cpus`` logical CPUs.
 
     Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
     pass, which cost 4 s per epoch against 0.6 s here (2 cores, 8 shards; docs/benchmarks.md).
@@ -160,7 +201,7 @@ def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | No
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs)
+        ds = ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs, num_cpus=cpus)
     finally:
         ctx.use_datasource_v2 = v2
     ds = ds.select_columns(columns)
@@ -248,7 +289,7 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``knn_query``."""
-    d, meta = cfg.data, plan.meta
+    d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
     # One execution for the run's epochs when it streams encoded bytes. An epoch per execution with
     # data.deterministic (one seeded file order; the local shuffle varies per epoch) and when Ray Data
@@ -257,19 +298,19 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     seed = cfg.train.seed if d.deterministic else None
     if d.decode_on == "data":
         rows = stage_rows(cfg.augment, meta.channels)
-        stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed, multicrop_stage, crop)
+        stream = train_stream(plan.train_uri, plan.train, d, rows, epochs, seed, multicrop_stage, crop, cpus)
         # One block per stage call, not one per task: each shard's task would otherwise glue its
         # crops into one block (up to 128 MiB), and the equal split of the workers waits for blocks.
         stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
     else:
-        stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed)
+        stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed, cpus=cpus)
     datasets = {"train": stream}
     if meta.num_eval > 0:
         decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size}, "batch_format": "numpy",
-                  "batch_size": 512}
+                  "batch_size": 512, "num_cpus": cpus}
         bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
-        datasets["knn_bank"] = read(plan.train_uri, plan.train, d, ["image", "label"], bank_limit).map_batches(
+        datasets["knn_bank"] = read(plan.train_uri, plan.train, d, ["image", "label"], bank_limit, cpus).map_batches(
             decode_stage, **decode)
-        datasets["knn_query"] = read(plan.eval_uri, plan.query, d, ["image", "label"], d.test_limit).map_batches(
+        datasets["knn_query"] = read(plan.eval_uri, plan.query, d, ["image", "label"], d.test_limit, cpus).map_batches(
             decode_stage, **decode)
     return datasets

@@ -9,26 +9,47 @@ endpoint for MinIO / Ceph / other S3-compatible stores (``data.endpoint_url`` or
 retries with exponential backoff for transient errors. Failures become a ``StorageError``:
 one line naming the URI and saying what to fix, raised before any training starts; it never
 contains a secret.
+
+During a run, an outage (refused or cut connections, timeouts, 5xx answers) is ridden out:
+``ride_out`` (or ``Outage`` for a read that resumes where it stopped) retries with backoff from
+``BACKOFF[0]`` up to ``BACKOFF[1]`` seconds between tries, for at most ``data.outage_limit_s``
+seconds from the first failure; past it, a ``StorageOutage`` names the bucket, the endpoint and
+what to check. The shard reads of the training stream and the checkpoint uploads and reads of
+``rayssl.train.loop`` go through it; the AWS SDK's own retries (``RETRIES``) cover short blips.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow
 import pyarrow.fs
 from pydantic import SecretStr
 
 from rayssl.config import MASK, ConfigError, DataConfig, mask_uri
 
-RETRIES = 5
+RETRIES = 5  # attempts of the AWS SDK for one request (its own backoff: a few seconds in all)
+BACKOFF = (0.5, 4.0)  # seconds between tries through an outage: the first wait, the longest
+OUTAGE_LIMIT_S = 120.0  # data.outage_limit_s's default
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(ConfigError):
     """A missing bucket or object, refused credentials or an unreachable endpoint (one line)."""
+
+
+class StorageOutage(StorageError):
+    """Object storage stayed unreachable or unavailable past ``data.outage_limit_s`` during a run;
+    one line naming the bucket, the endpoint and what to check."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class S3Options:
     region: str | None = None
     access_key_id: SecretStr | None = field(default=None, repr=False)
     secret_access_key: SecretStr | None = field(default=None, repr=False)
+    outage_limit_s: float = OUTAGE_LIMIT_S  # how long an outage is ridden out during a run
 
     def __post_init__(self) -> None:
         for name in ("access_key_id", "secret_access_key"):
@@ -60,7 +82,8 @@ class S3Options:
     @classmethod
     def of(cls, data: DataConfig) -> S3Options:
         """The options of a config's ``data`` section (``ConfigError`` if only one key is set)."""
-        return cls(data.endpoint_url, data.region, data.access_key_id, data.secret_access_key)
+        return cls(data.endpoint_url, data.region, data.access_key_id, data.secret_access_key,
+                   data.outage_limit_s)
 
     @property
     def has_keys(self) -> bool:
@@ -106,6 +129,7 @@ def resolve(uri: str, options: S3Options | None = None) -> tuple[pyarrow.fs.File
 
 
 _REASONS = [
+    (r"HTTP status 5\d\d|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE", "unavailable"),  # before "No response body"
     (r"NoSuchBucket|bucket does not exist|Bucket .* does not exist", "bucket does not exist"),
     (r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ACCESS_DENIED|Forbidden|HTTP response code: 403"
      r"|InvalidToken|ExpiredToken|No response body",
@@ -121,8 +145,12 @@ def explain(uri: str, err: BaseException, options: S3Options | None = None) -> S
     text = str(err)
     for pattern, reason in _REASONS:
         if re.search(pattern, text):
+            where = endpoint(o.endpoint_url) or "AWS S3"
             if reason == "cannot reach the endpoint":
-                reason += f" {endpoint(o.endpoint_url) or 'AWS S3'} (check data.endpoint_url / AWS_ENDPOINT_URL)"
+                reason += f" {where} (check data.endpoint_url / AWS_ENDPOINT_URL)"
+            elif reason == "unavailable":
+                reason = (f"the endpoint {where} answers 'service unavailable' "
+                          "(check data.endpoint_url / AWS_ENDPOINT_URL)")
             elif reason == "access denied":
                 reason += (": check data.access_key_id / data.secret_access_key" if o.has_keys else
                            ": check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
@@ -166,3 +194,227 @@ def check_writable(uri: str, options: S3Options | None = None) -> None:
         raise
     except OSError as err:
         raise explain(uri, err, options) from None
+
+
+_TRANSIENT = re.compile(r"NETWORK_CONNECTION|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|HTTP status 5\d\d"
+                        r"|curlCode|[Cc]ould ?n[o']t connect|Connection (refused|reset)|timed out|Timeout"
+                        r"|ServiceUnavailable|SlowDown|InternalError")
+_SYMPTOMS = [(r"HTTP status 5\d\d|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|ServiceUnavailable|SlowDown",
+              "answering 'service unavailable'"),
+             (r"curlCode: 7\b|[Cc]ould ?n[o']t connect|Connection refused", "refusing connections"),
+             (r"curlCode: 28\b|timed out|Timeout", "timing out")]
+
+
+def transient(err: BaseException) -> bool:
+    """Whether a storage error may pass by itself: a refused or cut connection, a timeout, a 5xx
+    answer (not a missing object or bucket, nor refused credentials)."""
+    return (isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+            and bool(_TRANSIENT.search(str(err))))
+
+
+def bucket_of(uri: str) -> str:
+    """``s3://bucket/a/b`` or ``bucket/a/b`` (a resolved S3 path) -> ``bucket``."""
+    return uri.removeprefix("s3://").split("/", 1)[0]
+
+
+class Outage:
+    """Backoff through one outage of ``uri`` while ``doing`` something (``"reading shards"``).
+
+    After a failed try, ``failed(err)`` waits before the next (``BACKOFF``, doubling, never past
+    the limit) when ``err`` is ``transient``, and raises ``StorageOutage`` once
+    ``options.outage_limit_s`` seconds have passed since the outage's first failure; any other
+    error is raised as it is. ``ok()`` after a successful try ends the outage (the next failure
+    starts a new one). The first failure and the recovery are logged (one line each).
+    """
+
+    def __init__(self, uri: str, options: S3Options | None, doing: str,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.uri = uri if "://" in uri else f"s3://{uri}"
+        self.options, self.doing, self.sleep = options or S3Options(), doing, sleep
+        self.started: float | None = None
+        self.wait = BACKOFF[0]
+        self.lasted = 0.0  # seconds the last outage lasted, once over
+
+    def failed(self, err: OSError) -> None:
+        if not transient(err):
+            raise err
+        now, limit = time.monotonic(), self.options.outage_limit_s
+        if self.started is None:
+            self.started = now
+            log.warning("[rayssl] %s: object storage %s while %s; retrying for up to %g s (data.outage_limit_s)",
+                        self.options.scrub(self.uri), symptom(err), self.doing, limit)
+        if now - self.started >= limit:
+            raise self.error(err, now - self.started) from None
+        self.sleep(min(self.wait, self.started + limit - now))
+        self.wait = min(2 * self.wait, BACKOFF[1])
+
+    def ok(self) -> None:
+        if self.started is not None:
+            self.lasted = time.monotonic() - self.started
+            log.warning("[rayssl] %s: object storage back after %.0f s; %s goes on",
+                        self.options.scrub(self.uri), self.lasted, self.doing)
+        self.started, self.wait = None, BACKOFF[0]
+
+    def error(self, err: BaseException, seconds: float) -> StorageOutage:
+        """The one line past the limit: the URI, the symptom, the limit, the bucket and what to check."""
+        o, bucket = self.options, bucket_of(self.uri)
+        where = endpoint(o.endpoint_url) or "AWS S3"
+        return StorageOutage(o.scrub(
+            f"{self.uri}: object storage {symptom(err)} for {seconds:.0f} s while {self.doing}, past "
+            f"data.outage_limit_s={o.outage_limit_s:g}; check that bucket '{bucket}' is reachable: the endpoint "
+            f"{where} (data.endpoint_url / AWS_ENDPOINT_URL), the credentials (data.access_key_id or the AWS "
+            f"chain), the network"))
+
+
+def symptom(err: BaseException) -> str:
+    """What a transient error looks like, in a few words (``refusing connections``, ...)."""
+    text = str(err)
+    return next((words for pattern, words in _SYMPTOMS if re.search(pattern, text)), "cutting connections")
+
+
+def ride_out(action: Callable[[], object], uri: str, options: S3Options | None, doing: str):
+    """``action()``, tried again through a storage outage (``Outage``) until it succeeds or the
+    outage passes ``data.outage_limit_s`` (``StorageOutage``); other errors are raised at once."""
+    outage = Outage(uri, options, doing)
+    while True:
+        try:
+            result = action()
+        except OSError as err:
+            outage.failed(err)
+            continue
+        outage.ok()
+        return result
+
+
+class _Upload(io.RawIOBase):
+    """An output stream of ``RidingOut``: written to memory, uploaded on ``close`` as one action,
+    so the whole upload (open, write, close) is tried again through an outage."""
+
+    def __init__(self, handler: RidingOut, path: str, metadata) -> None:
+        super().__init__()
+        self.handler, self.path, self.metadata, self.buffer = handler, path, metadata, io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.buffer.getvalue()
+
+            def put() -> None:
+                with self.handler.fs.open_output_stream(self.path, metadata=self.metadata) as f:
+                    f.write(data)
+
+            try:
+                self.handler.call(put, self.path, "writing")
+            finally:
+                super().close()
+
+
+class RidingOut(pyarrow.fs.FileSystemHandler):
+    """A pyarrow filesystem handler over ``fs`` that rides out outages (``ride_out``) on every call:
+    for Ray Train's own writes and reads of the run folder (its checkpoint registry, old
+    checkpoints' deletion), which would otherwise end the run at the first refused request.
+    Input streams are read whole on open (small files: the registry, a checkpoint being
+    restored); output streams are uploaded whole on close. Build it with ``riding_out``."""
+
+    def __init__(self, fs: pyarrow.fs.FileSystem, options: S3Options | None) -> None:
+        self.fs, self.options = fs, options or S3Options()
+
+    def call(self, action: Callable[[], object], path: str, doing: str):
+        return ride_out(action, path if "://" in path else f"s3://{path}", self.options, f"{doing} the run folder")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RidingOut) and self.fs.equals(other.fs)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return f"rayssl-riding-out+{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]):
+        return self.call(lambda: self.fs.get_file_info(paths), paths[0] if paths else "", "reading")
+
+    def get_file_info_selector(self, selector):
+        return self.call(lambda: self.fs.get_file_info(selector), selector.base_dir, "listing")
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.call(lambda: self.fs.create_dir(path, recursive=recursive), path, "writing")
+
+    def delete_dir(self, path: str) -> None:
+        self.call(lambda: self.fs.delete_dir(path), path, "deleting in")
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.call(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path, "deleting in")
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("rayssl never deletes a bucket's whole contents")
+
+    def delete_file(self, path: str) -> None:
+        self.call(lambda: self.fs.delete_file(path), path, "deleting in")
+
+    def move(self, src: str, dest: str) -> None:
+        self.call(lambda: self.fs.move(src, dest), src, "writing")
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.call(lambda: self.fs.copy_file(src, dest), src, "writing")
+
+    def open_input_stream(self, path: str):
+        def read() -> bytes:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        return pyarrow.BufferReader(self.call(read, path, "reading"))
+
+    def open_input_file(self, path: str):
+        return pyarrow.BufferReader(self.call(lambda: self.fs.open_input_file(path).read(), path, "reading"))
+
+    def open_output_stream(self, path: str, metadata):
+        return pyarrow.PythonFile(_Upload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        return self.call(lambda: self.fs.open_append_stream(path, metadata=metadata), path, "writing")
+
+
+def unwrapped(fs: pyarrow.fs.FileSystem) -> pyarrow.fs.FileSystem:
+    """The filesystem under a ``riding_out`` one (for a caller that rides out outages itself)."""
+    handler = getattr(fs, "handler", None)
+    return handler.fs if isinstance(handler, RidingOut) else fs
+
+
+def uri_of(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    """``path`` on ``fs`` as a user writes it: ``s3://bucket/...`` on S3 (riding out or not)."""
+    s3 = "s3" in fs.type_name.split("+")[-1]
+    return f"s3://{path}" if s3 and not path.startswith("s3://") else path
+
+
+def riding_out(fs: pyarrow.fs.FileSystem, options: S3Options | None) -> pyarrow.fs.FileSystem:
+    """``fs`` (an S3 filesystem) riding out outages up to ``options.outage_limit_s``
+    (``RidingOut``); a local filesystem as it is. For ``RunConfig(storage_filesystem=...)``."""
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return fs
+    return pyarrow.fs.PyFileSystem(RidingOut(fs, options))
+
+
+def find_outage(err: BaseException | None, depth: int = 0) -> StorageOutage | None:
+    """The ``StorageOutage`` behind an error raised by Ray (a failed training worker, a Ray Data
+    task), found by type in its causes and worker failures, or by its one line in their text."""
+    if err is None or depth > 8:
+        return None
+    if isinstance(err, StorageOutage):
+        return err
+    inner = [err.__cause__, err.__context__, getattr(err, "cause", None)]
+    failures = getattr(err, "worker_failures", None)
+    inner += list(failures.values()) if isinstance(failures, dict) else []
+    for e in inner:
+        if isinstance(e, BaseException) and e is not err and (found := find_outage(e, depth + 1)):
+            return found
+    match = re.search(r"(s3://\S+: object storage [^\n]*? past data\.outage_limit_s=\S+; check [^\n]*?, the network)",
+                      str(err))
+    return StorageOutage(match.group(1)) if match else None

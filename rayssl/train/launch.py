@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,18 @@ from rayssl.data.datasets import DataPlan, build_datasets, plan_data
 from rayssl import console, tracking
 from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
-from rayssl.train.run import FAILED_STOPS
+from rayssl import checkpoint as checkpoints
+from rayssl.train.run import FAILED_STOPS, SIGNALLED
 from rayssl.train.step import NonFiniteError
+from rayssl.train.watchdog import find_stall
+from rayssl.train.stop import JobStopped, StopSignals, Unfinished, exit_code
 
 
 def init_ray(address: str | None, min_cpus: float = 0, verbose: bool = True) -> None:
-    """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a
-    local Ray with at least ``min_cpus`` logical CPUs (oversubscribing a small machine).
+    """Join ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``) or the local
+    cluster of ``ray start`` (``local_cluster``), or start a local Ray with at least ``min_cpus``
+    logical CPUs (oversubscribing a small machine); a cluster that crashed and left its address
+    file behind is named in one line and a fresh one started.
 
     Not ``verbose`` (``run.verbose=false``): the processes' output and Ray's driver-side logs
     stay in Ray's log folder (``rayssl-driver.log`` beside the workers' logs); rank 0's lines
@@ -41,14 +48,42 @@ def init_ray(address: str | None, min_cpus: float = 0, verbose: bool = True) -> 
         return
     if not verbose:
         console.quiet_ray_logs()
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=verbose)
+    live, stale = local_cluster()
+    if address or os.environ.get("RAY_ADDRESS") or live:  # a cluster named, or the one `ray start` left
+        ray.init(address=address or live, log_to_driver=verbose)
     else:
+        if stale:
+            print(f"[rayssl] the local Ray cluster named in {ray_address_file()} ({stale}) is gone: starting a "
+                  "fresh one (`ray stop` or removing that file silences this)", flush=True)
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)))
     if not verbose:
         console.driver_log(ray_logs_dir())
+
+
+def ray_address_file() -> str:
+    """Where ``ray start`` names the cluster that a plain ``ray.init()`` joins (Ray's temp folder,
+    ``RAY_TMPDIR``)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def local_cluster() -> tuple[str | None, str | None]:
+    """``(live, stale)``: the address in ``ray_address_file()`` when its GCS accepts a connection
+    (``ray start --head`` on this machine: joined, as ``ray.init()`` would), else it as ``stale``
+    (the cluster crashed or was killed and left the file: a plain ``ray.init()`` would fail on it)."""
+    path = ray_address_file()
+    found = Path(path).read_text().strip() if os.path.exists(path) else ""
+    if not found:
+        return None, None
+    host, _, port = found.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return found, None
+    except (OSError, ValueError):
+        return None, found
 
 
 def ray_logs_dir() -> str | None:
@@ -72,15 +107,15 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
         raise data_storage.StorageError(f"run.storage_path: {err}") from None
     if data_storage.is_s3(path):
         fs, bucket_path = data_storage.resolve(path, s3)
-        return bucket_path, fs
+        return bucket_path, data_storage.riding_out(fs, s3)  # Ray Train's own writes wait out an outage too
     return str(Path(path).expanduser().resolve()), None
 
 
 def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None,
-                  console_queue=None) -> TorchTrainer:
+                  console_queue=None, stop_key: str | None = None) -> TorchTrainer:
     """The TorchTrainer of a checked launch, with the MLflow run from ``rayssl.tracking.start``
-    (or None), Train ``callbacks`` (a sweep's report to Tune) and the driver's console queue
-    (``rayssl.console``; None: rank 0 prints)."""
+    (or None), Train ``callbacks`` (a sweep's report to Tune), the driver's console queue
+    (``rayssl.console``; None: rank 0 prints) and its stop request's key (``rayssl.train.stop``)."""
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
@@ -90,7 +125,8 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
         train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
                            "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
                            "run_path": run_path, "run_uri": run_uri(cfg, run_path),
-                           "filesystem": filesystem, "console": console_queue, "job_started": launch.started},
+                           "filesystem": filesystem, "console": console_queue, "job_started": launch.started,
+                           "stop_key": stop_key},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
             resources_per_worker=s.resources_per_worker, placement_strategy=s.placement_strategy,
@@ -193,6 +229,10 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     ending at the last good step), a ``train.time_budget`` too short for the warm-up ``ConfigError``; a collapse stop returns ``stopped="collapse"``. A sweep's
     trial names its sweep's MLflow run (``parent_run_id``) and passes its Tune ``callbacks``.
     ``show``: rank 0's lines and a progress bar on this process's console (``rayssl.console``).
+
+    In the main thread, SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) stop the run after its
+    step with a checkpoint, within ``run.stop_timeout`` (``rayssl.train.stop``): the MLflow run is
+    then KILLED and ``JobStopped`` raised with the line to print and the exit code.
     """
     cfg = launch.cfg
     init_ray(cfg.scaling.address, verbose=cfg.run.verbose or not show)
@@ -200,13 +240,28 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     if warning := placement_warning(cfg, ray.cluster_resources()):
         print(warning, flush=True)
     settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
-    try:
+    signals = StopSignals(cfg.run.stop_timeout)
+    if signals.warning:
+        print(signals.warning, flush=True)
+
+    def train():
         with console.Console() if show else contextlib.nullcontext() as shown:
-            result = build_trainer(launch, settings, callbacks, shown and shown.queue).fit()
-    except BaseException:
+            return build_trainer(launch, settings, callbacks, shown and shown.queue, signals.key).fit()
+
+    try:
+        result = signals.run(train)
+    except BaseException as err:
+        if signals.signal:  # out of time, a second signal, or an error after the first
+            raise stopped(launch, settings, signals, None, err) from None
         tracking.finish(settings, failed=True)
+        if (stall := find_stall(err)) is not None:  # the watchdog's line, not Ray's wrapping of it
+            raise stall from None
+        if (outage := data_storage.find_outage(err)) is not None:  # past data.outage_limit_s: its one line
+            raise outage from None
         raise
     out = dict(result.return_value or {})
+    if out.get("stopped") == SIGNALLED:
+        raise stopped(launch, settings, signals, out)
     if out.get("stopped") in FAILED_STOPS:
         tracking.finish(settings, failed=True)
         raise (NonFiniteError if out["stopped"] == "nonfinite" else ConfigError)(out["stop_reason"])
@@ -215,6 +270,49 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
         out["mlflow_run_id"] = settings.run_id
         out["mlflow"] = tracking.ui_hint(settings)
     return out
+
+
+def stopped(launch: Launch, settings: tracking.MlflowRun | None, signals: StopSignals, out: dict | None,
+            err: BaseException | None = None) -> JobStopped:
+    """The run after a stop by signal: marked KILLED in MLflow (tags ``rayssl.stopped``, and
+    ``rayssl.stopped_step`` when the run stopped cleanly), and the job's one line and exit code.
+    ``out``: rank 0's results of a clean stop; else ``err``, why ``fit`` did not return them."""
+    cfg, sig = launch.cfg, signals.signal
+    name = run_name(cfg)
+    folder = run_uri(cfg, f"{launch.path}/{name}")
+    tags = {}
+    if out is not None:
+        step = out["history"][-1]["step"]
+        text = f"stopped by {sig} at step {step}: checkpoint of step {step} in {folder}"
+        tags["rayssl.stopped_step"] = str(step)
+    else:
+        if isinstance(err, Unfinished) and err.forced:
+            why = "a second signal came before its checkpoint"
+        elif isinstance(err, Unfinished):
+            why = f"training did not end within {signals.timeout:g} s ({signals.bound})"
+        else:
+            why = f"training ended with {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        text = f"stopped by {sig}: {why}; {_newest_checkpoint(launch)}"
+    tags["rayssl.stopped"] = text
+    tracking.mark_stopped(settings, tags)
+    return JobStopped(f"[rayssl] {text}; relaunch with run.name={name} to resume", exit_code(sig),
+                      abandoned=isinstance(err, Unfinished))
+
+
+def _newest_checkpoint(launch: Launch) -> str:
+    """Where a relaunch resumes, said in words: the step of the newest checkpoint whose state file
+    has its manifest's size (cheap, no hash: the driver must exit in time; the resume itself
+    checks the hash too and takes the newest intact one)."""
+    fs = launch.filesystem or pyarrow.fs.LocalFileSystem()
+    for folder in checkpoints.candidates(fs, f"{launch.path}/{run_name(launch.cfg)}"):  # newest step first
+        try:
+            with fs.open_input_stream(f"{folder}/{checkpoints.MANIFEST_FILE}") as f:
+                manifest = json.loads(f.read())
+            if fs.get_file_info(f"{folder}/{checkpoints.CHECKPOINT_FILE}").size == manifest["bytes"]:
+                return f"the newest checkpoint is of step {manifest['step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "no checkpoint was written"
 
 
 def pretrain(cfg: Config, started: float | None = None) -> dict:

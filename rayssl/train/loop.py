@@ -21,9 +21,12 @@ import ray.train.v2._internal.execution.context as train_context
 from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
 from rayssl.console import Channel
+from rayssl.data import storage
 from rayssl.data.meta import DataMeta
 from rayssl.tracking import RUN_FILE, RunFolder
 from rayssl.train.run import TrainRun, Worker
+from rayssl.train import watchdog
+from rayssl.train.stop import StopPoll
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -57,7 +60,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
                     prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id(),
                     job_started=loop_config["job_started"],
-                    run_folder=RunFolder(loop_config["filesystem"], loop_config["run_path"], run_uri))
+                    run_folder=RunFolder(loop_config["filesystem"], loop_config["run_path"], run_uri),
+                    # the driver's stop request (rayssl.train.stop): rank 0 reads it, TrainRun shares it
+                    stop_requested=StopPoll(loop_config.get("stop_key") if ctx.get_world_rank() == 0 else None),
+                    pending=lambda: watchdog.pending_line(cfg.data_cpus))  # the stall watchdog's line
     return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
 
 
@@ -66,7 +72,7 @@ def report(metrics: dict, state: dict | None) -> str | None:
     returns the checkpoint's folder name in the run folder (None elsewhere).
 
     The state is written (``rayssl.checkpoint.save``: the file, then its manifest) to a
-    temporary folder that Ray copies to ``run.storage_path`` before ``report`` returns
+    temporary folder that ``upload`` copies to ``run.storage_path`` before ``report`` returns
     (synchronous upload); the folder is then removed. Beside it, ``RUN_FILE`` names the MLflow
     run, so a relaunch finds it without loading the state.
     """
@@ -78,8 +84,39 @@ def report(metrics: dict, state: dict | None) -> str | None:
             checkpoints.save(state, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             folder = f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}_step{state['step']:07d}"
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder)
+        options = s3_options(state["config"] if state is not None else {})
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder,
+                         checkpoint_upload_fn=lambda c, name: upload(c, name, options))
         return folder
+
+
+def s3_options(config: dict) -> storage.S3Options:
+    """What an outage needs of a config dict (``Config.model_dump`` or a checkpoint's redacted one):
+    the endpoint, the region and ``data.outage_limit_s``; the keys stay in Ray's filesystem."""
+    data = config.get("data", {})
+    return storage.S3Options(data.get("endpoint_url"), data.get("region"),
+                             outage_limit_s=data.get("outage_limit_s", storage.OUTAGE_LIMIT_S))
+
+
+def upload(checkpoint: ray.train.Checkpoint, name: str, options: storage.S3Options) -> ray.train.Checkpoint:
+    """Ray Train's ``checkpoint_upload_fn``: the checkpoint's files copied into the run folder's
+    ``name``, the manifest last, each retried through a storage outage up to
+    ``data.outage_limit_s`` (``rayssl.data.storage.ride_out``; past it ``StorageOutage``). A folder
+    cut short never holds a manifest that matches, so resume passes it over."""
+    context = ray.train.get_context().get_storage()
+    dest = context.build_checkpoint_path_from_name(name)
+    fs = storage.unwrapped(context.storage_filesystem)  # retried here, file by file, named as a checkpoint
+    uri = storage.uri_of(fs, dest)
+    files = sorted(Path(checkpoint.path).iterdir(), key=lambda p: (p.name == checkpoints.MANIFEST_FILE, p.name))
+
+    def put(path: Path) -> None:
+        with fs.open_output_stream(f"{dest}/{path.name}") as f:
+            f.write(path.read_bytes())
+
+    storage.ride_out(lambda: fs.create_dir(dest), uri, options, "uploading a checkpoint")
+    for path in (p for p in files if p.is_file()):
+        storage.ride_out(lambda: put(path), uri, options, "uploading a checkpoint")
+    return ray.train.Checkpoint(path=dest, filesystem=context.storage_filesystem)
 
 
 def restore(loop_config: dict, say_skipped) -> dict | None:
@@ -88,11 +125,17 @@ def restore(loop_config: dict, say_skipped) -> dict | None:
     The folder is read directly rather than trusting only Ray's latest registered checkpoint:
     a folder whose write or upload was cut short (or that was truncated since) is passed over,
     and one that was fully uploaded just before a worker died is used although Ray never
-    registered it.
+    registered it. A storage outage is ridden out up to ``data.outage_limit_s``, never taken
+    for a missing or damaged checkpoint.
     """
     fs = loop_config["filesystem"] or pyarrow.fs.LocalFileSystem()
     skipped: list[str] = []
-    found = checkpoints.latest_intact(fs, loop_config["run_path"], skipped)
+
+    def newest():
+        skipped.clear()
+        return checkpoints.latest_intact(fs, loop_config["run_path"], skipped)
+
+    found = storage.ride_out(newest, loop_config["run_uri"], s3_options(loop_config["config"]), "reading checkpoints")
     for folder in skipped:
         say_skipped(f"[rayssl] checkpoint {posixpath.basename(folder)} is incomplete or corrupt: skipped")
     if found is None and ray.train.get_checkpoint() is not None:  # Ray saw one: never restart silently

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 _END = object()
+POLL_S = 1.0  # how often a waiting consumer's ``waiting`` is called
 
 
 class Ahead:
     """``fn(item)`` for each item of ``items``, in order, computed up to ``depth`` items ahead in a
     daemon thread (``depth`` 0: in the caller's thread, when it asks). An exception in the thread
-    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread."""
+    is raised to the caller at its place in the order; ``close()`` (or running out) stops the thread.
+    ``waiting(seconds)``, when given, is called about every ``POLL_S`` while the caller waits for
+    an item (the stall watchdog; it may raise). With ``depth`` 0 the caller's thread does the
+    waiting itself, and nothing watches it."""
 
-    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int) -> None:
-        self.items, self.fn, self.depth, self.done = iter(items), fn, depth, False
+    def __init__(self, items: Iterable[Any], fn: Callable[[Any], Any], depth: int,
+                 waiting: Callable[[float], None] | None = None) -> None:
+        self.items, self.fn, self.depth, self.done, self.waiting = iter(items), fn, depth, False, waiting
         if depth:
             self.queue: queue.Queue = queue.Queue(maxsize=depth)
             self.stop = threading.Event()
@@ -55,13 +61,23 @@ class Ahead:
             raise StopIteration
         if not self.depth:
             return self.fn(next(self.items))
-        ok, value = self.queue.get()
+        ok, value = self._get()
         if not ok or value is _END:
             self.close()
             if not ok:
                 raise value
             raise StopIteration
         return value
+
+    def _get(self) -> tuple[bool, Any]:
+        if self.waiting is None:
+            return self.queue.get()
+        started = time.monotonic()
+        while True:
+            try:
+                return self.queue.get(timeout=POLL_S)
+            except queue.Empty:
+                self.waiting(time.monotonic() - started)
 
     def close(self) -> None:
         """Stop the thread (it drops what it has made); the iterator then ends."""

@@ -45,6 +45,7 @@ from rayssl.train.budget import (BudgetError, BudgetPlan, budget_total, check_bu
 from rayssl.train.prefetch import Ahead
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
 from rayssl.train.views import Views
+from rayssl.train.watchdog import StallError, stall_limit
 
 
 def say(line: str) -> None:
@@ -55,6 +56,7 @@ def say(line: str) -> None:
 
 _RAN_OUT = object()  # the end of a pass, told apart from a batch with no decodable image (None)
 FAILED_STOPS = ("nonfinite", "budget")  # stops that end the run FAILED, without the final k-NN
+SIGNALLED = "signal"  # the driver's stop request (rayssl.train.stop): a checkpoint, no final k-NN, KILLED
 
 
 @dataclass
@@ -79,7 +81,11 @@ class Worker:
     - ``job_started``: when the job started (``time.time()`` on the driver), the clock of
       ``train.time_budget_scope=job``;
     - ``run_folder``: where the checkpoints go; rank 0 keeps its MLflow backlog there when
-      MLflow does not answer at the end (``rayssl.tracking_backlog``).
+      MLflow does not answer at the end (``rayssl.tracking_backlog``);
+    - ``stop_requested()``: asked after every step; the name of the signal the driver got
+      (``rayssl.train.stop``) once the run should stop, else None. Only rank 0's is read;
+    - ``pending()``: what the cluster cannot place (``rayssl.train.watchdog.pending_line``), for
+      the stall watchdog's line.
     """
 
     train_batches: Callable[[int, int], Iterable[dict]]
@@ -95,6 +101,8 @@ class Worker:
     node: str = ""
     job_started: float = field(default_factory=time.time)
     run_folder: RunFolder | None = None
+    stop_requested: Callable[[], str | None] = lambda: None
+    pending: Callable[[], str] = lambda: "no cluster to ask"
 
 
 class TrainRun:
@@ -159,7 +167,8 @@ class TrainRun:
         self.stepper.load_state_dict(state)
         self.step = self.start_step = self.last_checkpoint = state["step"]
         self.used_seconds = state.get("trained_seconds", 0.0)
-        self.results = {**state["results"], "resumed_from_step": self.start_step}
+        earlier = {k: v for k, v in state["results"].items() if k != "stop_reason"}  # why the last launch stopped
+        self.results = {**earlier, "resumed_from_step": self.start_step}
         if state.get("budget"):  # the recorded total, never measured again
             self._fix(BudgetPlan(**state["budget"]))
         elif self.cfg.train.time_budget:  # not fixed yet: this launch times its own steps
@@ -192,13 +201,23 @@ class TrainRun:
 
     # ------------------------------------------------------------------ train
     def train_interval(self) -> dict | None:
-        """Train up to the next logged or checkpointed step; its metrics, or None when the run
-        has ended (all steps done, or stopped on a non-finite step)."""
+        """Train up to the next logged or checkpointed step, or the step after which the driver
+        asked the run to stop; its metrics, or None when the run has ended (all steps done, or
+        stopped)."""
         while self.step < self.total_steps and self.stopped is None:
             self._one_step()
-            if self.stopped is None and (self._log_step() or self._checkpoint_step()):
+            if self.stopped is None and (self._stop_requested() or self._log_step() or self._checkpoint_step()):
                 return self._metrics()
         return None
+
+    def _stop_requested(self) -> bool:
+        """Whether the driver asked the run to stop (``Worker.stop_requested``, rank 0's answer):
+        one collective per step, so that every rank stops after the same step."""
+        why = self.worker.stop_requested() if self.rank == 0 else None
+        if not dist.any_rank(why is not None, self.worker.device):
+            return False
+        self._stop(SIGNALLED, f"{why or 'a signal'} at step {self.step}")  # the driver says the rest
+        return True
 
     def _one_step(self) -> None:
         self.student.train(), self.teacher.train()
@@ -322,7 +341,18 @@ class TrainRun:
         batches = iter(self.worker.train_batches(self._shuffle_seed(), self.plan.micro_batch))
         for _ in range(self.position):
             next(batches, None)
-        self._batches = Ahead(batches, self.views, self.prefetch)
+        self._batches = Ahead(batches, self.views, self.prefetch, waiting=self._waiting)
+
+    def _waiting(self, seconds: float) -> None:
+        """The stall watchdog (``rayssl.train.watchdog``), called while this worker waits for a
+        batch: past the stall limit, ``StallError`` with one line on what Ray cannot place (the
+        driver prints it)."""
+        steps = self.step - self.start_step
+        limit = stall_limit(self.cfg.run.stall_timeout, (time.time() - self.started) / steps if steps else None)
+        if seconds > limit:
+            line = (f"[rayssl] stalled: worker {self.rank} got no batch for {seconds:.0f} s at step {self.step} "
+                    f"(limit {limit:.0f} s, run.stall_timeout): {self.worker.pending()}; {self._kept()}")
+            raise StallError(line)
 
     def _end_pass(self) -> None:
         self._batches.close()
@@ -349,7 +379,7 @@ class TrainRun:
         """The logged metrics of the step just taken (collectives: every rank computes them)."""
         step, s = self.step, self.schedules
         online = None
-        if self.online_every and step % self.online_every == 0 and step < self.total_steps:
+        if self.online_every and step % self.online_every == 0 and step < self.total_steps and not self.stopped:
             online = self.knn({"teacher": self.teacher})["teacher"]
         elapsed = time.time() - self.window_start
         return {"step": step, "epoch": step / self.steps_per_epoch,
@@ -365,8 +395,10 @@ class TrainRun:
     # ------------------------------------------------------------------ log
     def log(self, metrics: dict) -> None:
         """Progress line, weight check, collapse alarm, MLflow, and the report (with a state at
-        checkpoint steps and when the alarm stops the run)."""
-        checkpoint = self._checkpoint_step()
+        checkpoint steps, and when the alarm or the driver's stop request stops the run)."""
+        checkpoint = self._checkpoint_step() or self.stopped == SIGNALLED
+        if self.stopped == SIGNALLED:
+            metrics["stopped"] = SIGNALLED
         self.progress(self._progress(metrics), Progress(
             self.step, self.total_steps, metrics["epoch"], metrics["loss"], metrics["norm/mutual_information"],
             metrics["images_per_second"]))
@@ -419,10 +451,11 @@ class TrainRun:
             self.results["collapse"] = self.alarm.raised
         if self.stopped:
             self.results["stopped"] = self.stopped
-            self.say(f"[rayssl] stopped: {self.results['stop_reason']}")
+            if self.stopped != SIGNALLED:  # the driver's line says it, with the checkpoint
+                self.say(f"[rayssl] stopped: {self.results['stop_reason']}")
             if self.mlflow:
                 self.mlflow.tag("rayssl.stopped", self.results["stop_reason"])
-        if self.stopped not in FAILED_STOPS:  # the driver marks the MLflow run FAILED
+        if self.stopped not in (*FAILED_STOPS, SIGNALLED):  # the driver marks the MLflow run FAILED / KILLED
             self.results["train_seconds"], started = time.time() - self.started, time.time()
             if self.worker.knn_sets:
                 self.results["knn/teacher"] = self.knn({"teacher": self.teacher})["teacher"]
@@ -432,7 +465,7 @@ class TrainRun:
                 if self.budget:  # the final total, once (a restart logs the same value)
                     self.mlflow.param("train.total_steps", self.total_steps)
                 self._finish_tracking()
-        elif self.mlflow:  # what MLflow has not taken yet, delivered or kept; the driver marks the run FAILED
+        elif self.mlflow:  # what MLflow has not taken yet, delivered or kept; the driver marks the run's status
             self.mlflow.end(status=None)
         self.worker.report({"step": self.step, **self.results}, None)
         return {**self.results, "history": self.history}
