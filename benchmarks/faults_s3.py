@@ -50,7 +50,7 @@ OVERRIDES = ["data.train_limit=8192", "data.deterministic=true", "train.time_bud
              "tracking.log_model=false", "run.max_failures=0"]
 
 
-def s3_setup(work: Path):
+def s3_setup():
     """moto on 127.0.0.1, a bucket holding the Fashion-MNIST train shards, the proxy before it."""
     import boto3
     import pyarrow.fs
@@ -85,7 +85,7 @@ def run_row(row: str, window: float, limit: float, clean_wall: float | None, wor
     from rayssl.data import storage
     from rayssl.train.launch import pretrain
 
-    server, moto, bucket, proxy = s3_setup(work)
+    server, moto, bucket, proxy = s3_setup()
     name = f"{row}-{uuid.uuid4().hex[:6]}"
     tracking = f"sqlite:///{work}/mlflow.db"
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [

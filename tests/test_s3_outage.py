@@ -1,8 +1,9 @@
 """Object-store outages, through a loopback fault proxy (tests/fault_proxy.py) in front of moto.
 
 Without Ray: the proxy's modes, backoff through an outage, a shard read cut in the middle and
-resumed without a row lost or repeated, checkpoints never misread during an outage, and the one
-line past ``data.outage_limit_s``. With Ray (tiny runs, short windows and a scaled-down limit):
+resumed without a row lost or repeated, checkpoints never misread during an outage, the run
+folder's filesystem given to Ray Train riding out outages, and the one line past
+``data.outage_limit_s``. With Ray (tiny runs, short windows and a scaled-down limit):
 an outage during shard reads and one during a checkpoint upload ridden out in the same run, and
 an outage past the limit that stops the run, keeps the previous checkpoint the newest intact one
 and fails the MLflow run. ``benchmarks/faults_s3.py`` measures the 30-s rows by hand.

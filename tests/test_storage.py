@@ -118,6 +118,20 @@ def test_explain_never_shows_the_keys() -> None:
     assert "pw" not in str(err) and "user:***@127.0.0.1:1" in str(err)
 
 
+def test_an_unavailable_endpoint_is_not_taken_for_refused_keys() -> None:
+    """A 503 to a HEAD has no body ("No response body", as a 403 has): it must read as the
+    endpoint's outage, never as wrong credentials."""
+    s3 = storage.S3Options("http://127.0.0.1:1")
+    head = OSError("When getting information for key 'x' in bucket 'b': AWS Error UNKNOWN (HTTP status 503) "
+                   "during HeadObject operation: No response body.")
+    assert str(storage.explain("s3://b/x", head, s3)) == (
+        "s3://b/x: the endpoint http://127.0.0.1:1 answers 'service unavailable' (check data.endpoint_url / "
+        "AWS_ENDPOINT_URL)")
+    assert storage.transient(head) and storage.symptom(head) == "answering 'service unavailable'"
+    denied = OSError("AWS Error ACCESS_DENIED during HeadObject operation: HTTP response code: 403 No response body")
+    assert "access denied" in str(storage.explain("s3://b/x", denied, s3)) and not storage.transient(denied)
+
+
 def test_unreachable_endpoint_named(s3_server) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
