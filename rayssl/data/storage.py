@@ -35,6 +35,7 @@ import pyarrow.fs
 from pydantic import SecretStr
 
 from rayssl.config import MASK, ConfigError, DataConfig, mask_uri
+from rayssl.errors import find_cause
 
 RETRIES = 5  # attempts of the AWS SDK for one request (its own backoff: a few seconds in all)
 BACKOFF = (0.5, 4.0)  # seconds between tries through an outage: the first wait, the longest
@@ -402,19 +403,8 @@ def riding_out(fs: pyarrow.fs.FileSystem, options: S3Options | None) -> pyarrow.
     return pyarrow.fs.PyFileSystem(RidingOut(fs, options))
 
 
-def find_outage(err: BaseException | None, depth: int = 0) -> StorageOutage | None:
+def find_outage(err: BaseException | None) -> StorageOutage | None:
     """The ``StorageOutage`` behind an error raised by Ray (a failed training worker, a Ray Data
     task), found by type in its causes and worker failures, or by its one line in their text."""
-    if err is None or depth > 8:
-        return None
-    if isinstance(err, StorageOutage):
-        return err
-    inner = [err.__cause__, err.__context__, getattr(err, "cause", None)]
-    failures = getattr(err, "worker_failures", None)
-    inner += list(failures.values()) if isinstance(failures, dict) else []
-    for e in inner:
-        if isinstance(e, BaseException) and e is not err and (found := find_outage(e, depth + 1)):
-            return found
-    match = re.search(r"(s3://\S+: object storage [^\n]*? past data\.outage_limit_s=\S+; check [^\n]*?, the network)",
-                      str(err))
-    return StorageOutage(match.group(1)) if match else None
+    return find_cause(err, StorageOutage,
+                      r"(s3://\S+: object storage [^\n]*? past data\.outage_limit_s=\S+; check [^\n]*?, the network)")

@@ -17,7 +17,7 @@ then names ``data.cpus_per_task``. The run fails with that line (an elastic run 
 
 from __future__ import annotations
 
-import re
+from rayssl.errors import find_cause
 
 STALL_STEPS = 100  # a wait of this many step times is a stall, once the step time is known
 STALL_FLOOR_S = 30.0  # ... but never a wait shorter than this
@@ -87,18 +87,7 @@ def pending_line(data_cpus: float) -> str:
     return describe(tasks, groups, free, data_cpus)
 
 
-def find_stall(err: BaseException | None, depth: int = 0) -> StallError | None:
+def find_stall(err: BaseException | None) -> StallError | None:
     """The ``StallError`` behind an error Ray raised for a failed training worker: by type in its
     causes and worker failures, else by its line in their text."""
-    if err is None or depth > 8:
-        return None
-    if isinstance(err, StallError):
-        return err
-    inner = [err.__cause__, err.__context__, getattr(err, "cause", None)]
-    failures = getattr(err, "worker_failures", None)
-    inner += list(failures.values()) if isinstance(failures, dict) else []
-    for e in inner:
-        if isinstance(e, BaseException) and e is not err and (found := find_stall(e, depth + 1)):
-            return found
-    match = re.search(r"(\[rayssl\] stalled: [^\n]*)", str(err))
-    return StallError(match.group(1)) if match else None
+    return find_cause(err, StallError, r"(\[rayssl\] stalled: [^\n]*)")
