@@ -94,6 +94,9 @@ reliability:
                             (tags rayssl.stopped, rayssl.stopped_step); relaunch with the same run.name to resume.
                             A second signal exits at once. ray job stop SIGKILLs after RAY_JOB_STOP_WAIT_TIME_S (3 s):
                             submit with --runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "40"}}'.
+  run.storage_path          checkpoints and (by default) the MLflow store. A full disk stops the run at its next
+                            checkpoint with one line (exit code 1): that checkpoint is removed, the older ones stay
+                            intact; free space and relaunch with the same run.name to resume.
   run.stall_timeout         a worker that gets no batch this long (180 s; 100 step times once timed) ends the run
                             with one line naming what Ray cannot place (its pending demands), not a silent hang.
   data.cpus_per_task        CPUs each Ray Data task asks for; default the workers' share below 1 (0.5 here), so
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
 
+    from rayssl.checkpoint import DiskFull
     from rayssl.train.launch import pretrain
     from rayssl.train.step import NonFiniteError
     from rayssl.train.watchdog import StallError
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except ConfigError as err:  # inputs found wrong once Ray and the data are in reach
         parser.exit(2, f"error: {err}\n")
     except NonFiniteError as err:
+        parser.exit(1, f"stopped: {err}\n")
+    except DiskFull as err:  # a checkpoint run.storage_path's disk could not take; the older ones are intact
         parser.exit(1, f"stopped: {err}\n")
     except StallError as err:  # no batch within run.stall_timeout: the line names what Ray cannot place
         parser.exit(1, f"{err}\n")

@@ -14,6 +14,7 @@ or none, look like the newest intact one. Callers ride it out (``rayssl.data.sto
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -31,6 +32,25 @@ MANIFEST_FILE = "checkpoint.json"
 
 class CheckpointError(ValueError):
     """No intact checkpoint where one was expected; one line naming the folder."""
+
+
+class DiskFull(CheckpointError):
+    """A checkpoint its disk could not take (``disk_full``); one line naming the folder, the
+    step, the checkpoint's size and the space left."""
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk cannot take more: no space (ENOSPC), the user's quota
+    (EDQUOT) or a file-size limit (EFBIG, ``RLIMIT_FSIZE``)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(where: str, step: int, size: int, free: int | None) -> DiskFull:
+    """The ``DiskFull`` line: ``where`` could not take the ``size``-byte checkpoint of ``step``
+    (``free`` bytes left there, when known)."""
+    left = f", {free / 2**20:.1f} MB free" if free is not None else ""
+    return DiskFull(f"{where}: no space left on its disk for the checkpoint of step {step} "
+                    f"({size / 2**20:.1f} MB{left})")
 
 
 def save(state: dict, folder: str | Path) -> None:

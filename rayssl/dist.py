@@ -39,10 +39,11 @@ def all_max(x: Tensor) -> Tensor:
     return x
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Whether ``flag`` is true on any rank: one one-element all-reduce on ``device`` (the
-    backend's device: CUDA for NCCL). TrainRun's stop request, so every rank stops at one step."""
-    return bool(all_max(torch.tensor([float(flag)], device=device)).item())
+def largest(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest of a small integer over all ranks: one one-element all-reduce on ``device``
+    (the backend's device: CUDA for NCCL). TrainRun's stop code, so every rank stops at one step
+    for one reason."""
+    return int(all_max(torch.tensor([float(value)], device=device)).item())
 
 
 def sum_int(value: int) -> int:

@@ -60,11 +60,13 @@ def stretch(schedules: dict[str, np.ndarray], at: int, total: int) -> dict[str, 
     resampled so that its shape runs from ``at`` to the new last step, ending at its end value:
 
         v'(t) = v(at + (t - at) * (n - 1) / (n' - 1)),   n = len(v) - at,  n' = total - at
+
+    (one step left, n' = 1: its end value).
     """
     out = {}
     for name, v in schedules.items():
         n, n_new = len(v) - at, total - at
-        x = at + np.arange(n_new) * ((n - 1) / (n_new - 1) if n_new > 1 else 0.0)
+        x = at + np.arange(n_new) * ((n - 1) / (n_new - 1)) if n_new > 1 else np.full(n_new, len(v) - 1.0)
         out[name] = np.concatenate([v[:at], np.interp(x, np.arange(len(v)), v)])
     return out
 

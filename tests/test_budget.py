@@ -42,7 +42,8 @@ def test_budget_buys_the_steps_that_fit_the_time_left() -> None:
     # 600 s budget, 20 s already trained, at step 50, 0.5 s a step: 50 + (0.97 * 600 - 20) / 0.5
     assert budget_total(600, 20, 50, 0.5, cap_steps=10_000) == 50 + math.floor((MARGIN * 600 - 20) / 0.5) == 1174
     assert budget_total(600, 20, 50, 0.5, cap_steps=900) == 900  # train.epochs caps it
-    assert budget_total(600, 700, 50, 0.5, cap_steps=10_000) == 50  # spent already: stop where it is
+    assert budget_total(600, 700, 50, 0.5, cap_steps=10_000) == 51  # spent already: one step to end the schedules
+    assert budget_total(600, 700, 50, 0.5, cap_steps=50) == 50  # ... unless that is the cap
     # the same budget on a machine twice as fast buys twice the steps after the measured ones
     assert budget_total(600, 20, 50, 0.25, 10_000) - 50 == 2 * (budget_total(600, 20, 50, 0.5, 10_000) - 50)
 
@@ -111,3 +112,5 @@ def test_stretch_keeps_the_steps_before_and_the_shape_after() -> None:
         half = 450 + (total - 450) // 2  # half-way through the rest: half-way through the old rest's curve
         assert out[half] == pytest.approx(lr["lr"][450 + (1000 - 450) // 2], abs=2e-3)
     assert np.array_equal(stretch(lr, 450, 1000)["lr"], lr["lr"])  # the same total changes nothing
+    one = stretch(lr, 450, 451)["lr"]  # one step left: it takes the end value
+    assert len(one) == 451 and np.array_equal(one[:450], lr["lr"][:450]) and one[-1] == lr["lr"][-1]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import signal
 import threading
@@ -123,3 +124,52 @@ def test_nan_steps_are_skipped_up_to_the_bound_then_stop_the_run(ray_cluster, tm
                              f"tags.mlflow.runName = '{name}'")[0]
     assert run.info.status == "FAILED" and run.data.tags["rayssl.stopped"].startswith("non-finite")
 
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1,000 KiB tmpfs: room for the tiny run's first checkpoint (about 650 KB), not its second."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_keeps_the_checkpoint_and_a_relaunch_resumes(small_disk, shard_cache,
+                                                                               tmp_path) -> None:
+    """run.storage_path on a disk that fills at the second checkpoint (step 6): the run stops with
+    one line naming the folder, the step and the space, the checkpoint of step 3 intact and nothing
+    left of the one that did not fit; the MLflow run is FAILED. Once the disk has room, the same
+    run.name resumes from step 3, ends at step 12, and the MLflow run is the same one, FINISHED."""
+    import subprocess
+
+    import mlflow
+
+    name, store = f"full-{uuid.uuid4().hex[:6]}", f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(small_disk, shard_cache, name, *TINY_RUN, f"tracking.uri={store}")
+    with pytest.raises(checkpoints.DiskFull) as err:
+        pretrain(cfg)
+    message, run_dir = str(err.value), small_disk / name
+    assert "\n" not in message and message.startswith(f"{run_dir}: no space left on its disk for the checkpoint "
+                                                      "of step 6 ("), message
+    assert "the checkpoint of step 3 is intact" in message and message.endswith(f"run.name={name} to resume")
+    fs = pyarrow.fs.LocalFileSystem()
+    folders = checkpoints.candidates(fs, str(run_dir))  # a folder without its manifest would be listed too
+    assert len(folders) == 1 and posixpath.basename(folders[0]).endswith("_step0000003"), folders
+    assert final_state(run_dir)["step"] == 3
+    client = mlflow.MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("rayssl").experiment_id],
+                             f"tags.mlflow.runName = '{name}'")[0]
+    assert run.info.status == "FAILED" and run.data.tags["rayssl.stopped"].startswith(f"{run_dir}: no space left")
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    out = pretrain(cfg)
+    assert out["resumed_from_step"] == 3 and out["history"][-1]["step"] == 12
+    assert out["mlflow_run_id"] == run.info.run_id and client.get_run(run.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # one point per logged step, through both launches

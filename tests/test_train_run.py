@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rayssl.checkpoint import no_space
 from rayssl.config import load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.data.meta import DataMeta
@@ -131,6 +132,34 @@ def test_stop_request_finishes_the_step_checkpoints_it_and_resumes_exactly(data)
     a, b = straight[-2][1]["teacher"], resumed[-2][1]["teacher"]
     assert straight[-2][1]["step"] == resumed[-2][1]["step"] == 16
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_the_disk_cannot_take_stops_the_run_with_one_line(data) -> None:
+    """Rank 0's report raises ``DiskFull`` for the checkpoint of step 3 (after reporting its
+    metrics, as ``rayssl.train.loop.report`` does): the run trains one more step (every rank
+    learns of it in that step's collective), reports it without a checkpoint although step 4 is a
+    checkpoint step, and stops FAILED-bound (``disk_full``, no final k-NN) with one line that names
+    the intact checkpoint of step 2."""
+    reports: list = []
+
+    def report(metrics: dict, state: dict | None) -> None:
+        reports.append((metrics, copy.deepcopy(state)))
+        if state is not None and state["step"] == 3:
+            raise no_space("/data/runs/r1", 3, 3 * 2**20, 2**19)
+
+    w = worker(data, [])
+    w.report = report
+    out = TrainRun(config("train.checkpoint_every=1"), META, STEPS_PER_EPOCH, w).run()
+    assert [(m["step"], s and s["step"]) for m, s in reports[:-1]] == [(1, 1), (2, 2), (3, 3), (4, None)]
+    assert out["stopped"] == "disk_full" and "knn/teacher" not in out and reports[-1][1] is None
+    assert out["stop_reason"] == ("/data/runs/r1: no space left on its disk for the checkpoint of step 3 (3.0 MB, "
+                                  "0.5 MB free); the checkpoint of step 2 is intact: free space on that disk")
+    assert "\n" not in out["stop_reason"]
+
+    reports = []  # the last step's checkpoint: the run is done, it warns and keeps its final k-NN
+    last = TrainRun(config("train.checkpoint_every=1", "train.epochs=1"), META, 3, w).run()
+    assert "stopped" not in last and "knn/teacher" in last
+    assert last["checkpoint_error"].startswith("/data/runs/r1: no space left on its disk for the checkpoint of step 3")
 
 
 def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
@@ -303,7 +332,7 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert 40 < total == run.total_steps == out["history"][-1]["step"] < 800
     # the re-timings came exactly where due (whatever this machine's speed made of the totals)
     due, fitted, last = [], plan.first_total, 40
-    for step in range(41, total + 1):  # a re-timing may end the run at its own step (total == step)
+    for step in range(41, total + 1):
         if budget.refit_due(step, 40, fitted, len(due), last):
             due.append(step)
             fitted, last = dict(plan.refits)[step], step
@@ -312,7 +341,7 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert {len(v) for v in run.schedules.values()} == {total}
     expected = build_schedules(run.cfg, STEPS_PER_EPOCH, run.plan.global_batch, plan.first_total, hold_until=40)
     for at, fitted in plan.refits:
-        assert fitted >= at and np.array_equal(stretch(expected, at, fitted)["lr"][:at], expected["lr"][:at])
+        assert fitted > at and np.array_equal(stretch(expected, at, fitted)["lr"][:at], expected["lr"][:at])
         expected = stretch(expected, at, fitted)
     assert all(np.array_equal(run.schedules[k], expected[k]) for k in expected)
     assert run.stepper.schedules is run.schedules

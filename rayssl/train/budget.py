@@ -78,10 +78,11 @@ def measure_window(start_step: int, warmup_steps: int) -> tuple[int, int]:
 def budget_total(budget_s: float, spent_s: float, step: int, seconds_per_step: float, cap_steps: int,
                  reserve_s: float = 0.0) -> int:
     """T = ``step`` + the steps that fit ``MARGIN * budget_s - spent_s - reserve_s`` at
-    ``seconds_per_step``, at most ``cap_steps`` (``train.epochs``) and at least ``step`` (the
-    steps already taken)."""
+    ``seconds_per_step``, at most ``cap_steps`` (``train.epochs``) and at least one step more
+    than ``step`` (the steps already taken), so that the last step ends every schedule at its
+    end value; ``step`` itself when that is the cap."""
     left = max(MARGIN * budget_s - spent_s - reserve_s, 0.0)
-    return max(step, min(cap_steps, step + math.floor(left / seconds_per_step)))
+    return min(cap_steps, step + max(1, math.floor(left / seconds_per_step)))
 
 
 def refit_due(step: int, timed_until: int, total: int, done: int, last_fit: int) -> bool:

@@ -28,7 +28,7 @@ from rayssl import console, tracking
 from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
 from rayssl import checkpoint as checkpoints
-from rayssl.train.run import FAILED_STOPS, SIGNALLED
+from rayssl.train.run import DISK_FULL, FAILED_STOPS, SIGNALLED
 from rayssl.train.step import NonFiniteError
 from rayssl.train.watchdog import find_stall
 from rayssl.train.stop import JobStopped, StopSignals, Unfinished, exit_code
@@ -264,6 +264,8 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
         raise stopped(launch, settings, signals, out)
     if out.get("stopped") in FAILED_STOPS:
         tracking.finish(settings, failed=True)
+        if out["stopped"] == DISK_FULL:
+            raise checkpoints.DiskFull(f"{out['stop_reason']}; then relaunch with run.name={run_name(cfg)} to resume")
         raise (NonFiniteError if out["stopped"] == "nonfinite" else ConfigError)(out["stop_reason"])
     out["run_path"] = result.path
     if settings:
@@ -281,7 +283,9 @@ def stopped(launch: Launch, settings: tracking.MlflowRun | None, signals: StopSi
     name = run_name(cfg)
     folder = run_uri(cfg, f"{launch.path}/{name}")
     tags = {}
-    if out is not None:
+    if out is not None and out.get("checkpoint_error"):  # its checkpoint did not fit on the disk
+        text = f"stopped by {sig} at step {out['history'][-1]['step']}: {out['checkpoint_error']}"
+    elif out is not None:
         step = out["history"][-1]["step"]
         text = f"stopped by {sig} at step {step}: checkpoint of step {step} in {folder}"
         tags["rayssl.stopped_step"] = str(step)

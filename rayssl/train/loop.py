@@ -6,9 +6,11 @@ upload) and the run folder's checkpoints into a ``Worker``; the run itself knows
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,22 +74,39 @@ def report(metrics: dict, state: dict | None) -> str | None:
     returns the checkpoint's folder name in the run folder (None elsewhere).
 
     The state is written (``rayssl.checkpoint.save``: the file, then its manifest) to a
-    temporary folder that ``upload`` copies to ``run.storage_path`` before ``report`` returns
-    (synchronous upload); the folder is then removed. Beside it, ``RUN_FILE`` names the MLflow
-    run, so a relaunch finds it without loading the state.
+    temporary folder, which ``upload`` copies to ``run.storage_path``; ``report`` then names the
+    copy to Ray (``NO_UPLOAD``) and the folder is removed. Beside it, ``RUN_FILE`` names the MLflow
+    run, so a relaunch finds it without loading the state. A disk that cannot take the checkpoint
+    (``rayssl.checkpoint.disk_full``) leaves no folder: every rank still reports, so Ray's reports
+    stay in step, and then rank 0 raises ``DiskFull``.
     """
     with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
-        checkpoint = folder = None
+        checkpoint = folder = full = None
         if state is not None and ray.train.get_context().get_world_rank() == 0:
-            if state.get("tracking"):
-                (Path(tmp) / RUN_FILE).write_text(json.dumps(state["tracking"]))
-            checkpoints.save(state, tmp)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
             folder = f"checkpoint_{time.strftime('%Y-%m-%d_%H-%M-%S')}_step{state['step']:07d}"
-        options = s3_options(state["config"] if state is not None else {})
+            try:
+                checkpoint = upload(write(state, Path(tmp)), folder, state["step"], s3_options(state["config"]))
+            except checkpoints.DiskFull as err:
+                full, folder = err, None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder,
-                         checkpoint_upload_fn=lambda c, name: upload(c, name, options))
-        return folder
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    if full is not None:
+        raise full
+    return folder
+
+
+def write(state: dict, folder: Path) -> Path:
+    """The checkpoint's files in the local ``folder`` (``DiskFull`` naming it when its disk is full)."""
+    try:
+        if state.get("tracking"):
+            (folder / RUN_FILE).write_text(json.dumps(state["tracking"]))
+        checkpoints.save(state, folder)
+    except OSError as err:
+        if not checkpoints.disk_full(err):
+            raise
+        raise checkpoints.no_space(f"{folder} (the local copy; set TMPDIR to a larger disk)", state["step"],
+                                   sum(p.stat().st_size for p in folder.iterdir()), shutil.disk_usage(folder).free)
+    return folder
 
 
 def s3_options(config: dict) -> storage.S3Options:
@@ -98,24 +117,34 @@ def s3_options(config: dict) -> storage.S3Options:
                              outage_limit_s=data.get("outage_limit_s", storage.OUTAGE_LIMIT_S))
 
 
-def upload(checkpoint: ray.train.Checkpoint, name: str, options: storage.S3Options) -> ray.train.Checkpoint:
-    """Ray Train's ``checkpoint_upload_fn``: the checkpoint's files copied into the run folder's
-    ``name``, the manifest last, each retried through a storage outage up to
-    ``data.outage_limit_s`` (``rayssl.data.storage.ride_out``; past it ``StorageOutage``). A folder
-    cut short never holds a manifest that matches, so resume passes it over."""
+def upload(local: Path, name: str, step: int, options: storage.S3Options) -> ray.train.Checkpoint:
+    """The checkpoint's files (``local``) copied into the run folder's ``name``, the manifest last,
+    each retried through a storage outage up to ``data.outage_limit_s``
+    (``rayssl.data.storage.ride_out``; past it ``StorageOutage``). A folder cut short never holds
+    a manifest that matches, so resume passes it over. On a full disk the folder is removed and
+    ``DiskFull`` raised: the older checkpoints stay as they were."""
     context = ray.train.get_context().get_storage()
     dest = context.build_checkpoint_path_from_name(name)
     fs = storage.unwrapped(context.storage_filesystem)  # retried here, file by file, named as a checkpoint
     uri = storage.uri_of(fs, dest)
-    files = sorted(Path(checkpoint.path).iterdir(), key=lambda p: (p.name == checkpoints.MANIFEST_FILE, p.name))
+    files = sorted((p for p in local.iterdir() if p.is_file()),
+                   key=lambda p: (p.name == checkpoints.MANIFEST_FILE, p.name))
 
     def put(path: Path) -> None:
         with fs.open_output_stream(f"{dest}/{path.name}") as f:
             f.write(path.read_bytes())
 
-    storage.ride_out(lambda: fs.create_dir(dest), uri, options, "uploading a checkpoint")
-    for path in (p for p in files if p.is_file()):
-        storage.ride_out(lambda: put(path), uri, options, "uploading a checkpoint")
+    try:
+        storage.ride_out(lambda: fs.create_dir(dest), uri, options, "uploading a checkpoint")
+        for path in files:
+            storage.ride_out(lambda: put(path), uri, options, "uploading a checkpoint")
+    except OSError as err:
+        if not checkpoints.disk_full(err):
+            raise
+        with contextlib.suppress(OSError):
+            fs.delete_dir(dest)
+        free = shutil.disk_usage(posixpath.dirname(dest)).free if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
+        raise checkpoints.no_space(posixpath.dirname(uri), step, sum(p.stat().st_size for p in files), free) from None
     return ray.train.Checkpoint(path=dest, filesystem=context.storage_filesystem)
 
 

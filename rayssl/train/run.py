@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rayssl import dist
+from rayssl.checkpoint import DiskFull
 from rayssl.config import Config
 from rayssl.console import Progress
 from rayssl.data.meta import DataMeta
@@ -55,8 +56,9 @@ def say(line: str) -> None:
 
 
 _RAN_OUT = object()  # the end of a pass, told apart from a batch with no decodable image (None)
-FAILED_STOPS = ("nonfinite", "budget")  # stops that end the run FAILED, without the final k-NN
+FAILED_STOPS = ("nonfinite", "budget", "disk_full")  # stops that end the run FAILED, without the final k-NN
 SIGNALLED = "signal"  # the driver's stop request (rayssl.train.stop): a checkpoint, no final k-NN, KILLED
+DISK_FULL = "disk_full"  # a checkpoint its disk could not take (rayssl.checkpoint.DiskFull): no more checkpoints
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Worker:
       boundaries (one epoch with ``data.decode_on=data``: the next pass starts when it runs out);
       with ``data.deterministic`` it holds one, and each epoch boundary ends the pass;
     - ``report(metrics, state)``: called on every rank at each logged step; with a state,
-      rank 0 keeps it as a checkpoint;
+      rank 0 keeps it as a checkpoint, and raises ``DiskFull`` when its disk cannot take it;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
     - ``knn_sets()``: fresh ``(bank, queries)`` iterables of this worker's labelled batches, or
       None when the data has no labels (no k-NN);
@@ -144,6 +146,7 @@ class TrainRun:
         self.results: dict = {}
         self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
         self.stopped: str | None = None
+        self.disk_full: str | None = None  # rank 0: the checkpoint its disk could not take, until all ranks stop
         self.position = 0  # batches of the current pass consumed (data.deterministic: of the epoch, for resumes)
         self.skipped_before = 0
         self.fed = False  # whether this launch has had its first training batch
@@ -211,13 +214,16 @@ class TrainRun:
         return None
 
     def _stop_requested(self) -> bool:
-        """Whether the driver asked the run to stop (``Worker.stop_requested``, rank 0's answer):
-        one collective per step, so that every rank stops after the same step."""
-        why = self.worker.stop_requested() if self.rank == 0 else None
-        if not dist.any_rank(why is not None, self.worker.device):
-            return False
-        self._stop(SIGNALLED, f"{why or 'a signal'} at step {self.step}")  # the driver says the rest
-        return True
+        """Whether rank 0 stops the run: the driver asked it to (``Worker.stop_requested``), or its
+        last checkpoint did not fit on its disk. One collective per step, so that every rank stops
+        after the same step, for the same reason."""
+        why = self.worker.stop_requested() if self.rank == 0 and not self.disk_full else None
+        code = dist.largest(2 if self.disk_full else int(why is not None), self.worker.device)
+        if code == 2:
+            self._stop(DISK_FULL, self.disk_full or "rank 0's checkpoint did not fit on its disk")
+        elif code == 1:
+            self._stop(SIGNALLED, f"{why or 'a signal'} at step {self.step}")  # the driver says the rest
+        return code > 0
 
     def _one_step(self) -> None:
         self.student.train(), self.teacher.train()
@@ -396,7 +402,7 @@ class TrainRun:
     def log(self, metrics: dict) -> None:
         """Progress line, weight check, collapse alarm, MLflow, and the report (with a state at
         checkpoint steps, and when the alarm or the driver's stop request stops the run)."""
-        checkpoint = self._checkpoint_step() or self.stopped == SIGNALLED
+        checkpoint = (self._checkpoint_step() and self.stopped != DISK_FULL) or self.stopped == SIGNALLED
         if self.stopped == SIGNALLED:
             metrics["stopped"] = SIGNALLED
         self.progress(self._progress(metrics), Progress(
@@ -416,7 +422,16 @@ class TrainRun:
         self.history.append(metrics)
         if self.mlflow:
             self.mlflow.metrics(self.step, metrics)
-        self.worker.report(metrics, self.state_dict() if checkpoint else None)
+        try:
+            self.worker.report(metrics, self.state_dict() if checkpoint else None)
+        except DiskFull as err:  # rank 0 only: every rank stops after the next step (_stop_requested)
+            kept = f"the checkpoint of step {self.last_checkpoint} is intact" if self.last_checkpoint else \
+                "no checkpoint was saved"
+            self.disk_full = f"{err}; {kept}: free space on that disk"
+            if self.stopped:  # already stopping (the driver's signal): its line must not claim this checkpoint
+                self.results["checkpoint_error"] = self.disk_full
+                self.say(f"[rayssl] {self.disk_full}")
+            checkpoint = False
         self.last_checkpoint = self.step if checkpoint else self.last_checkpoint
         self._window()
 
@@ -449,6 +464,11 @@ class TrainRun:
             self._batches.close()
         if self.alarm.raised:
             self.results["collapse"] = self.alarm.raised
+        if self.disk_full and not self.stopped:  # the last step's checkpoint: the run itself is done
+            self.results["checkpoint_error"] = self.disk_full
+            self.say(f"[rayssl] WARNING {self.disk_full}")
+            if self.mlflow:
+                self.mlflow.tag("rayssl.checkpoint_error", self.disk_full)
         if self.stopped:
             self.results["stopped"] = self.stopped
             if self.stopped != SIGNALLED:  # the driver's line says it, with the checkpoint

@@ -3,7 +3,7 @@
 Driver side, ``StopSignals.run`` runs Ray Train's ``fit`` in a thread while the main thread
 holds SIGTERM and SIGINT. The first one becomes a *stop request*: a key in Ray's internal KV
 store, which rank 0 reads between steps (``StopPoll``, at most every ``POLL_SECONDS``). Every
-rank agrees on it with one collective (``rayssl.dist.any_rank``), finishes its step, and the
+rank agrees on it with one collective (``rayssl.dist.largest``), finishes its step, and the
 run writes a checkpoint of that step and returns ``stopped="signal"`` (``rayssl.train.run``).
 The driver waits ``run.stop_timeout`` seconds for that, and no longer: it then marks the MLflow
 run KILLED and the job exits 130 (SIGINT) or 143 (SIGTERM). A second signal ends the wait at once.
