@@ -11,6 +11,7 @@ trials) it writes to stdout as before. ``run.verbose=true`` (``--verbose``) show
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,33 @@ def quiet_ray_logs() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+    _short_node_deaths()
+
+
+def _short_node_deaths() -> None:
+    """A node whose raylet dies makes Ray print, on the driver's console and whatever
+    ``log_to_driver`` says, its first line ("Raylet is terminated ...") and the raylet's last log
+    lines (20-40 ``[state-dump]`` lines). The console keeps that first line; the whole message goes
+    to the ``ray`` logger (``rayssl-driver.log``). Wraps Ray's ``print_to_stdstream`` once."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "rayssl_short", False):
+        return
+
+    def printed(data: dict, ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any("[state-dump]" in line for line in lines):
+            for line in lines:
+                logging.getLogger("ray").warning("%s", line)
+            head = [re.sub(r"\s*Last \d+ lines of the Raylet logs:.*", "", line.split("\n", 1)[0]) for line in lines
+                    if line.strip() and not line.lstrip().startswith("[state-dump]")]
+            data = {**data, "lines": [f"{line} (the raylet's last log lines: rayssl-driver.log in Ray's log folder)"
+                                      for line in head[:1]]}
+        original(data, ignore_prefix)
+
+    printed.rayssl_short = True
+    ray_worker.print_to_stdstream = printed
 
 
 def driver_log(logs_dir: str | None) -> str | None:

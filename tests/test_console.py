@@ -60,9 +60,17 @@ def test_a_channel_whose_queue_is_gone_prints_instead(capsys) -> None:
     assert capsys.readouterr().out == "[rayssl] still here\n[rayssl] and again\n"
 
 
-def test_quiet_ray_logs_keeps_errors_on_the_console_and_everything_in_the_file(tmp_path) -> None:
+def test_quiet_ray_logs_keeps_errors_on_the_console_and_everything_in_the_file(tmp_path, monkeypatch,
+                                                                               capsys) -> None:
+    """Errors on the console, everything in the file; a dead node's message keeps its first line on
+    the console and its raylet's ``[state-dump]`` lines in the file; other lines pass unchanged."""
     import ray  # noqa: F401 - installs Ray's console handler on the "ray" logger
+    import ray._private.worker as ray_worker
     import ray.data
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # put back after
+    died = ("Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL by the user. "
+            "Last 20 lines of the Raylet logs:\n" + "\n".join(f"    [state-dump] \tHandler{i} - 1 total" for i in range(20)))
 
     logger = logging.getLogger("ray.rayssl_console_test")  # no handlers of its own: the "ray" logger's
     console = [h for h in logging.getLogger("ray").handlers
@@ -77,6 +85,9 @@ def test_quiet_ray_logs_keeps_errors_on_the_console_and_everything_in_the_file(t
         assert not ray.data.DataContext.get_current().enable_progress_bars
         logger.warning("a warning for the log file only")
         logger.error("an error for both")
+        ray_worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": ["a worker's own line"], "pid": 4242, "is_err": False},
+                                      ignore_prefix=False)
     finally:
         for h, (level, stream) in zip(console, saved):
             h.setLevel(level)
@@ -88,3 +99,9 @@ def test_quiet_ray_logs_keeps_errors_on_the_console_and_everything_in_the_file(t
     assert "an error for both" in screen.getvalue() and "a warning for the log file only" not in screen.getvalue()
     logged = (tmp_path / "rayssl-driver.log").read_text()
     assert "a warning for the log file only" in logged and "an error for both" in logged
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == 2 and "[state-dump]" not in shown[0] and "Last 20 lines" not in shown[0], shown
+    assert shown[0].endswith("Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL "
+                             "by the user. (the raylet's last log lines: rayssl-driver.log in Ray's log folder)")
+    assert shown[1].endswith("a worker's own line")
+    assert logged.count("[state-dump]") == 20
