@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast env data
+.PHONY: run test test-fast env env-peers data
 run: env data
 	$(PY) jobs/pretrain.py $(ARGS)
 
@@ -19,7 +19,7 @@ run: env data
 # the Ray tests mostly wait on Ray's processes. The fast tier's report follows the Ray tier's.
 # (pytest's exit code 5, "no tests collected", is fine for one tier when PYTEST_ARGS selects files.)
 # Then the multi-node tests, in a multi-node Ray cluster of their own (never two clusters at once).
-test: env data
+test: env-peers data
 	@nice -n 10 $(PY) -m pytest -q -p no:cacheprovider -m "not ray and not multinode" $(PYTEST_ARGS) > .test-fast.log 2>&1 & fast=$$!; \
 	$(PY) -m pytest -q -m ray --durations=10 $(PYTEST_ARGS); ray=$$?; \
 	$(PY) -m pytest -q -p no:cacheprovider -m multinode --durations=5 $(PYTEST_ARGS); nodes=$$?; \
@@ -27,7 +27,7 @@ test: env data
 	ok() { [ $$1 = 0 -o $$1 = 5 ]; }; ok $$ray && ok $$nodes && ok $$fast && [ $$ray$$nodes$$fast != 555 ]
 
 # The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...).
-test-fast: env data
+test-fast: env-peers data
 	$(PY) -m pytest -q -m "not ray and not multinode" $(PYTEST_ARGS)
 
 env: $(STAMP)
@@ -35,6 +35,13 @@ $(STAMP): pyproject.toml constraints.txt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The tests also run benchmarks/peers.py's arms on a few hundred images (tests/test_peers.py): lightly, the
+# peers extra, which `make run` does not need.
+env-peers: $(STAMP) $(VENV)/.installed-peers
+$(VENV)/.installed-peers: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,peers]'
 	touch $@
 
 data: $(FMNIST)
