@@ -99,6 +99,20 @@ def up_to_date(fs: pyarrow.fs.FileSystem, dest: str, source_fingerprint: str) ->
     return manifest if all(i.type == pyarrow.fs.FileType.File for i in infos) else None
 
 
+def reuse_or_clear(fs: pyarrow.fs.FileSystem, dest: str, destination: str, source_fingerprint: str, force: bool,
+                   progress) -> dict | None:
+    """A shard writer's first step: the existing manifest when it is ``up_to_date`` (and not
+    ``force``), said through ``progress``; else None, with the old manifest removed, so that it
+    never points at shards that are being rewritten."""
+    if not force and (manifest := up_to_date(fs, dest, source_fingerprint)) is not None:
+        progress(f"[make_shards] {destination}: up to date ({manifest['num_images']} images, "
+                 f"{len(manifest['shards'])} shards)")
+        return manifest
+    if fs.get_file_info(f"{dest}/{MANIFEST}").type == pyarrow.fs.FileType.File:
+        fs.delete_file(f"{dest}/{MANIFEST}")
+    return None
+
+
 def load_manifest(uri: str, s3: S3Options | None = None) -> dict:
     """The ``manifest.json`` of the shards at ``uri``; ``StorageError`` (one line) when missing."""
     fs, root = storage.resolve(uri, s3)

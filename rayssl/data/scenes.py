@@ -54,7 +54,7 @@ from PIL import Image
 
 from rayssl.config import ConfigError
 from rayssl.data import images, storage
-from rayssl.data.manifest import MANIFEST, build_manifest, fingerprint, up_to_date, write_json
+from rayssl.data.manifest import MANIFEST, build_manifest, fingerprint, reuse_or_clear, write_json
 from rayssl.data.shard_writer import COLUMNS, ROW_GROUP, row_id
 from rayssl.data.sources import load_idx, scan
 from rayssl.data.storage import S3Options
@@ -327,12 +327,8 @@ def build(fashion_mnist_dir: str, destination: str, split: str = "train", *, see
     source_fingerprint = fingerprint(f"{NAME}:{fashion_mnist_dir}", fingerprint_inputs, {**options, "split": split})
     fs, dest = storage.resolve(destination, s3)
     try:
-        if not force and (manifest := up_to_date(fs, dest, source_fingerprint)) is not None:
-            progress(f"[make_shards] {destination}: up to date ({manifest['num_images']} images, "
-                     f"{len(manifest['shards'])} shards)")
+        if (manifest := reuse_or_clear(fs, dest, destination, source_fingerprint, force, progress)) is not None:
             return manifest
-        if fs.get_file_info(f"{dest}/{MANIFEST}").type == pyarrow.fs.FileType.File:
-            fs.delete_file(f"{dest}/{MANIFEST}")
         fs.create_dir(dest, recursive=True)
         progress(f"[make_shards] {NAME}: {len(inputs.items)} {split} items of {fashion_mnist_dir} on "
                  f"{len(loaded)} photos -> {shards} shards in {destination}")

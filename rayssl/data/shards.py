@@ -25,7 +25,7 @@ import ray.data
 from rayssl.config import ConfigError
 from rayssl.data import images, storage
 from rayssl.data.manifest import (FORMAT_VERSION, MANIFEST, build_manifest, fingerprint, load_manifest,
-                                  up_to_date, write_json)
+                                  reuse_or_clear, write_json)
 from rayssl.data.shard_writer import COLUMNS, ShardJob, row_id, write_shard
 from rayssl.data.sources import IDX_FILES, Inputs, scan
 from rayssl.data.storage import S3Options
@@ -138,13 +138,8 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
     source_fingerprint = fingerprint(source, inputs, {**options, "split": split, "class_names": class_names})
     fs, dest = storage.resolve(destination, s3)
     try:
-        if not force and (manifest := up_to_date(fs, dest, source_fingerprint)) is not None:
-            progress(f"[make_shards] {destination}: up to date ({manifest['num_images']} images, "
-                     f"{len(manifest['shards'])} shards)")
+        if (manifest := reuse_or_clear(fs, dest, destination, source_fingerprint, force, progress)) is not None:
             return manifest
-        # The old manifest must never point at shards that are being rewritten.
-        if fs.get_file_info(f"{dest}/{MANIFEST}").type == pyarrow.fs.FileType.File:
-            fs.delete_file(f"{dest}/{MANIFEST}")
         plans = plan(inputs, target_shard_mb, min_shards)
         if start_ray is not None:
             start_ray()
