@@ -1,14 +1,14 @@
 """rayssl against a tuned peer: several arms, the same machine, data, backbone, batch and time.
 
     python benchmarks/peers.py --dataset fashion-mnist --budget 6m --seeds 0 1 2
-    python benchmarks/peers.py --dataset scenes --budget 6m --seeds 0 1 2 --arms rayssl_prior lightly_dino_example
+    python benchmarks/peers.py --dataset scenes --budget 6m --seeds 0 1 2 --arms rayssl_prior lightly_dino
     python benchmarks/peers.py --dataset fashion-mnist --seeds 0 1 2 --tuned lr=0.002 optimizer=adamw batch_norm=true
     python benchmarks/peers.py --dataset fashion-mnist --table          # the table of an existing JSON
     python benchmarks/peers.py --dataset fashion-mnist --split test --seeds 0 1 2 --arms rayssl_prior  # final figures, once
 
 Arms (the JSON keys), every one on rayssl's ``convnet4`` (``model.width=32``) at a global batch of 256:
 
-- ``lightly_dino_example``: lightly 1.6 as its DINO example writes it (DataLoader over PIL images,
+- ``lightly_dino``: lightly 1.6 as its DINO example writes it (DataLoader over PIL images,
   ``DINOTransform``, ``DINOProjectionHead(256, 512, 64, 2048, freeze_last_layer=1)``, ``DINOLoss``
   with its own centring, ``update_momentum`` on a ``cosine_schedule`` from 0.996 to 1, Adam at a
   constant 0.001, fp32, contiguous NCHW). Global crops only (``n_local_views=0``), as rayssl's default;
@@ -16,12 +16,12 @@ Arms (the JSON keys), every one on rayssl's ``convnet4`` (``model.width=32``) at
   defaults except the sizes. Normalised with the training set's mean and std.
 - ``lightly_dino_tuned``: the same code with the ``--tuned`` knobs (``TUNED``); without any it is
   not run and the JSON says so (it has no tuning yet).
-- ``lightly_loss_in_rayssl_harness``: rayssl's harness (below) with lightly's ``DINOLoss`` in place
+- ``lightly_loss_in_rayssl``: rayssl's harness (below) with lightly's ``DINOLoss`` in place
   of rayssl's objective, temperatures and centre momentum from the config: it isolates the objective.
 - ``rayssl_none``, ``rayssl_center``, ``rayssl_prior``, ``rayssl_sinkhorn``: rayssl's harness, as
   ``benchmarks/levers.py`` (Stepper, MultiCrop, objective, schedules; ``train.precision=auto``:
   bf16 on native-bf16 CPUs) with ``objective.mode=<mode>``, on the dataset's config.
-- ``rayssl_default_job`` (only when named in ``--arms``): ``jobs/pretrain.py`` itself (Ray Train, 2 workers, Ray Data) with
+- ``rayssl_default`` (only when named in ``--arms``): ``jobs/pretrain.py`` itself (Ray Train, 2 workers, Ray Data) with
   ``data.train_limit=50000`` and the budget as ``train.time_budget_scope=training``; its own k-NN
   (test split) is ignored: its final checkpoint's teacher is scored here like every other arm.
 
@@ -80,9 +80,9 @@ from rayssl.transforms import EvalPreprocess, MultiCrop  # noqa: E402
 TRAIN, BATCH, CLASSES, PRECISE_BN, CURVE_BANK = 50_000, 256, 10, 10_000, 10_000
 CONFIGS = {"fashion-mnist": ROOT / "configs/fashion_mnist.yaml", "scenes": ROOT / "configs/fashion_mnist_scenes.yaml"}
 MODES = ("none", "center", "prior", "sinkhorn")
-ARMS = ("lightly_dino_example", "lightly_loss_in_rayssl_harness", *(f"rayssl_{m}" for m in MODES),
-        "lightly_dino_tuned", "rayssl_default_job")
-# lightly_dino_tuned's knobs and the example's values (the lightly_dino_example arm)
+ARMS = ("lightly_dino", "lightly_loss_in_rayssl", *(f"rayssl_{m}" for m in MODES),
+        "lightly_dino_tuned", "rayssl_default")
+# lightly_dino_tuned's knobs and the example's values (the lightly_dino arm)
 TUNED = {"lr": 0.001, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.996, "output_dim": 2048,
          "batch_norm": False, "cj_strength": 0.5, "local_views": 0, "channels_last": False}
 CURVE_AT = (0.25, 0.5, 0.75)  # fractions of the budget (and the end)
@@ -435,7 +435,7 @@ def run_one(args, arm: str, seed: int) -> dict:
         return baselines(data, cfg, k)
     torch.manual_seed(seed)
     prep = None
-    if arm == "rayssl_default_job":
+    if arm == "rayssl_default":
         out, backbone, prep = run_job(args, data, seed)
     elif arm.startswith("lightly_dino"):
         knobs = {**TUNED, **(tuned_knobs(args.tuned) if arm == "lightly_dino_tuned" else {})}
@@ -466,20 +466,52 @@ def cpu() -> dict:
     return {"model": name, "avx512_bf16": "avx512_bf16" in info.split(), "cores": os.cpu_count()}
 
 
+RENAMED = {"lightly_dino_example": "lightly_dino", "lightly_loss_in_rayssl_harness": "lightly_loss_in_rayssl",
+           "rayssl_default_job": "rayssl_default"}  # the arms' names before 2026-12-06
+
+
 def load_results(args) -> dict:
-    """The JSON at ``--out`` (checked against this run's dataset, split, budget), or a new one."""
+    """The JSON at ``--out`` (checked against this run's dataset, split, budget), or a new one.
+    ``runs`` holds every arm x seed as it ran; ``arms`` is their summary, rebuilt at each save."""
     path = Path(args.out)
     if not path.exists():
-        return {"dataset": args.dataset, "split": args.split, "budget": args.budget, "limit": args.limit,
-                "cpu": cpu(), "baselines": None, "arms": {}}
-    results = json.loads(path.read_text())
+        return {"dataset": args.dataset, "split": args.split, "budget": args.budget,
+                "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
+                "runs": {}, "arms": []}
+    results = read(path)
     for key in ("dataset", "split", "budget", "limit"):
         if results.get(key) != getattr(args, key):
             raise SystemExit(f"{path}: {key} is {results.get(key)!r}, not {getattr(args, key)!r}; use another --out")
     return results
 
 
+def read(path: Path) -> dict:
+    """A results JSON, in today's layout (the first one kept ``arms`` -> seed -> run, by old names)."""
+    results = json.loads(path.read_text())
+    if isinstance(results["arms"], dict):
+        results["runs"] = {RENAMED.get(arm, arm): seeds for arm, seeds in results.pop("arms").items()}
+        results["budget_s"] = parse_duration(results["budget"])
+        results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
+    return results
+
+
+def summary(arm: str, seeds: dict) -> dict:
+    """One arm over its seeds: per-seed k-NN, mean and sample sd (None for one seed), linear probe
+    mean, img/s, training wall seconds and peak RSS (the process and its DataLoader workers)."""
+    runs = [seeds[s] for s in sorted(seeds, key=int)]
+    knn = [r["knn"] for r in runs]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return round(float(np.mean(values)), 4) if values else None
+    return {"name": arm, "seeds": [int(s) for s in sorted(seeds, key=int)], "knn": knn,
+            "knn_mean": round(float(np.mean(knn)), 4), "knn_sd": round(float(np.std(knn, ddof=1)), 4) if len(knn) > 1 else None,
+            "linear_mean": mean("linear"), "img_s": mean("images_per_second"), "wall_s": mean("train_seconds"),
+            "steps": mean("steps"), "peak_rss_mb": max(r.get("peak_rss_mb", 0) + r.get("loader_peak_rss_mb", 0) for r in runs)}
+
+
 def save(results: dict, path: str) -> None:
+    results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(results, indent=1) + "\n")
@@ -513,7 +545,7 @@ def drive(args) -> dict:
             results.setdefault("untuned", "lightly_dino_tuned: no --tuned knobs given, so no tuning yet; not run")
             print(f"[peers] {results['untuned']}", flush=True)
             continue
-        done = results["arms"].setdefault(arm, {})
+        done = results["runs"].setdefault(arm, {})
         for seed in args.seeds:
             if str(seed) in done:
                 if arm == "lightly_dino_tuned" and done[str(seed)]["knobs"] != knobs:
@@ -528,26 +560,24 @@ def drive(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- table and plot
-def _mean_std(values: list[float]) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
+def _pct(mean: float | None, sd: float | None = None) -> str:
+    if mean is None:
         return "-"
-    return f"{100 * np.mean(v):.1f} ± {100 * np.std(v, ddof=1):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}" if sd is not None else f"{100 * mean:.1f}"
 
 
 def table(results: dict) -> str:
-    """Markdown: arm, seeds, k-NN and linear probe (mean ± std over seeds, %), steps, img/s."""
+    """Markdown: arm, seeds, k-NN and linear probe (mean ± sd over seeds, %), steps, img/s, wall."""
     lines = [f"{results['dataset']}, {results['split']} split, {results['budget']} of training per arm, "
              f"{results['cpu']['model']} (avx512_bf16: {results['cpu']['avx512_bf16']})", "",
-             "| arm | seeds | k-NN % | linear % | steps | img/s |", "|---|---|---|---|---|---|"]
+             "| arm | seeds | k-NN % | linear % | steps | img/s | training wall s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in (results.get("baselines") or {}).items():
-        lines.append(f"| {name} | - | {100 * row['knn']:.1f} | {100 * row['linear']:.1f} | - | - |")
-    for arm, seeds in results["arms"].items():
-        rows = list(seeds.values())
-        if rows:
-            lines.append(f"| {arm} | {len(rows)} | {_mean_std([r['knn'] for r in rows])} | "
-                         f"{_mean_std([r['linear'] for r in rows])} | {np.mean([r['steps'] or 0 for r in rows]):.0f} | "
-                         f"{np.mean([r['images_per_second'] or 0 for r in rows]):.0f} |")
+        lines.append(f"| {name} | - | {_pct(row['knn'])} | {_pct(row['linear'])} | - | - | - | - |")
+    for a in results["arms"]:
+        lines.append(f"| {a['name']} | {len(a['seeds'])} | {_pct(a['knn_mean'], a['knn_sd'])} | "
+                     f"{_pct(a['linear_mean'])} | {a['steps'] or 0:.0f} | {a['img_s'] or 0:.0f} | "
+                     f"{a['wall_s'] or 0:.0f} | {a['peak_rss_mb']:.0f} |")
     if "untuned" in results:
         lines += ["", results["untuned"]]
     return "\n".join(lines)
@@ -561,7 +591,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, seeds in results["arms"].items():
+    for arm, seeds in results["runs"].items():
         curves = [r["curve"] for r in seeds.values() if r.get("curve")]
         if curves:
             n = min(len(c) for c in curves)
@@ -585,7 +615,7 @@ def main() -> None:
     p.add_argument("--budget", default="6m", help="training time per arm (6m, 90s): every arm gets the same")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:-1]),
-                   help="default: all but rayssl_default_job (Ray; name it to run it)")
+                   help="default: all but rayssl_default (Ray; name it to run it)")
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="val: the last 10k train images are the queries; test: final figures only, once")
     p.add_argument("--out", help="results JSON (default docs/benchmarks/peers-<dataset>.json; a PNG beside it)")
@@ -607,7 +637,7 @@ def main() -> None:
         return
     args.out = args.out or str(ROOT / f"docs/benchmarks/peers-{args.dataset}.json")
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        print(table(read(Path(args.out))))
         return
     parse_duration(args.budget)
     tuned_knobs(args.tuned)

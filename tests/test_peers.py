@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ["lightly_dino_example", "lightly_dino_tuned", "lightly_loss_in_rayssl_harness",
+ARMS = ["lightly_dino", "lightly_dino_tuned", "lightly_loss_in_rayssl",
         "rayssl_none", "rayssl_center", "rayssl_prior", "rayssl_sinkhorn"]
 
 
@@ -27,18 +27,41 @@ def test_peers_runs_every_arm_and_resumes(tmp_path, fashion_mnist_dir):
     out = tmp_path / "peers.json"
     first = peers(out, fashion_mnist_dir)
     results = json.loads(out.read_text())
-    assert set(results["arms"]) == set(ARMS)
-    for arm, seeds in results["arms"].items():
+    assert set(results["runs"]) == set(ARMS)
+    for arm, seeds in results["runs"].items():
         row = seeds["0"]
         assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0, (arm, row)
         assert math.isfinite(row["knn"]) and row["steps"] > 0 and row["images_per_second"] > 0, (arm, row)
         assert 1.5 <= row["train_seconds"] <= 10, (arm, row["train_seconds"])  # the budget, not more
         assert len(row["curve"]) >= 2 and row["curve"][-1][0] == row["train_seconds"], (arm, row["curve"])
-    assert results["arms"]["lightly_dino_tuned"]["0"]["knobs"]["output_dim"] == 256
-    assert "effective_clusters" in results["arms"]["rayssl_prior"]["0"]
+    assert results["runs"]["lightly_dino_tuned"]["0"]["knobs"]["output_dim"] == 256
+    assert "effective_clusters" in results["runs"]["rayssl_prior"]["0"]
+    # the summary the README's table reads: one entry per arm, its seeds' k-NN and their mean
+    assert [a["name"] for a in results["arms"]] == list(results["runs"]) and results["budget_s"] == 2
+    for a in results["arms"]:
+        assert set(a) >= {"name", "seeds", "knn", "knn_mean", "knn_sd", "linear_mean", "img_s", "wall_s", "peak_rss_mb"}
+        assert a["seeds"] == [0] and a["knn"] == [results["runs"][a["name"]]["0"]["knn"]]
+        assert a["knn_mean"] == round(a["knn"][0], 4) and a["knn_sd"] is None and a["peak_rss_mb"] > 0
     assert set(results["baselines"]) == {"raw_pixels", "random_init"}
     assert "| rayssl_prior | 1 |" in first and (tmp_path / "peers.png").stat().st_size > 0
 
     second = peers(out, fashion_mnist_dir)
     assert second.count("done, skipped") == len(ARMS)
     assert json.loads(out.read_text()) == results  # nothing re-ran
+
+
+def test_a_first_layout_json_reads_as_today_s_with_its_arms_renamed_and_summarised(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    run = {"knn": 0.8, "linear": 0.85, "steps": 10, "images_per_second": 100.0, "train_seconds": 60.0,
+           "peak_rss_mb": 500.0, "loader_peak_rss_mb": 100.0}
+    old = {"dataset": "fashion-mnist", "split": "val", "budget": "1m", "limit": None, "cpu": {},
+           "baselines": None, "arms": {"lightly_dino_example": {"0": run, "1": {**run, "knn": 0.9}}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    results = peers.read(path)
+    assert list(results["runs"]) == ["lightly_dino"] and results["budget_s"] == 60
+    (arm,) = results["arms"]
+    assert arm["name"] == "lightly_dino" and arm["knn"] == [0.8, 0.9] and arm["seeds"] == [0, 1]
+    assert arm["knn_mean"] == 0.85 and abs(arm["knn_sd"] - 0.0707) < 1e-4 and arm["peak_rss_mb"] == 600.0
