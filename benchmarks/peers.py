@@ -85,6 +85,16 @@ ARMS = ("lightly_dino", "lightly_loss_in_rayssl", *(f"rayssl_{m}" for m in MODES
 # lightly_dino_tuned's knobs and the example's values (the lightly_dino arm)
 TUNED = {"lr": 0.001, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.996, "output_dim": 2048,
          "batch_norm": False, "cj_strength": 0.5, "local_views": 0, "channels_last": False}
+# --tune: a careful lightly user's search on the validation split, one change at a time on top
+# of the best so far (kept when its k-NN beats it), in this order: speed first, then the knobs
+# the issue names (LR and optimizer, head BatchNorm, prototypes, teacher momentum, jitter)
+TUNE_STEPS = (("channels-last", {"channels_last": True}),
+              ("adamw, weight decay 0.04", {"optimizer": "adamw", "weight_decay": 0.04}),
+              ("lr 0.002", {"lr": 0.002}), ("lr 0.004", {"lr": 0.004}),
+              ("head BatchNorm", {"batch_norm": True}),
+              ("teacher momentum 0.99", {"momentum": 0.99}), ("teacher momentum 0.95", {"momentum": 0.95}),
+              ("jitter 1.0", {"cj_strength": 1.0}), ("jitter 1.25", {"cj_strength": 1.25}),
+              ("256 prototypes", {"output_dim": 256}))
 CURVE_AT = (0.25, 0.5, 0.75)  # fractions of the budget (and the end)
 
 
@@ -512,6 +522,10 @@ def summary(arm: str, seeds: dict) -> dict:
 
 def save(results: dict, path: str) -> None:
     results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
+    save_json(results, path)
+
+
+def save_json(results: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(results, indent=1) + "\n")
@@ -529,6 +543,47 @@ def launch(args, arm: str, seed: int) -> dict:
                *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else [])]
         subprocess.run(cmd, check=True)
         return json.loads(Path(f.name).read_text())
+
+
+def tune(args) -> dict:
+    """``TUNE_STEPS`` for ``lightly_dino_tuned`` (seed 0, ``--split val``), every probe written to
+    ``peers-<dataset>-tuning.json`` as it ends (a rerun resumes); the start is the example's knobs,
+    scored by the ``lightly_dino`` seed-0 run of ``--out`` when there is one (the same code)."""
+    path = Path(args.out).with_name(f"peers-{args.dataset}-tuning.json")
+    log = json.loads(path.read_text()) if path.exists() else {
+        "dataset": args.dataset, "split": args.split, "budget": args.budget, "seed": 0, "probes": []}
+    if (log["split"], log["budget"]) != (args.split, args.budget):
+        raise SystemExit(f"{path}: split {log['split']}, budget {log['budget']}; use the same or remove it")
+    main = read(Path(args.out)) if Path(args.out).exists() else {"runs": {}}
+    example = main["runs"].get("lightly_dino", {}).get("0")
+
+    def probe(label: str, knobs: dict) -> dict:
+        done = next((p for p in log["probes"] if p["knobs"] == knobs), None)
+        if done is None:
+            if label == "the example" and example is not None:
+                run = {**example, "from": Path(args.out).name}
+            else:
+                print(f"[peers] tuning: {label}", flush=True)
+                run = launch(argparse.Namespace(**{**vars(args), "tuned": [f"{k}={json.dumps(v)}" for k, v in knobs.items()]}),
+                             "lightly_dino_tuned", 0)
+            done = {"name": label, "knobs": knobs, "knn": run["knn"], "linear": run["linear"], "steps": run["steps"],
+                    "img_s": run["images_per_second"], **({"from": run["from"]} if "from" in run else {})}
+            log["probes"].append(done)
+            save_json(log, path)
+        return done
+
+    knobs = dict(TUNED)
+    best = probe("the example", knobs)["knn"]
+    for label, change in TUNE_STEPS[:args.tune_steps]:
+        found = probe(label, {**knobs, **change})
+        found["kept"] = found["knn"] > best
+        if found["kept"]:
+            knobs, best = found["knobs"], found["knn"]
+    log["best"], log["best_knn"] = knobs, best
+    save_json(log, path)
+    print(f"[peers] tuned: {' '.join(f'{k}={json.dumps(v)}' for k, v in knobs.items() if TUNED[k] != v)} "
+          f"(k-NN {100 * best:.1f} %, val)", flush=True)
+    return log
 
 
 def drive(args) -> dict:
@@ -629,6 +684,10 @@ def main() -> None:
     p.add_argument("--inline", action="store_true",
                    help="run the arms in this process (tests: no start-up per arm; peak RSS is then cumulative)")
     p.add_argument("--table", action="store_true", help="only print the table of --out")
+    p.add_argument("--tune", action="store_true",
+                   help="tune lightly_dino_tuned on the validation split (TUNE_STEPS, greedy; resumes) "
+                        "and print its --tuned knobs")
+    p.add_argument("--tune-steps", type=int, default=len(TUNE_STEPS), help="walk the first N steps only (tests)")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -641,6 +700,11 @@ def main() -> None:
         return
     parse_duration(args.budget)
     tuned_knobs(args.tuned)
+    if args.tune:
+        if args.split != "val":
+            raise SystemExit("--tune reads the validation split only (--split val)")
+        tune(args)
+        return
     results = drive(args)
     plot(results, str(Path(args.out).with_suffix(".png")))
     print(table(results))

@@ -65,3 +65,22 @@ def test_a_first_layout_json_reads_as_today_s_with_its_arms_renamed_and_summaris
     (arm,) = results["arms"]
     assert arm["name"] == "lightly_dino" and arm["knn"] == [0.8, 0.9] and arm["seeds"] == [0, 1]
     assert arm["knn_mean"] == 0.85 and abs(arm["knn_sd"] - 0.0707) < 1e-4 and arm["peak_rss_mb"] == 600.0
+
+
+def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, fashion_mnist_dir):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/peers.py"), "--dataset", "fashion-mnist", "--budget", "1s",
+           "--limit", "200", "--inline", "--loader-workers", "0", "--data-dir", fashion_mnist_dir,
+           "--out", str(out), "--tune", "--tune-steps", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = json.loads((tmp_path / "peers-fashion-mnist-tuning.json").read_text())
+    probes = log["probes"]
+    assert [p["name"] for p in probes] == ["the example", "channels-last", "adamw, weight decay 0.04", "lr 0.002"]
+    best = probes[0]["knn"]
+    for p in probes[1:]:  # the greedy rule, replayed from the log
+        assert p["kept"] == (p["knn"] > best), p
+        best = max(best, p["knn"]) if p["kept"] else best
+    assert log["best_knn"] == best and "tuned:" in done.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "tuning:" not in again.stdout  # every probe was done: none re-ran
