@@ -15,15 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayssl.config import ConfigError, load_config  # noqa: E402
+from rayssl.config import ConfigError, help_text, load_config  # noqa: E402
 
 ADVICE = """
 what it reports (results.json, and a table here):
   knn/top1_kK               weighted K-NN (T = eval.knn_temperature) of L2-normalised teacher backbone
                             features: data.source shards are the bank, data.eval_source the queries.
-                            eval.knn_train_limit caps the bank (ImageNet: 100k-200k is plenty).
+                            eval.knn_train_limit caps the bank.
                             The feature protocol, alike for every row: BatchNorm statistics recomputed
-                            on eval.precise_bn_images clean bank images (10k; 0 keeps training's), and
+                            on eval.precise_bn_images clean bank images (0 keeps training's), and
                             features centred by the bank mean before the L2 norm (eval.centre).
   linear/top1               logistic regression on frozen features, LR x weight decay picked on a
                             10 % validation split of the bank.
@@ -39,11 +39,19 @@ what it reports (results.json, and a table here):
   cluster/mutual_information, effective_clusters, empty_clusters
                             docs/theory.md section 6 over the whole evaluation set; a collapsed run
                             has I(X;K) near 0 and few effective clusters.
+
 overrides:
   data.*, eval.* change what is evaluated; model.* and objective.* must match the checkpoint.
   --actors N                feature-extraction actors (default: GPUs if any, else 1); each holds a
                             copy of the backbone; give Ray Data spare CPUs for decoding.
 """
+
+
+def epilog() -> str:
+    """What the job reports, then the data.* and eval.* keys, generated from the config model's
+    field descriptions."""
+    return (ADVICE + "\nthe data.* and eval.* keys (key: type = default, the model's; the checkpoint's config\n"
+            "gives their values unless overridden):\n\n" + help_text(sections=("data", "eval")))
 
 
 def baselines(results: dict) -> list[tuple[str, str]]:
@@ -67,8 +75,8 @@ def summary(results: dict, ks: tuple[int, ...]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a rayssl checkpoint on frozen features.",
-                                     epilog=ADVICE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint.pt, a checkpoint_* folder or a run folder (its latest); local or s3://")
     parser.add_argument("--output", help="folder for results.json, plots and exports (default: eval/<name>)")

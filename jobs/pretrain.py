@@ -19,98 +19,16 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayssl.config import ConfigError, load_config  # noqa: E402
+from rayssl.config import ConfigError, help_text, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
 
-TUNING = """
-data:
-  data.source               shards written by jobs/make_shards.py (local path or s3://bucket/prefix);
-                            'fashion-mnist' builds its shards once under data.cache_dir.
-  data.eval_source          labelled shards for the k-NN evaluation (needs labelled data.source too).
-  data.decode_on            data (default): decode + multi-crop in Ray Data CPU tasks, so GPU workers
-                            only train; give the cluster spare CPUs. worker: decode in the training
-                            process and crop on its device; try it when CPUs are scarce and GPUs idle.
-                            Watch data_wait_fraction: above ~0.1 the input pipeline is the bottleneck.
-  data.shuffle_buffer       rows per worker's local shuffle buffer (file order is shuffled each epoch);
-                            raise it when shards are sorted by class.
-  data.endpoint_url         MinIO/Ceph endpoint (or AWS_ENDPOINT_URL); credentials come from the
-                            AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, role).
-  data.image_size           decoded size before cropping; default: the shards' size, else 8/7 of
-                            augment.global_crop_size (256 for 224 crops).
 
-tuning advice:
-  objective.mode            prior (exact inverse cluster prior, default), center (DINO),
-                            sinkhorn (prior repeated objective.sinkhorn_iters times), none (collapses;
-                            a control). Watch norm/mutual_information: near 0 means collapse.
-  objective.teacher_temperature
-                            0.04 works; if I(X;K) falls or loss stalls early, lower it, or warm it
-                            up from objective.teacher_temperature_warmup over
-                            objective.teacher_temperature_warmup_epochs.
-  objective.num_clusters    K; 256-1024 for small data, 65536 for ImageNet. Too large a K for the
-                            batch leaves unused clusters (see norm/unused_clusters).
-  objective.prior_momentum  0 = per-batch prior; 0.9-0.99 smooths it when the global batch is small.
-  objective.scope           global (default): pi and the centre over every worker's batch, all-reduced.
-                            local: each worker's own batch; only for the ablation in docs/benchmarks.md.
-  augment.color_jitter      brightness/contrast strength s (torchvision ColorJitter(s, s, s/2, s/4)); 0.4 is
-                            DINO's. On Fashion-MNIST 0.4 scored 2.1 points of k-NN above 0.16 (docs/benchmarks.md).
-  model.head_norm           BatchNorm in the projection MLP: the convnet choice (+1.9 k-NN points on
-                            Fashion-MNIST); leave it off for ViTs, as DINO does.
-  train.precision           auto: bf16 on GPUs and on CPUs with AVX-512 BF16 / AMX (2x faster here at equal
-                            k-NN); fp32 elsewhere. Force fp32 if the loss goes non-finite.
-  optim.teacher_momentum    0.99 for short runs, 0.996 (DINO) for long ones; the EMA ends at
-                            optim.teacher_momentum_end.
-  optim.lr                  peak LR per 256 images (scaled by the global batch); lower it first if
-                            the loss goes non-finite.
-  train.time_budget         wall-clock time (90s, 12m, 8h), the default's way to size a run: after its first
-                            timed steps the run fixes its total steps (say "budget 14m for the job: 1,339
-                            steps (5.7 epochs) at 548 img/s, ...") and lays every schedule over it; at most
-                            train.epochs epochs. train.time_budget=null: exactly train.epochs epochs.
-                            A resumed or restarted run keeps the total it fixed (MLflow param train.total_steps).
-  train.time_budget_scope   job (the default config): the budget is the whole job, start to exit; the run
-                            subtracts the start-up and baselines it spent and keeps the baselines' k-NN time
-                            for the final one. training: the budget is training alone (sweeps: equal-time trials).
-  train.batch_size          per worker; the global batch is batch_size x accumulate_steps x workers
-                            (the max of an elastic range [min, max]: fewer workers accumulate more).
-  scaling.num_workers, scaling.use_gpu, scaling.cpus_per_worker
-                            one worker per GPU; on CPU, cpus_per_worker sets torch threads (and
-                            below 1 leaves room for Ray Data on small machines).
-  run.name                  relaunching with the same name resumes from its latest checkpoint.
-  tracking.uri              MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///<run.storage_path>/mlflow.db.
-                            On a multi-node cluster point it at an MLflow server (rank 0 may run on any node).
-  tracking.experiment, tracking.run_name, tracking.register_as (register the backbone as a model),
-  tracking.required=false   train on (with a warning) when the MLflow server is unreachable.
-  eval.every_epochs         online teacher k-NN (metric knn/teacher) every N epochs; each costs one pass
-                            over the bank (eval.knn_train_limit) and the queries (data.test_limit).
-  eval.precise_bn_images    every k-NN row's BatchNorm statistics are recomputed on this many clean bank
-                            images first (10k; held in memory: lower it for large images; 0 keeps
-                            training's); eval.centre=false turns off centring by the bank mean.
-
-reliability:
-  run.max_failures          restarts after a lost worker (preemption, OOM, dead node), each from the newest
-                            intact checkpoint (at most train.checkpoint_every steps are recomputed); -1: no limit.
-  run.stop_timeout          SIGTERM (ray job stop, a deleted RayJob) or Ctrl-C: the run finishes its step, writes a
-                            checkpoint and exits 143 / 130 within this many seconds (30), MLflow status KILLED
-                            (tags rayssl.stopped, rayssl.stopped_step); relaunch with the same run.name to resume.
-                            A second signal exits at once. ray job stop SIGKILLs after RAY_JOB_STOP_WAIT_TIME_S (3 s):
-                            submit with --runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "40"}}'.
-  run.storage_path          checkpoints and (by default) the MLflow store. A full disk stops the run at its next
-                            checkpoint with one line (exit code 1): that checkpoint is removed, the older ones stay
-                            intact; free space and relaunch with the same run.name to resume.
-  run.stall_timeout         a worker that gets no batch this long (180 s; 100 step times once timed) ends the run
-                            with one line naming what Ray cannot place (its pending demands), not a silent hang.
-  data.cpus_per_task        CPUs each Ray Data task asks for; default the workers' share below 1 (0.5 here), so
-                            reads fit beside fractional workers on small nodes.
-  train.skip_nonfinite      NaN/inf steps to skip (no update) before stopping; 0 stops at the first, keeping the
-                            last good checkpoint (exit code 1).
-  monitor.min_effective_clusters, monitor.min_mutual_information, monitor.patience
-                            collapse alarm: effective clusters (partial collapse; default 7) or I(X;K)
-                            (uniform collapse; 0.05 nats) of the normalised teacher below its threshold for
-                            monitor.patience logged steps warns and tags the MLflow run (rayssl.collapse);
-  monitor.stop_on_collapse  ... and stops the run (exit code 3).
-  data.deterministic        replayable data order (with data.decode_on=worker): a resumed run ends bitwise
-                            equal to an uninterrupted one on CPU. Slower; for debugging.
-"""
+def epilog() -> str:
+    """The config keys for ``--help``, generated from the config model's field descriptions."""
+    return ("config keys (key: type = default), in the --config YAML or as key=value overrides; the same\n"
+            "names are the MLflow params. The defaults are the model's: the --config file (default\n"
+            "configs/fashion_mnist.yaml) sets some of them.\n\n" + help_text())
 
 
 def final_report(cfg, results: dict, wall_seconds: float) -> str:
@@ -134,8 +52,7 @@ def final_report(cfg, results: dict, wall_seconds: float) -> str:
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """The job; ``started``: when it started (the process's first line), default now."""
     parser = argparse.ArgumentParser(
-        description="Distributed self-supervised pretraining by clustering (rayssl).",
-        epilog=TUNING, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="YAML config (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--verbose", action="store_true",

@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ADVICE = """
 space file (YAML, three sections; every key is checked before any trial starts):
-  sweep:   name, num_samples, max_concurrent_trials, metric, mode, search_alg (random | optuna |
-           hyperopt), time_budget_s, evaluations, grace_period, reduction_factor,
-           trial_cpu, storage_path, seed
+  sweep:   the sweep settings below (in the file without their sweep. prefix)
   fixed:   {dotted.key: value} for every trial, e.g. train.epochs: 2, data.train_limit: 20000
   space:   {dotted.key: {choice: [..]} | {grid: [..]} | {uniform: [lo, hi]} |
            {loguniform: [lo, hi]} | {randint: [lo, hi]} | {lograndint: [lo, hi]}}  (ints inclusive)
@@ -37,13 +35,13 @@ tuning advice:
   training, unless the space sets it) gives every trial the same training time, so a recipe that
   trains slower pays in steps; each trial times its own steps, so give trials that share CPUs a
   cluster where they run alone (max_concurrent_trials: 1 on a small machine). Equal steps: set
-  train.time_budget: null (the default config is sized by time). ASHA compares trials at each online k-NN evaluation
-  (sweep.evaluations per trial); without labels it ranks by norm/mutual_information, I(X;K) of
-  the normalised teacher. A trial whose effective clusters stay below monitor.min_effective_clusters
-  (or I(X;K) below monitor.min_mutual_information) for monitor.patience logged steps has collapsed
-  and stops itself (marked "collapse" in trials.csv).
-  Each trial reserves scaling.num_workers (its max) x scaling.cpus_per_worker CPUs (or GPUs); by default
-  as many trials run at once as the cluster fits, so a small cluster never deadlocks.
+  train.time_budget: null (the default config is sized by time). ASHA compares trials at each
+  online k-NN evaluation (sweep.evaluations per trial); without labels it ranks by
+  norm/mutual_information, I(X;K) of the normalised teacher. A trial whose effective clusters stay
+  below monitor.min_effective_clusters (or I(X;K) below monitor.min_mutual_information) for
+  monitor.patience logged steps has collapsed and stops itself (marked "collapse" in trials.csv).
+  Each trial reserves scaling.num_workers (its max) x scaling.cpus_per_worker CPUs (or GPUs); by
+  default as many trials run at once as the cluster fits, so a small cluster never deadlocks.
   Rerunning with the same sweep.name resumes an interrupted sweep (Tune's restore).
 
 outputs (in sweep.storage_path/NAME): trials.csv, best.yaml (ready to run:
@@ -52,9 +50,21 @@ outputs (in sweep.storage_path/NAME): trials.csv, best.yaml (ready to run:
 """
 
 
+def epilog() -> str:
+    """The advice, then the sweep settings and the config keys, generated from their models' field
+    descriptions."""
+    from rayssl.config import help_text
+    from rayssl.tune import SweepConfig
+
+    return (ADVICE + "\nsweep settings (the space file's sweep section, or sweep.key=value overrides):\n"
+            + help_text(SweepConfig, "sweep.")
+            + "\n\nconfig keys (key: type = default) for fixed, space and key=value overrides of the base "
+            "config;\nthe defaults are the model's, the --config file sets some of them:\n\n" + help_text())
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Hyperparameter sweep of rayssl pretraining (Ray Tune).",
-                                     epilog=ADVICE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/fashion_mnist.yaml"),
                         help="base pretraining config (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--space", default=str(ROOT / "configs/sweeps/temperatures_k.yaml"),

@@ -9,12 +9,17 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import annotated_types
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError,
                       field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 from rayssl.names import BACKBONES, MODES, SCOPES, TARGET_PRIORS
 from rayssl.train.budget import BudgetError, parse_duration
@@ -32,15 +37,23 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """Training and evaluation data: where the shards are, how they are decoded and fed."""
+
     source: str = Field("fashion-mnist", description=(
         "Training shards from jobs/make_shards.py: a local path or s3://bucket/prefix; "
-        "'fashion-mnist' shards the IDX files of data.fashion_mnist_dir into data.cache_dir once."))
+        "'fashion-mnist' shards the IDX files of data.fashion_mnist_dir into data.cache_dir once "
+        "('fashion-mnist-scenes': the same images pasted on photos, built there too)."))
     eval_source: str | None = Field(None, description=(
         "Labelled shards queried by the k-NN evaluation against the labelled training shards; "
         "default for fashion-mnist: its test split. Without labels on both, k-NN is skipped."))
-    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    fashion_mnist_dir: str = Field("/usr/share/datasets/fashion-mnist", description=(
+        "Folder holding the Fashion-MNIST IDX files (plain or .gz), read once by the fashion-mnist "
+        "sources of data.source to build their shards."))
     cache_dir: str = Field("~/.cache/rayssl", description="Where the fashion-mnist shards are built.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL.")
+    endpoint_url: str | None = Field(None, description=(
+        "S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL. Credentials come from the AWS "
+        "chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, role) unless data.access_key_id "
+        "and data.secret_access_key are set."))
     region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION.")
     outage_limit_s: PositiveFloat = Field(120.0, description=(
         "Seconds an object-storage outage (refused or cut connections, timeouts, 5xx answers) is ridden out "
@@ -51,14 +64,16 @@ class DataConfig(_Section):
         "Never logged: masked in MLflow params, artifacts and checkpoints."))
     secret_access_key: SecretStr | None = Field(None, description="S3 secret key (see data.access_key_id).")
     image_size: PositiveInt | None = Field(None, description=(
-        "Decoded square size (shorter side resized, centre crop) before multi-crop; default: the "
-        "shards' common size, else 8/7 of augment.global_crop_size."))
+        "Decoded square size in pixels (shorter side resized, centre crop) before multi-crop; default: the "
+        "shards' common size, else 8/7 of augment.global_crop_size (256 for 224 crops)."))
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: what the shards hold.")
     decode_on: Literal["data", "worker"] = Field("data", description=(
         "'data': decode and multi-crop in Ray Data CPU tasks, a Ray Data execution per epoch (GPU workers "
         "only train; for clusters with CPUs to spare); 'worker': the training worker decodes and crops its "
         "own batches, data.prefetch_batches ahead in a thread, and one Ray Data execution streams the "
-        "bytes of every epoch, so epoch boundaries cost no restart (CPU workers: the Fashion-MNIST configs)."))
+        "bytes of every epoch, so epoch boundaries cost no restart (CPU workers: the Fashion-MNIST configs; "
+        "on GPUs try it when CPUs are scarce and GPUs idle). Watch the metric data_wait_fraction: above "
+        "about 0.1 the input pipeline is the bottleneck."))
     prefetch_batches: int = Field(2, ge=0, description=(
         "Micro-batches each training worker turns into views ahead of the step, in a background thread "
         "(with decode_on=worker: the decoding and multi-crop too, spread over the epoch); 0: in the step. "
@@ -68,7 +83,9 @@ class DataConfig(_Section):
         "scaling.cpus_per_worker when below 1, else 1. In the workers' units, so a node that holds a "
         "fractional worker also holds a data task beside it (with 1 CPU per task, two 0.5-CPU workers "
         "on 1-CPU nodes leave no node for the reads: the run stalls)."))
-    shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (plus file order).")
+    shuffle_buffer: int = Field(1024, ge=0, description=(
+        "Rows in each worker's local shuffle buffer (the file order is shuffled each epoch too); raise it "
+        "when the shards are sorted by class."))
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
     test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
     deterministic: bool = Field(False, description=(
@@ -79,19 +96,30 @@ class DataConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    global_crop_size: PositiveInt = 28
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops: int = Field(2, ge=0)
-    local_crop_size: PositiveInt = 14
-    local_crop_scale: tuple[float, float] = (0.1, 0.4)
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    """Multi-crop views (DINO): two global crops for both networks, local crops for the student."""
+
+    global_crop_size: PositiveInt = Field(28, description=(
+        "Side in pixels of the two global views (random resized crops), seen by teacher and student."))
+    global_crop_scale: tuple[float, float] = Field((0.4, 1.0), description=(
+        "[min, max] fraction of the image's area a global crop covers, 0 < min <= max <= 1."))
+    local_crops: int = Field(2, ge=0, description=(
+        "Local views per image, seen by the student only; 0: global crops only (cheaper steps, as the "
+        "short CPU configs do)."))
+    local_crop_size: PositiveInt = Field(14, description=(
+        "Side in pixels of each local view; at most augment.global_crop_size."))
+    local_crop_scale: tuple[float, float] = Field((0.1, 0.4), description=(
+        "[min, max] fraction of the image's area a local crop covers, 0 < min <= max <= 1."))
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of each view.")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description=(
         "Random rotation of every crop, uniform in +-this many degrees (0: none)."))
     color_jitter: float = Field(0.4, ge=0.0, description=(
         "Colour jitter strength s, torchvision's ColorJitter(s, s, s/2, s/4) with p=0.8: brightness and "
-        "contrast factors in [1-s, 1+s]; 0.4 is DINO's. 0 disables it."))
-    blur_prob: float = Field(0.0, ge=0.0, le=1.0)
-    solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
+        "contrast factors in [1-s, 1+s]; 0.4 is DINO's. 0 disables it. The shipped Fashion-MNIST configs "
+        "use more (docs/benchmarks.md)."))
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Probability of a Gaussian blur of each global view (local views: half of it); 0: none."))
+    solarize_prob: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Probability of solarising the second global view only, as DINO does; 0: none."))
 
     @field_validator("global_crop_scale", "local_crop_scale")
     @classmethod
@@ -102,50 +130,101 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal[BACKBONES] = "convnet4"  # type: ignore[valid-type]
-    small_stem: bool = True
-    width: PositiveInt = 32
-    head_hidden_dim: PositiveInt = 512
-    head_bottleneck_dim: PositiveInt = 128
-    head_layers: PositiveInt = 3
+    """The network of student and teacher: a backbone, then a projection head and the prototypes."""
+
+    backbone: Literal[BACKBONES] = Field("convnet4", description=(  # type: ignore[valid-type]
+        "Backbone network: convnet4 (four 3x3 conv blocks, for small images such as Fashion-MNIST), "
+        "resnet18, resnet50, vit_tiny or vit_small."))
+    small_stem: bool = Field(True, description=(
+        "ResNets only: a 3x3 stride-1 stem conv without the stem max-pool, for small images; false: "
+        "the ImageNet stem (7x7 stride 2 and max-pool)."))
+    width: PositiveInt = Field(32, description=(
+        "convnet4 only: base channel count (the blocks have width, 2x, 4x, 8x it); ignored by ResNets "
+        "and ViTs."))
+    head_hidden_dim: PositiveInt = Field(512, description="Width of the projection MLP's hidden layers.")
+    head_bottleneck_dim: PositiveInt = Field(128, description=(
+        "Output size of the projection MLP, L2-normalised before the cluster prototypes."))
+    head_layers: PositiveInt = Field(3, description=(
+        "Linear layers of the projection MLP (GELU between them), the last projecting to "
+        "model.head_bottleneck_dim."))
     head_norm: bool = Field(False, description=(
         "BatchNorm1d after each hidden layer of the projection MLP (DINO's use_bn_in_head, the usual "
-        "choice for convnets)."))
+        "choice for convnets: the Fashion-MNIST configs turn it on); leave it off for ViTs, as DINO does."))
 
 
 class ObjectiveConfig(_Section):
-    mode: Literal[MODES] = "prior"  # type: ignore[valid-type]
-    num_clusters: int = Field(256, ge=2)
-    teacher_temperature: PositiveFloat = 0.04
-    teacher_temperature_warmup: PositiveFloat = 0.04
-    teacher_temperature_warmup_epochs: float = Field(0.0, ge=0.0)
-    student_temperature: PositiveFloat = 0.1
-    alpha: float = Field(1.0, ge=0.0)
-    target_prior: Literal[TARGET_PRIORS] = "uniform"  # type: ignore[valid-type]
-    target_prior_exponent: float = Field(1.0, ge=0.0)
-    prior_momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    sinkhorn_iters: PositiveInt = 3
+    """The clustering objective: how the teacher's posterior becomes the target, docs/theory.md."""
+
+    mode: Literal[MODES] = Field("prior", description=(  # type: ignore[valid-type]
+        "Teacher normalisation: prior (exact inverse cluster prior, the default), center (DINO's "
+        "centring), sinkhorn (prior repeated objective.sinkhorn_iters times), none (collapses; a "
+        "control). Watch norm/mutual_information: near 0 means collapse."))
+    num_clusters: int = Field(256, ge=2, description=(
+        "K, the number of cluster prototypes (the head's outputs); 256-1024 for small data, 65536 for "
+        "ImageNet. Too large a K for the global batch leaves clusters unused (see norm/unused_clusters); "
+        "a larger K wants a lower teacher temperature and a larger batch."))
+    teacher_temperature: PositiveFloat = Field(0.04, description=(
+        "tau_t of the teacher's softmax, after its warm-up. 0.04 works; if norm/mutual_information "
+        "(I(X;K)) falls or the loss stalls early, lower it, or warm it up from "
+        "objective.teacher_temperature_warmup over objective.teacher_temperature_warmup_epochs."))
+    teacher_temperature_warmup: PositiveFloat = Field(0.04, description=(
+        "Teacher temperature at the first step, moved linearly to objective.teacher_temperature over "
+        "objective.teacher_temperature_warmup_epochs."))
+    teacher_temperature_warmup_epochs: float = Field(0.0, ge=0.0, description=(
+        "Epochs of the teacher temperature's linear warm-up; 0: objective.teacher_temperature from the "
+        "first step."))
+    student_temperature: PositiveFloat = Field(0.1, description="tau_s of the student's softmax (DINO's 0.1).")
+    alpha: float = Field(1.0, ge=0.0, description=(
+        "Strength of the inverse prior in modes prior and sinkhorn: "
+        "log qt = log_softmax(z/tau_t - alpha log pi + log rho); 1: the exact inverse prior, 0: none."))
+    target_prior: Literal[TARGET_PRIORS] = Field("uniform", description=(  # type: ignore[valid-type]
+        "rho, the cluster marginal the normalisation aims at: uniform (1/K) or powerlaw "
+        "(rho_k proportional to k^-objective.target_prior_exponent)."))
+    target_prior_exponent: float = Field(1.0, ge=0.0, description=(
+        "Exponent of the powerlaw target prior; unused with uniform."))
+    prior_momentum: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "EMA momentum of the cluster prior pi in mode prior, folded in once per optimizer step: "
+        "0 = the per-batch prior; 0.9-0.99 smooths it when the global batch is small."))
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0, description=(
+        "EMA momentum of the centre in mode center (DINO's 0.9), updated once per optimizer step."))
+    sinkhorn_iters: PositiveInt = Field(3, description=(
+        "Normalisation steps of mode sinkhorn (Sinkhorn-Knopp iterations, each a prior step over the "
+        "global batch)."))
     scope: Literal[SCOPES] = Field("global", description=(  # type: ignore[valid-type]
         "Batch statistics of the normalisation (pi, centre, Sinkhorn marginals): global = all-reduced "
-        "over every worker (docs/theory.md section 3.4); local = each worker's own batch, an ablation only."))
+        "over every worker (docs/theory.md section 3.4); local = each worker's own batch, an ablation only "
+        "(docs/benchmarks.md)."))
 
 
 class OptimConfig(_Section):
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: PositiveFloat = Field(2e-3, description="Peak LR for a global batch of 256 (scaled linearly).")
-    min_lr: float = Field(1e-5, ge=0.0)
-    warmup_epochs: float = Field(0.5, ge=0.0)
-    weight_decay: float = Field(0.04, ge=0.0)
-    weight_decay_end: float = Field(0.2, ge=0.0)
+    """Optimizer and the per-step schedules of learning rate, weight decay and teacher momentum."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd with momentum 0.9.")
+    lr: PositiveFloat = Field(2e-3, description=(
+        "Peak LR for a global batch of 256 (scaled linearly by global batch / 256), reached after "
+        "optim.warmup_epochs, then a cosine to optim.min_lr; lower it first if the loss goes non-finite."))
+    min_lr: float = Field(1e-5, ge=0.0, description=(
+        "LR at the end of the cosine (not scaled by the batch); at most optim.lr."))
+    warmup_epochs: float = Field(0.5, ge=0.0, description="Epochs of the LR's linear warm-up from 0.")
+    weight_decay: float = Field(0.04, ge=0.0, description=(
+        "Weight decay at the first step, cosine to optim.weight_decay_end."))
+    weight_decay_end: float = Field(0.2, ge=0.0, description="Weight decay at the last step.")
     clip_grad: float = Field(3.0, ge=0.0, description="Max grad norm; 0 disables clipping.")
-    freeze_prototypes_epochs: float = Field(0.0, ge=0.0)
-    teacher_momentum: float = Field(0.99, ge=0.0, le=1.0)
-    teacher_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
-    accumulate_steps: PositiveInt = 1
+    freeze_prototypes_epochs: float = Field(0.0, ge=0.0, description=(
+        "Epochs during which the cluster prototypes (the head's last layer) get no update, as DINO's "
+        "freeze_last_layer; 0: never frozen."))
+    teacher_momentum: float = Field(0.99, ge=0.0, le=1.0, description=(
+        "Teacher EMA momentum at the first step, cosine to optim.teacher_momentum_end: 0.99 for short "
+        "runs, 0.996 (DINO) for long ones; lower (a faster teacher) for runs of a few epochs."))
+    teacher_momentum_end: float = Field(1.0, ge=0.0, le=1.0, description="Teacher EMA momentum at the last step.")
+    accumulate_steps: PositiveInt = Field(1, description=(
+        "Micro-batches per optimizer step (gradient accumulation); part of the global batch "
+        "(train.batch_size)."))
 
 
 class TrainConfig(_Section):
+    """Run length (epochs or a wall-clock budget), batch, logging, checkpoints, precision."""
+
     epochs: float = Field(2.0, gt=0.0, description=(
         "The run's length in epochs; with train.time_budget, the most it may train (the data stream "
         "holds this many epochs)."))
@@ -153,23 +232,33 @@ class TrainConfig(_Section):
         "Wall-clock time, e.g. 90s, 12m, 8h or 1h30m, of training (or of the whole job: "
         "train.time_budget_scope): the run times its first steps after warm-up, then fixes its total optimizer "
         "steps (MLflow param train.total_steps, kept by every checkpoint and resume) so that training "
-        "ends within the budget, at most train.epochs; every schedule spans that total. Gives trials "
-        "of a sweep equal time, whatever their speed. Unset: train.epochs decides."))
+        "ends within the budget, at most train.epochs; every schedule spans that total. A resumed or "
+        "restarted run keeps the total it fixed. Gives trials of a sweep equal time, whatever their speed. "
+        "Unset (null): exactly train.epochs."))
     time_budget_scope: Literal["training", "job"] = Field("training", description=(
         "What train.time_budget covers. training: the training steps only (equal-time sweep trials). "
-        "job: the whole job from its process's start to exit; the run subtracts the start-up and "
-        "baselines it spent and keeps back the final k-NN's time, measured by the baselines' k-NN."))
-    batch_size: PositiveInt = Field(128, description="Images per worker per micro-batch.")
+        "job (as configs/fashion_mnist.yaml sets it): the whole job from its process's start to exit; the run "
+        "subtracts the start-up and baselines it spent and keeps back the final k-NN's time, measured by the "
+        "baselines' k-NN."))
+    batch_size: PositiveInt = Field(128, description=(
+        "Images per worker per micro-batch. The global batch is train.batch_size x optim.accumulate_steps "
+        "x scaling.num_workers (the max of an elastic range: fewer workers accumulate more); optim.lr is "
+        "given per 256 of it."))
     steps_per_epoch: PositiveInt | None = Field(None, description="Default: dataset size / global batch.")
-    log_every: PositiveInt = 20
-    checkpoint_every: PositiveInt = 200
-    seed: int = 0
+    log_every: PositiveInt = Field(20, description=(
+        "Optimizer steps between logged metrics (console, MLflow) and the collapse monitor's checks."))
+    checkpoint_every: PositiveInt = Field(200, description=(
+        "Optimizer steps between checkpoints (one is also written at the end); a restart recomputes at "
+        "most this many steps."))
+    seed: int = Field(0, description=(
+        "Seed of the initial weights (the same on every worker) and, offset per worker, of the crops and "
+        "the data order."))
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
-        "bf16 autocast or fp32; auto = bf16 on a GPU and on CPUs with native bf16 (AVX-512 BF16 or AMX: "
-        "about 2x faster at equal accuracy), fp32 on other CPUs."))
+        "bf16 autocast or fp32; auto = bf16 on a GPU and on CPUs with native bf16 (AVX-512 BF16 or AMX), "
+        "fp32 on other CPUs (speed and accuracy: docs/benchmarks.md). Force fp32 if the loss goes non-finite."))
     skip_nonfinite: int = Field(0, ge=0, description=(
-        "Steps with a NaN/inf loss or gradient that may be skipped (no update) before the run stops; "
-        "0: stop at the first, keeping the last good checkpoint."))
+        "Steps with a NaN/inf loss or gradient that may be skipped (no update) before the run stops "
+        "(exit code 1); 0: stop at the first, keeping the last good checkpoint."))
 
     @field_validator("time_budget", mode="before")
     @classmethod
@@ -189,15 +278,21 @@ class TrainConfig(_Section):
 
 
 class ScalingConfig(_Section):
+    """The Ray cluster and the training workers: how many, what each reserves, where they go."""
+
     address: str | None = Field(None, description="Ray address; default: join a running cluster or start one.")
     num_workers: int | tuple[int, int] = Field(2, description=(
-        "Training workers: N, or an elastic range [min, max] (Ray Train elastic training): the run "
-        "starts with as many as the cluster can place, goes on with fewer after a node is lost and "
+        "Training workers (one per GPU): N, or an elastic range [min, max] (Ray Train elastic training): "
+        "the run starts with as many as the cluster can place, goes on with fewer after a node is lost and "
         "grows again when nodes join. The global batch stays train.batch_size x optim.accumulate_steps "
         "x max at any size (fewer workers accumulate more micro-batches)."))
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: float = Field(1.0, ge=0.0)
+    use_gpu: bool = Field(False, description=(
+        "Train on GPUs, scaling.gpus_per_worker per worker; false: CPU workers."))
+    cpus_per_worker: PositiveFloat = Field(1.0, description=(
+        "Logical CPUs each training worker reserves; on CPU it also sets the worker's torch threads (its "
+        "integer part, at least 1). Below 1 leaves room for Ray Data on small machines."))
+    gpus_per_worker: float = Field(1.0, ge=0.0, description=(
+        "GPUs each training worker reserves when scaling.use_gpu (a fraction shares a GPU)."))
     worker_resources: dict[str, PositiveFloat] = Field(default_factory=dict, description=(
         "Custom Ray resources each training worker needs besides CPU/GPU, e.g. {trainer: 1} to keep "
         "workers on nodes started with --resources='{\"trainer\": 1}' (one worker per such node)."))
@@ -240,9 +335,19 @@ class ScalingConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str | None = Field(None, description="Run name; relaunching with the same name resumes.")
-    storage_path: str = "~/rayssl_results"
-    max_failures: int = Field(0, ge=-1)
+    """The run's name, storage and reliability: resumes, restarts, stalls and stops."""
+
+    name: str | None = Field(None, description=(
+        "Run name; relaunching with the same name resumes from its latest checkpoint. Default: "
+        "rayssl-<objective.mode>-<date>-<time>."))
+    storage_path: str = Field("~/rayssl_results", description=(
+        "Where checkpoints go (a local folder, or s3://bucket/prefix: needed on a cluster of several "
+        "nodes) and, by default, the MLflow store. A full disk stops the run at its next checkpoint with "
+        "one line (exit code 1): that checkpoint is removed, the older ones stay intact; free space and "
+        "relaunch with the same run.name to resume."))
+    max_failures: int = Field(0, ge=-1, description=(
+        "Restarts after a lost worker (preemption, OOM, dead node), each from the newest intact "
+        "checkpoint (at most train.checkpoint_every steps are recomputed); 0: none, -1: no limit."))
     stall_timeout: PositiveFloat = Field(180.0, description=(
         "Seconds a training worker waits for its next batch before the run is declared stalled: it prints "
         "what Ray cannot place (its pending resource demands) and fails (an elastic run with "
@@ -250,57 +355,74 @@ class RunConfig(_Section):
         "times when that is shorter, never under 30 s."))
     stop_timeout: PositiveFloat = Field(30.0, description=(
         "Seconds a stopped job (SIGTERM: `ray job stop`, a deleted RayJob; SIGINT: Ctrl-C) has to finish "
-        "its step, write its checkpoint and let Ray Train end before it exits anyway (MLflow status KILLED "
-        "either way); `ray job stop` must wait longer: RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s) of at "
-        "least this plus 10 s."))
+        "its step, write its checkpoint and let Ray Train end before it exits anyway (exit code 143 / 130, "
+        "MLflow status KILLED, tags rayssl.stopped and rayssl.stopped_step); a second signal exits at once; "
+        "relaunch with the same run.name to resume. `ray job stop` must wait longer: "
+        "RAY_JOB_STOP_WAIT_TIME_S (Ray's default 3 s) of at least this plus 10 s, e.g. submit with "
+        "--runtime-env-json '{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"40\"}}'."))
     verbose: bool = Field(False, description=(
         "Show Ray's and Ray Data's logs on the console too; by default they go to Ray's log folder "
         "and the console shows rayssl's lines and one progress bar."))
 
 
 class EvalConfig(_Section):
-    knn_k: PositiveInt = 20
-    knn_temperature: PositiveFloat = 0.07
-    knn_train_limit: PositiveInt | None = None
-    baselines: bool = True
+    """k-NN evaluation of the teacher during and after pretraining, and its feature protocol."""
+
+    knn_k: PositiveInt = Field(20, description=(
+        "k of the weighted k-NN the pretraining job runs (online, final, baselines; metric knn/teacher); "
+        "jobs/evaluate.py takes its k values from --ks."))
+    knn_temperature: PositiveFloat = Field(0.07, description=(
+        "Temperature T of the weighted k-NN vote, exp(cosine / T) per neighbour (DINO's 0.07)."))
+    knn_train_limit: PositiveInt | None = Field(None, description=(
+        "Bank size of the k-NN: the first N labelled training images; default: all of them (ImageNet: "
+        "100k-200k is plenty)."))
+    baselines: bool = Field(True, description=(
+        "Also score the floors of every k-NN (and linear probe) number with the same protocol: raw pixels "
+        "and the network at its random initialisation (rows raw_pixels/*, random_init/*); false skips them."))
     precise_bn_images: int = Field(10_000, ge=0, description=(
         "Precise BatchNorm: before features are extracted, every network row (teacher, random init) gets "
         "its BatchNorm statistics recomputed on this many clean bank images (data.source, the evaluation "
         "preprocessing) instead of the running statistics of augmented training crops; 0 keeps those. "
-        "With eval.centre, chosen on the validation split: +0.47 points on average at the 30-minute "
-        "recipe's length, within noise at the 10-epoch default (docs/benchmarks.md, 'Sixth round'). "
+        "Chosen with eval.centre on the validation split (docs/benchmarks.md, 'Sixth round'). "
         "The images are held in memory while the statistics are computed: lower it for large images."))
     centre: bool = Field(True, description=(
         "Centre every k-NN row's features (raw pixels included) by the bank's mean before the L2 "
         "normalisation; non-negative pooled features otherwise crowd all cosines near 1."))
     every_epochs: float | None = Field(None, gt=0.0, description=(
-        "Online k-NN of the teacher every this many epochs (metric knn/teacher); default: only at the end."))
+        "Online k-NN of the teacher every this many epochs (metric knn/teacher); each costs one pass over "
+        "the bank (eval.knn_train_limit) and the queries (data.test_limit). Default: only at the end."))
 
 
 class MonitorConfig(_Section):
+    """The collapse alarm on the normalised teacher's cluster statistics."""
+
     min_effective_clusters: float = Field(7.0, ge=1.0, description=(
         "Collapse alarm, partial or one-cluster collapse: effective clusters of the normalised teacher "
-        "(norm/effective_clusters, exp H(K)) below this for monitor.patience logged steps. Collapsed "
-        "objective.mode=none runs sit at 2-4 from their 40th step; center runs settle at 11-18 (one logged "
-        "step at 6.6) and prior runs near K "
-        "(docs/benchmarks.md, '[5/5] The collapse alarm, calibrated'); keep it well below "
-        "objective.num_clusters and below the number of groups you expect in the data; 1 turns it off."))
+        "(norm/effective_clusters, exp H(K)) below this for monitor.patience logged steps warns and tags "
+        "the MLflow run (rayssl.collapse). Collapsed objective.mode=none runs fall to a few clusters, "
+        "center runs settle above the default and prior runs near K (calibration: docs/benchmarks.md, "
+        "'[5/5] The collapse alarm, calibrated'); keep it well below objective.num_clusters and below the "
+        "number of groups you expect in the data; 1 turns it off."))
     min_mutual_information: float = Field(0.05, ge=0.0, description=(
         "Collapse alarm, uniform collapse (every posterior flat, effective clusters near K): I(X;K) of "
         "the normalised teacher (norm/mutual_information, nats) below this for monitor.patience logged "
-        "steps. No calibration run went below 0.68 nats; 0 turns it off."))
+        "steps. Healthy calibration runs stay far above it (docs/benchmarks.md); 0 turns it off."))
     patience: PositiveInt = Field(10, description=(
         "Consecutive logged steps below a monitor threshold that raise the alarm; 10 at train.log_every=20 "
         "is 200 steps, less than the 234 of a Fashion-MNIST epoch."))
     stop_on_collapse: bool = Field(False, description=(
-        "On the alarm, stop the run early (checkpoint kept) instead of only warning and tagging it."))
+        "On the alarm, stop the run early (checkpoint kept, exit code 3) instead of only warning and "
+        "tagging it."))
 
 
 class TrackingConfig(_Section):
+    """MLflow tracking of runs, metrics and the trained backbone."""
+
     enabled: bool = Field(True, description="Record the run in MLflow.")
     uri: str | None = Field(None, description=(
         "MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///<run.storage_path>/mlflow.db "
-        "(~/rayssl_results/mlflow.db when run.storage_path is s3://). On a multi-node cluster use a server."))
+        "(~/rayssl_results/mlflow.db when run.storage_path is s3://). On a multi-node cluster use a server "
+        "(rank 0 may run on any node)."))
     experiment: str = Field("rayssl", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; default run.name.")
     required: bool = Field(True, description=(
@@ -398,6 +520,94 @@ def _known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds, or None for a leaf field."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """``(dotted key, pydantic FieldInfo)`` of every leaf field of ``model``, in declaration order
+    (the keys of ``_known_keys``)."""
+    out: list[tuple[str, FieldInfo]] = []
+    for name, field in model.model_fields.items():
+        section = _section(field.annotation)
+        out += config_fields(section, f"{prefix}{name}.") if section else [(f"{prefix}{name}", field)]
+    return out
+
+
+def _value_text(value: Any) -> str:
+    """``value`` as it would be written in YAML or on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, str) and (not value or value != value.strip()):
+        return repr(value)
+    return str(value)
+
+
+def _type_text(annotation: Any, metadata: list | tuple = ()) -> str:
+    """A field's type for people: ``float in [0, 1]``, ``data | worker``, ``int > 0 | null``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_text(args[0], [*args[1:], *metadata])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_type_text(a) for a in args if a is not type(None)]
+        return " | ".join(kinds + (["null"] if type(None) in args else []))
+    if origin is Literal:
+        return " | ".join(_value_text(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_text(a) for a in args) + "]"
+    if origin is list:
+        return "[" + (_type_text(args[0]) if args else "") + ", ...]"
+    if origin is dict:
+        return "{" + (f"{_type_text(args[0])}: {_type_text(args[1])}" if args else "") + "}"
+    text = "secret" if annotation is SecretStr else getattr(annotation, "__name__", str(annotation))
+    low = next(((f"{c.ge:g}", "[") for c in metadata if isinstance(c, annotated_types.Ge)),
+               next(((f"{c.gt:g}", "(") for c in metadata if isinstance(c, annotated_types.Gt)), None))
+    high = next(((f"{c.le:g}", "]") for c in metadata if isinstance(c, annotated_types.Le)),
+                next(((f"{c.lt:g}", ")") for c in metadata if isinstance(c, annotated_types.Lt)), None))
+    if low and high:
+        text += f" in {low[1]}{low[0]}, {high[0]}{high[1]}"
+    elif low:
+        text += (" >= " if low[1] == "[" else " > ") + low[0]
+    elif high:
+        text += (" <= " if high[1] == "]" else " < ") + high[0]
+    if any(isinstance(c, annotated_types.MinLen) and c.min_length == 1 for c in metadata):
+        text += ", non-empty"
+    return text
+
+
+def help_text(model: type[BaseModel] = Config, prefix: str = "", sections: typing.Iterable[str] | None = None,
+              width: int = 100) -> str:
+    """Every dotted key of ``model`` with its type, default and description, grouped by section
+    (a section's heading is its model's docstring): the ``--help`` epilog of the jobs, generated
+    from the field descriptions so that it never falls behind the model. ``sections``: only these
+    top-level sections; ``prefix``: put before every key (``sweep.`` for a sweep's settings)."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        section = _section(field.annotation)
+        if sections is not None and name not in sections:
+            continue
+        if section:
+            doc = (section.__doc__ or "").strip().splitlines()
+            lines += ["" if lines else None, f"{prefix}{name}:" + (f" {doc[0]}" if doc else "")]
+            lines += [help_text(section, f"{prefix}{name}.", width=width)]
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {prefix}{name}: {_type_text(field.annotation, field.metadata)} = {_value_text(default)}")
+        if field.description:
+            lines.append(textwrap.fill(" ".join(field.description.split()), width, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False))
+    return "\n".join(line for line in lines if line is not None)
 
 
 def _is_secret(loc: tuple) -> bool:

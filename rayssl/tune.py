@@ -42,7 +42,8 @@ class SweepConfig(BaseModel):
     metric: str = Field("auto", description=(
         "Metric ASHA and the best trial use; auto: knn/teacher with labelled data, else "
         "norm/mutual_information (label-free: I(X;K) of the normalised teacher, 0 when collapsed)."))
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description=(
+        "Whether sweep.metric is better high (max: k-NN accuracy) or low (min: a loss)."))
     num_samples: PositiveInt = Field(8, description="Trials (times the grid size, when the space has grids).")
     max_concurrent_trials: PositiveInt | None = Field(None, description="Default: as many as the cluster fits.")
     search_alg: Literal["random", "optuna", "hyperopt"] = Field("random", description=(
