@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh             # on a machine with one CUDA GPU
 #   bash benchmarks/gpu_check.sh --dry-run   # prints the plan, runs every step small on the CPU
+#   bash benchmarks/gpu_check.sh --dry-run pipeline   # only the named steps (any of the five below)
 #
 # Steps (each bounded by `timeout`; the script stops at the first failure and names it):
 #   1 cuda       CUDA, cuDNN, NCCL and bf16 available (torch), the GPU's name and memory
@@ -16,20 +17,28 @@
 #   5 objective  the objective's share (prior mode) of step 3's ResNet-50 step at K = 65,536
 #
 # GPU_CHECK_OVERRIDES="a.b=c ..." adds dotted config overrides to every rayssl config (steps 3-5).
-# Results: one line per step, "[gpu_check] <step>: ...", and $OUT (default /tmp/gpu_check).
+# Results: one line per step, "[gpu_check] <step>: ...", and $OUT (default $TMPDIR/gpu_check,
+# /tmp/gpu_check without TMPDIR).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-OUT="${OUT:-/tmp/gpu_check}"
-DRY=0
+OUT="${OUT:-${TMPDIR:-/tmp}/gpu_check}"
+DRY=0 ONLY=()
 read -r -a OVR <<< "${GPU_CHECK_OVERRIDES:-}"
-[[ "${1:-}" == "--dry-run" ]] && DRY=1
-[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { sed -n 2,19p "$0"; exit 0; }
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+    cuda|tests|step|pipeline|objective) ONLY+=("$arg") ;;
+    *) echo "[gpu_check] unknown argument '$arg' (--dry-run, --help, step names: see --help)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 GPU_CHECK_DRY=$DRY ROOT
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 GPU_CHECK_DRY=$DRY ROOT OUT
 
-step() {  # step NAME SECONDS CMD...: run it, or say which step failed
+step() {  # step NAME SECONDS CMD...: run it (unless other steps are named), or say which step failed
   local name=$1 limit=$2; shift 2
+  [[ ${#ONLY[@]} == 0 || " ${ONLY[*]} " == *" $name "* ]] || return 0
   echo "[gpu_check] $name: start (limit ${limit}s)"
   if ! timeout "$limit" "$@"; then echo "[gpu_check] $name: FAILED" >&2; exit 1; fi
 }
@@ -187,4 +196,4 @@ objective_s = timed(lambda: (objective.targets(logits, 0.04), objective.update_s
 print(f"[gpu_check] objective: K = {k}, {cfg.model.backbone}, batch {b}: step {1000 * step_s:.2f} ms, objective {1000 * objective_s:.2f} ms "
       f"= {objective_s / step_s:.1%} of the step ({device})")
 EOF
-echo "[gpu_check] all steps passed"
+echo "[gpu_check] ${ONLY[*]:-all steps} passed"

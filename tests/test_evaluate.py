@@ -176,7 +176,7 @@ def test_mismatched_config_and_bad_checkpoint_fail_clearly(tiny_run, tmp_path) -
 def test_feature_actor_sees_what_the_published_preprocessing_gives(tmp_path, channels: int) -> None:
     """No Ray: for the same image, the evaluator's features (and raw pixels) equal the published
     backbone on the published preprocessing, here with a non-square image to resize and crop."""
-    from rayssl.data.datasets import DataMeta
+    from rayssl.data.meta import DataMeta
 
     cfg = load_config(None, ["model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
                              "objective.num_clusters=32", "eval.baselines=true"])

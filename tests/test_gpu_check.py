@@ -11,9 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("cuda", "tests", "step", "pipeline", "objective")
 
 
-def dry_run(tmp_path: Path, overrides: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_CHECK_OVERRIDES": overrides}
-    return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run"], env=env,
+def dry_run(tmp_path: Path, overrides: str = "", *steps: str) -> subprocess.CompletedProcess:
+    """The dry run (of ``steps`` only, if named) in a clean environment, as ``env -i`` would
+    leave it: no ``OUT``, so the results go to the default, ``$TMPDIR/gpu_check`` in ``tmp_path``."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "TMPDIR": str(tmp_path),
+           "PYTHON": sys.executable, "GPU_CHECK_OVERRIDES": overrides}
+    return subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", *steps], env=env,
                           capture_output=True, text=True, timeout=400)
 
 
@@ -33,3 +36,17 @@ def test_a_broken_step_stops_the_check_and_is_named(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "[gpu_check] step: FAILED" in out.stderr and "tempreature" in out.stderr
     assert "all steps passed" not in out.stdout and "pipeline: start" not in out.stdout
+
+
+def test_the_pipeline_step_alone_in_a_clean_environment(tmp_path: Path) -> None:
+    """The pipeline step alone, the first that reads ``OUT`` (it failed with ``KeyError: 'OUT'``
+    when ``OUT`` came from the script's default rather than the caller's environment)."""
+    out = dry_run(tmp_path, "", "pipeline")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[gpu_check] pipeline: config checked" in out.stdout and "step: start" not in out.stdout
+    assert out.stdout.rstrip().endswith("[gpu_check] pipeline passed") and (tmp_path / "gpu_check").is_dir()
+
+
+def test_an_unknown_step_is_refused(tmp_path: Path) -> None:
+    out = dry_run(tmp_path, "", "pipline")
+    assert out.returncode == 2 and "unknown argument 'pipline'" in out.stderr and "start" not in out.stdout

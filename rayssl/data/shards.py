@@ -20,7 +20,6 @@ import time
 from typing import Callable
 
 import pyarrow.fs
-import ray.data
 
 from rayssl.config import ConfigError
 from rayssl.data import images, storage
@@ -85,6 +84,8 @@ def _task(row: dict, job: ShardJob) -> dict:
 
 def _run(plans: list[dict], job: ShardJob, progress: Callable[[str], None]) -> list[dict]:
     """Write every shard in its own Ray Data task; shard stats in shard order."""
+    import ray.data  # here only: planning, manifests and ``load_manifest`` need no Ray
+
     rows = [{"plan": json.dumps(p)} for p in plans]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(_task, fn_kwargs={"job": job})
     done, count, start = [], 0, time.monotonic()

@@ -16,8 +16,8 @@ from rayssl import checkpoint as checkpoints
 from rayssl.checkpoint import CHECKPOINT_FILE, CheckpointError
 from rayssl.config import Config, ConfigError
 from rayssl.data import storage
-from rayssl.data.datasets import DataMeta
-from rayssl.models import Encoder, build_encoder
+from rayssl.data.meta import DataMeta
+from rayssl.models import Encoder, initial_encoder
 from rayssl.transforms import EvalPreprocess
 
 
@@ -61,16 +61,11 @@ def read_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict:
     return state
 
 
-def _encoder(cfg: Config, meta: DataMeta) -> Encoder:
-    return build_encoder(cfg.model, meta.channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
-
-
 def random_init(cfg: Config, meta: DataMeta) -> Encoder:
-    """The encoder at training's initialisation (``torch.manual_seed(train.seed)``, then built, as
-    ``rayssl.train.loop`` does), eval mode, CPU; the caller's random state is left as it was."""
+    """The encoder at training's initialisation (``rayssl.models.initial_encoder``), eval mode, CPU;
+    the caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        return _encoder(cfg, meta).eval()
+        return initial_encoder(cfg, meta.channels).eval()
 
 
 def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder, Config, DataMeta]:
@@ -81,13 +76,13 @@ def teacher_from_state(state: dict, cfg: Config | None = None) -> tuple[Encoder,
     """
     cfg = cfg or Config.model_validate(state["config"])
     meta = DataMeta(**state["meta"])
-    teacher = _encoder(cfg, meta)
+    teacher = random_init(cfg, meta)
     try:
         teacher.load_state_dict(state["teacher"])
     except RuntimeError as err:
         detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise ConfigError(f"model: the checkpoint's weights do not fit this config ({detail[:160]})") from None
-    return teacher.eval(), cfg, meta
+    return teacher, cfg, meta
 
 
 def preprocessing(cfg: Config, meta: DataMeta) -> EvalPreprocess:

@@ -10,7 +10,8 @@ from torch import nn
 from rayssl.models.backbones import BACKBONES, build_backbone
 from rayssl.models.head import ClusterHead
 
-__all__ = ["BACKBONES", "ClusterHead", "Encoder", "build_backbone", "build_encoder", "ema_update", "make_teacher", "unwrap"]
+__all__ = ["BACKBONES", "ClusterHead", "Encoder", "build_backbone", "build_encoder", "ema_update",
+           "initial_encoder", "make_teacher", "unwrap"]
 
 
 class Encoder(nn.Module):
@@ -51,6 +52,15 @@ def build_encoder(model_cfg: Any, in_chans: int, image_size: int, num_clusters: 
         norm=model_cfg.head_norm,
     )
     return Encoder(backbone, head)
+
+
+def initial_encoder(cfg: Any, channels: int) -> Encoder:
+    """The encoder at training's initialisation, for ``channels``-channel images: the global torch
+    seed set to ``cfg.train.seed`` (the same weights on every worker), then ``cfg.model`` built at
+    ``cfg.augment.global_crop_size`` px with ``cfg.objective.num_clusters`` clusters. Training and
+    ``rayssl.eval.checkpoint`` both build through it; the random state is left as building left it."""
+    torch.manual_seed(cfg.train.seed)
+    return build_encoder(cfg.model, channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,58 @@
+"""Ray and MLflow stay at the edges: the core modules, and ``rayssl.load_backbone`` on a real
+checkpoint, import neither (checked in a fresh interpreter: this one may hold them already)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from rayssl import checkpoint
+from rayssl.config import load_config
+from rayssl.data.meta import DataMeta
+from rayssl.models import initial_encoder
+
+CORE = ("rayssl", "rayssl.checkpoint", "rayssl.config", "rayssl.console", "rayssl.data.meta",
+        "rayssl.data.shards", "rayssl.data.storage", "rayssl.eval.checkpoint", "rayssl.models",
+        "rayssl.transforms")
+EDGES = """
+def edges():
+    return sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow"))
+"""
+
+
+def run(code: str) -> dict:
+    """What ``code`` (with ``sys``, ``json`` and ``edges()`` at hand) prints as JSON."""
+    proc = subprocess.run([sys.executable, "-c", f"import json, sys\n{EDGES}\n{code}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_core_modules_import_no_ray() -> None:
+    assert run(f"for m in {CORE!r}: __import__(m)\nprint(json.dumps({{'edges': edges()}}))") == {"edges": []}
+
+
+def test_load_backbone_imports_no_ray(tmp_path) -> None:
+    cfg = load_config(None, ["model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+                             "objective.num_clusters=32"])
+    meta = DataMeta(4, 4, 1, 28, ("a", "b"), (0.3,), (0.35,))
+    teacher = initial_encoder(cfg, meta.channels)
+    checkpoint.save({"teacher": teacher.state_dict(), "config": cfg.redacted(mask=None), "meta": meta.to_dict(),
+                     "step": 3}, tmp_path)
+    out = run(f"""
+import rayssl
+rayssl.load_backbone
+named = edges()
+from PIL import Image
+import torch
+backbone, preprocess = rayssl.load_backbone({str(tmp_path)!r})
+with torch.no_grad():
+    features = backbone(preprocess(Image.new("L", (34, 40), 128))[None])
+print(json.dumps({{"named": named, "loaded": edges(), "shape": list(features.shape)}}))
+""")
+    with torch.no_grad():
+        dim = teacher.backbone.eval()(torch.zeros(1, 1, 28, 28)).shape[1]
+    assert out == {"named": [], "loaded": [], "shape": [1, dim]}
