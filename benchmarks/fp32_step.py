@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from rayssl.config import load_config  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.schedules import build_schedules  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer, cpu_has_bf16  # noqa: E402
 from rayssl.transforms import MultiCrop  # noqa: E402
@@ -39,7 +39,7 @@ def arm(cfg, batch: int, bf16: bool, channels_last: bool, steps: int, warmup: in
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=fmt)
     teacher = make_teacher(student)
-    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+    objective = ClusterObjective(cfg.objective)
     stepper = Stepper(student, teacher, objective, build_optimizer(student, cfg.optim),
                       build_schedules(cfg, 234, batch), cfg, 234, torch.device("cpu"), bf16)
     crops = MultiCrop(cfg.augment, 1, (0.286,), (0.353,))

@@ -74,7 +74,7 @@ import os, sys, time
 import torch
 sys.path.insert(0, os.environ["ROOT"])
 from rayssl.models import build_encoder, make_teacher
-from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.objective import ClusterObjective
 from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 
@@ -99,7 +99,7 @@ def model():
     return build_encoder(cfg.model, 3, g, k).to(device, memory_format=torch.channels_last)
 
 student = model()
-stepper = Stepper(student, make_teacher(student), ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump())),
+stepper = Stepper(student, make_teacher(student), ClusterObjective(cfg.objective),
                   build_optimizer(student, cfg.optim), build_schedules(cfg, 100, b), cfg, 100, device, True)
 def rayssl_step(i):
     stepper.micro_batch(views, i, True)
@@ -163,7 +163,7 @@ import os, statistics, sys, time
 import torch
 sys.path.insert(0, os.environ["ROOT"])
 from rayssl.models import build_encoder, make_teacher
-from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.objective import ClusterObjective
 from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 
@@ -172,7 +172,7 @@ from gpu_check_shapes import setup
 cfg, device, dry, views = setup(["objective.mode=prior", *sys.argv[1:]])
 b, g, l, k = cfg.train.batch_size, cfg.augment.global_crop_size, cfg.augment.local_crop_size, cfg.objective.num_clusters
 student = build_encoder(cfg.model, 3, g, k).to(device, memory_format=torch.channels_last)
-objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+objective = ClusterObjective(cfg.objective)
 stepper = Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim),
                   build_schedules(cfg, 100, b), cfg, 100, device, not dry)
 
@@ -192,7 +192,7 @@ def step():
 
 step_s = timed(step, 3 if dry else 20)
 logits = stepper.last_outputs[1]
-objective_s = timed(lambda: (objective.targets(logits, 0.04), objective.update_state()), 3 if dry else 50)
+objective_s = timed(lambda: objective.update_state([objective.targets(logits, 0.04).stat]), 3 if dry else 50)
 print(f"[gpu_check] objective: K = {k}, {cfg.model.backbone}, batch {b}: step {1000 * step_s:.2f} ms, objective {1000 * objective_s:.2f} ms "
       f"= {objective_s / step_s:.1%} of the step ({device})")
 EOF

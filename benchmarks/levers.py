@@ -32,7 +32,7 @@ from rayssl.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from rayssl.eval.protocol import bank_mean, precise_bn  # noqa: E402
 from rayssl.knn import knn_accuracy  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.schedules import build_schedules  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer, use_bf16  # noqa: E402
 from rayssl.transforms import MultiCrop  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     spe = FULL // batch
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
-    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+    objective = ClusterObjective(cfg.objective)
     if cfg.train.time_budget and not args.steps:
         p.error(f"the config is sized by train.time_budget ({cfg.train.time_budget}): give --steps, or "
                 "train.time_budget=null to train train.epochs")

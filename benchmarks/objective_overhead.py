@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from rayssl.config import load_config  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.schedules import build_schedules  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer  # noqa: E402
 
@@ -66,7 +66,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             student = build_encoder(cfg.model, 1, 28, k).to(memory_format=torch.channels_last)
             if world > 1:
                 student = torch.nn.parallel.DistributedDataParallel(student)
-            objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+            objective = ClusterObjective(cfg.objective)
             stepper = Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim),
                               build_schedules(cfg, 100, args.batch * world), cfg, 100,
                               torch.device("cpu"), False)
@@ -81,8 +81,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             logits = stepper.last_outputs[1]
 
             def normalise() -> None:
-                objective.targets(logits, 0.04)
-                objective.update_state()
+                objective.update_state([objective.targets(logits, 0.04).stat])
 
             objective_s = timed(normalise, args.repeats * 5)
             rows.append({"num_clusters": k, "mode": mode, "step_ms": 1000 * step_s,

@@ -71,7 +71,7 @@ from rayssl.eval.metrics import linear_probe  # noqa: E402
 from rayssl.eval.protocol import bank_mean, precise_bn  # noqa: E402
 from rayssl.knn import knn_accuracy  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.schedules import build_schedules, stretch  # noqa: E402
 from rayssl.train.budget import MARGIN, budget_total, measure_window, parse_duration, refit_due  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer, use_bf16  # noqa: E402
@@ -282,7 +282,7 @@ def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int) -> tuple[dic
     student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     obj = cfg.objective
-    spec = ObjectiveSpec.from_mapping({**obj.model_dump(), **({"mode": "center"} if arm.startswith("lightly") else {})})
+    spec = obj.model_copy(update={"mode": "center"}) if arm.startswith("lightly") else obj
     budget = Budget(budget_s, max(round(cfg.optim.warmup_epochs * spe), round(obj.teacher_temperature_warmup_epochs * spe)),
                     round(cfg.train.epochs * spe), lambda total, hold: build_schedules(cfg, spe, BATCH, total, hold))
     bf16 = use_bf16(cfg.train.precision, torch.device("cpu"))

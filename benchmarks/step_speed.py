@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayssl.config import load_config  # noqa: E402
+from rayssl.config import ObjectiveConfig, load_config  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.transforms import MultiCrop  # noqa: E402
 
 
@@ -48,14 +48,14 @@ def main() -> None:
     for layout in (torch.contiguous_format, torch.channels_last):
         student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters).to(memory_format=layout)
         teacher = make_teacher(student)
-        objective = ClusterObjective(ObjectiveSpec(num_clusters=cfg.objective.num_clusters))
+        objective = ClusterObjective(ObjectiveConfig(num_clusters=cfg.objective.num_clusters))
         opt = torch.optim.AdamW(student.parameters())
         v = [x.contiguous(memory_format=layout) for x in views]
 
         def step() -> None:
             with torch.no_grad():
                 t = teacher(v[:2])
-            objective(student(v), t, 0.04).backward()
+            objective(student(v), t, 0.04)[0].backward()
             opt.step()
             opt.zero_grad()
 

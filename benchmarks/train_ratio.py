@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from rayssl.config import load_config  # noqa: E402
 from rayssl.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective, ObjectiveSpec  # noqa: E402
+from rayssl.objective import ClusterObjective  # noqa: E402
 from rayssl.schedules import build_schedules  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer  # noqa: E402
 from rayssl.transforms import MultiCrop  # noqa: E402
@@ -47,7 +47,7 @@ def plain_loop(cfg, images: np.ndarray, steps: int) -> list[float]:
     b, device = cfg.train.batch_size, torch.device("cpu")
     student = build_encoder(cfg.model, 1, cfg.augment.global_crop_size, cfg.objective.num_clusters)
     student = student.to(memory_format=torch.channels_last)
-    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+    objective = ClusterObjective(cfg.objective)
     schedules = build_schedules(cfg, steps, b)
     stepper = Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim), schedules,
                       cfg, steps, device, False)

@@ -19,18 +19,24 @@ The modes form one family (docs/theory.md §5):
 Every global statistic is a *sum* and a *count* all-reduced separately (``rayssl.dist``: all
 ranks together when a process group is up, the identity otherwise), so W workers with unequal batches
 give exactly what one process gives on the concatenated batch. Nothing here knows about Ray.
+
+Training's entry point is ``ClusterObjective.forward`` (``targets``, then ``cross_entropy_loss``),
+once per micro-batch; ``ClusterObjective.update_state`` folds the step's batch statistics into the
+state once per optimizer step, the one function here that changes anything (docs/theory.md §8).
+The settings are ``rayssl.config.ObjectiveConfig``, the ``objective.*`` section of the config.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from rayssl import dist
-
+from rayssl.config import ObjectiveConfig  # the one definition of the objective's settings (pydantic only)
 from rayssl.names import MODES, SCOPES, TARGET_PRIORS  # noqa: F401 - the objective's choices, by name
 
 
@@ -56,7 +62,7 @@ def global_log_sum_exp(log_x: Tensor, local: bool = False) -> tuple[Tensor, Tens
     local_max = log_x.amax(dim=0) if log_x.shape[0] else torch.full_like(log_x[0:1].sum(0), -math.inf)
     m = global_max(local_max.detach(), local).clamp_min(torch.finfo(log_x.dtype).min)
     # Terms are floored at sqrt(smallest normal float) (1e-19 in float32): each column's sum holds
-    # exp(0) = 1, which absorbs them, and exp near the subnormal range is ~4x slower on x86 CPUs.
+    # exp(0) = 1, which absorbs them, and exp near the subnormal range is much slower on x86 CPUs.
     shifted = (log_x - m).clamp_min(math.log(torch.finfo(log_x.dtype).tiny) / 2)
     packed = torch.cat([torch.exp(shifted).sum(dim=0), log_x.new_tensor([log_x.shape[0]])])
     packed = global_sum(packed, local)
@@ -119,7 +125,7 @@ def prior_targets(log_q: Tensor, log_pi: Tensor, log_rho: Tensor, alpha: float =
 
     Computed with ``softmax`` (one fused pass) rather than ``exp`` of the log result: most
     log-probabilities at tau_t = 0.04 lie below log(FLT_MIN), where ``exp`` makes subnormals,
-    ~4x slower on x86 CPUs (docs/benchmarks.md, objective overhead).
+    much slower on x86 CPUs (docs/benchmarks.md, objective overhead).
     """
     return torch.softmax(log_q + (log_rho - alpha * log_pi), dim=-1)  # the K-vector first: one pass less
 
@@ -244,123 +250,136 @@ def jensen_gap(log_q: Tensor) -> Tensor:
     return global_log_prior(log_q) - global_mean(log_q)
 
 
-# --------------------------------------------------------------------------- stateful module
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """The objective's hyperparameters (a view of ``objective.*`` in the config)."""
+# --------------------------------------------------------------------------- the objective with its state
+class TeacherTargets(NamedTuple):
+    """What ``ClusterObjective.targets`` returns for teacher logits z (Vt, B, K).
 
-    mode: str = "prior"
-    num_clusters: int = 1024
-    student_temperature: float = 0.1
-    alpha: float = 1.0
-    target_prior: str = "uniform"
-    target_prior_exponent: float = 1.0
-    prior_momentum: float = 0.0
-    center_momentum: float = 0.9
-    sinkhorn_iters: int = 3
-    scope: str = "global"
+    - ``qt``: the normalised targets (Vt, B, K), no gradient (docs/theory.md §5);
+    - ``stat``: the micro-batch's statistic for ``ClusterObjective.update_state``, already
+      all-reduced over the global batch (``objective.scope=local``: this worker's rows):
+      ``center``: ``c_batch = sum_i z_i / N``; ``prior``: ``log pi_used``
+      (docs/theory.md §3.5); ``none`` and ``sinkhorn``: ``None`` (no state).
+    """
 
-    @classmethod
-    def from_mapping(cls, values: dict) -> "ObjectiveSpec":
-        """The spec from ``objective.*`` config values (other keys, e.g. temperatures' schedule, ignored)."""
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+    qt: Tensor
+    stat: Tensor | None
 
 
 class ClusterObjective(nn.Module):
-    """Loss with its state: the EMA centre (``center``) and the EMA log prior (``prior``).
+    """The loss of docs/theory.md §1 with its state: the EMA centre (``center``, §4) and the EMA
+    log prior (``log_prior_ema``, §3.5), in buffers, so a checkpoint of ``state_dict`` carries them.
+    ``cfg`` is the ``objective.*`` section of the config (``rayssl.config.ObjectiveConfig``).
 
-    The state lives in buffers, so a checkpoint of this module's ``state_dict`` carries it.
-    ``forward`` uses the state and *accumulates* the batch statistics of every micro-batch;
-    ``update_state`` folds them into the EMA once per optimizer step, so gradient accumulation
-    sees the same state as one large batch would.
+    One optimizer step of ``a`` micro-batches j = 1..a (``rayssl.train.step.Stepper``):
 
-    - center: c <- m c + (1 - m) c_batch, used for the *next* step (as DINO).
-    - prior:  pi_used = m pi_ema + (1 - m) pi_batch  (m = ``prior_momentum``; m = 0 is per batch),
-              and the EMA then becomes pi_used; the EMA starts at rho.
+        (L_j, T_j) = forward(s_j, z_j, tau_t)              L_j = CE(T_j.qt, p_j); reads the state only
+        update_state([T_1.stat, ..., T_a.stat])            after the optimizer step; skipped with it
+
+    so every micro-batch of a step sees the same state, as one large batch would, and a skipped
+    step leaves the state as it was. The centre starts at 0 (the first step's target is the raw
+    softmax), the EMA prior at rho.
 
     ``scope``: ``global`` takes c_batch, pi_batch and Sinkhorn's marginals over the global batch
     (docs/theory.md §3.4); ``local`` over each worker's own batch, an ablation whose state then differs
     between workers. The diagnostics are always over the global batch.
     """
 
-    def __init__(self, spec: ObjectiveSpec):
+    def __init__(self, cfg: ObjectiveConfig):
         super().__init__()
-        if spec.mode not in MODES:
-            raise ValueError(f"objective.mode: unknown mode {spec.mode!r}; choose one of {MODES}")
-        if spec.scope not in SCOPES:
-            raise ValueError(f"objective.scope: unknown scope {spec.scope!r}; choose one of {SCOPES}")
-        self.spec = spec
-        k = spec.num_clusters
-        self.register_buffer("log_rho", target_log_prior(k, spec.target_prior, spec.target_prior_exponent))
+        if cfg.mode not in MODES:
+            raise ValueError(f"objective.mode: unknown mode {cfg.mode!r}; choose one of {MODES}")
+        if cfg.scope not in SCOPES:
+            raise ValueError(f"objective.scope: unknown scope {cfg.scope!r}; choose one of {SCOPES}")
+        self.cfg = cfg.model_copy()  # the buffers below are sized by it: later edits of the caller's copy do not apply
+        k = cfg.num_clusters
+        self.register_buffer("log_rho", target_log_prior(k, cfg.target_prior, cfg.target_prior_exponent))
         self.register_buffer("center", torch.zeros(k))
         self.register_buffer("log_prior_ema", self.log_rho.clone())
-        self._pending: list[Tensor] = []
-        self._local = spec.scope == "local"
+        self._local = cfg.scope == "local"
 
     def _batch_log_pi(self, log_q: Tensor) -> Tensor:
-        m = self.spec.prior_momentum
+        """``log pi_used = log(m pi_ema + (1 - m) pi_batch)`` (m = ``prior_momentum``; m = 0: ``log pi_batch``)."""
+        m = self.cfg.prior_momentum
         log_pi = global_log_prior(log_q, self._local)
         if m > 0:
             log_pi = torch.logaddexp(math.log(m) + self.log_prior_ema, math.log1p(-m) + log_pi)
         return log_pi
 
     @torch.no_grad()
-    def targets(self, teacher_logits: Tensor, teacher_temperature: float) -> Tensor:
-        """Normalised teacher targets (Vt, B, K) for teacher logits (Vt, B, K)."""
-        s = self.spec
+    def targets(self, teacher_logits: Tensor, teacher_temperature: float) -> TeacherTargets:
+        """The targets qt of teacher logits z (Vt, B, K) with the current state, and the batch
+        statistic of the state update. Pure: it reads the state and changes nothing.
+
+            center:   qt = softmax((z - c) / tau_t),                  stat = c_batch = sum_i z_i / N
+            prior:    qt = softmax(z / tau_t - alpha log pi_used + log rho),
+                      pi_used = m pi_ema + (1 - m) pi_batch,          stat = log pi_used
+            none, sinkhorn: ``normalize_teacher`` (no state),         stat = None
+
+        ``c`` is the centre before this step's update (it lags one step, as DINO's).
+        """
+        s = self.cfg
         z = teacher_logits.float().flatten(0, 1)
+        stat = None
         if s.mode == "center":
-            self._pending.append(global_mean(z, self._local))
+            stat = global_mean(z, self._local)
             out = normalize_teacher(z, "center", teacher_temperature, center=self.center)
         elif s.mode == "prior":
             log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
-            log_pi = self._batch_log_pi(log_q)
-            self._pending.append(log_pi)
-            out = prior_targets(log_q, log_pi, self.log_rho, s.alpha)
+            stat = self._batch_log_pi(log_q)
+            out = prior_targets(log_q, stat, self.log_rho, s.alpha)
         else:
             out = normalize_teacher(z, s.mode, teacher_temperature, log_rho=self.log_rho,
                                     alpha=s.alpha, sinkhorn_iters=s.sinkhorn_iters, local=self._local)
-        return out.view_as(teacher_logits)
+        return TeacherTargets(out.view_as(teacher_logits), stat)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> Tensor:
-        """Loss for one micro-batch; student (Vs, B, K) with globals first, teacher (Vt, B, K)."""
-        return cross_entropy_loss(student_logits, self.targets(teacher_logits, teacher_temperature),
-                                  self.spec.student_temperature)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                teacher_temperature: float) -> tuple[Tensor, TeacherTargets]:
+        """The loss of one micro-batch (docs/theory.md §1), the entry point training calls:
+
+            qt = targets(z)                                          (no gradient; §5)
+            L  = 1/P sum_{v' teacher, v student, v != v'} mean_i CE(qt_i^{v'}, p_i^{v}),  p = softmax(s / tau_s)
+
+        ``student_logits`` (Vs, B, K) with the global views first, ``teacher_logits`` (Vt, B, K).
+        Returns ``(L, targets)``; pass ``targets.stat`` of every micro-batch of the step to
+        ``update_state`` after the optimizer step. Changes no state.
+        """
+        teacher = self.targets(teacher_logits, teacher_temperature)
+        return cross_entropy_loss(student_logits, teacher.qt, self.cfg.student_temperature), teacher
 
     @torch.no_grad()
-    def update_state(self) -> None:
-        """Fold the pending micro-batch statistics into the EMA state (once per optimizer step)."""
-        if self._pending:
-            stat = torch.stack(self._pending)
-            if self.spec.mode == "center":
-                m = self.spec.center_momentum
-                self.center.mul_(m).add_(stat.mean(0), alpha=1 - m)
-            else:  # prior: log of the mean over micro-batches of pi_used
-                self.log_prior_ema.copy_(torch.logsumexp(stat, dim=0) - math.log(len(stat)))
-            self._pending.clear()
+    def update_state(self, stats: Sequence[Tensor | None]) -> None:
+        """Fold one optimizer step's micro-batch statistics (``TeacherTargets.stat``, j = 1..a)
+        into the state; call once per optimizer step, after it (docs/theory.md §3.5, §4):
 
-    def discard_pending(self) -> None:
-        """Drop the statistics of a step that is skipped (non-finite), leaving the state as it was."""
-        self._pending.clear()
+            center:  c <- m c + (1 - m) (1/a) sum_j c_batch_j          (m = ``center_momentum``)
+            prior:   log pi_ema <- log (1/a) sum_j pi_used_j
+            none, sinkhorn, or no statistics: nothing
+        """
+        kept = [s for s in stats if s is not None]
+        if not kept:
+            return
+        stat = torch.stack(kept)
+        if self.cfg.mode == "center":
+            m = self.cfg.center_momentum
+            self.center.mul_(m).add_(stat.mean(0), alpha=1 - m)
+        else:  # prior: log of the mean over micro-batches of pi_used
+            self.log_prior_ema.copy_(torch.logsumexp(stat, dim=0) - math.log(len(stat)))
 
     @torch.no_grad()
     def diagnostics(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temperature: float) -> dict[str, float]:
         """docs/theory.md §6 for the raw teacher, the normalised teacher and the student.
 
-        Uses the state as it stands (call before ``update_state`` of the same step, or after; the
-        difference is one EMA step). Names: ``{raw,norm,student}/<stat>``, ``jensen_gap_mean``,
-        ``jensen_gap_std`` and ``kl_teacher_student`` (each student global view against the
-        other view's target, as in the loss).
+        Uses the state as it stands and changes nothing. Names: ``{raw,norm,student}/<stat>``,
+        ``jensen_gap_mean``, ``jensen_gap_std`` and ``kl_teacher_student`` (each student global
+        view against the other view's target, as in the loss).
         """
         vt = teacher_logits.shape[0]
         z = teacher_logits.float().flatten(0, 1)
         log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
-        saved = list(self._pending)
-        qt = self.targets(teacher_logits, teacher_temperature).flatten(0, 1)
-        self._pending = saved
+        qt = self.targets(teacher_logits, teacher_temperature).qt.flatten(0, 1)
         log_qt = torch.log(qt.clamp_min(torch.finfo(qt.dtype).tiny))
         s = student_logits[:vt].flip(0).float().flatten(0, 1)
-        log_p = torch.log_softmax(s / self.spec.student_temperature, dim=-1)
+        log_p = torch.log_softmax(s / self.cfg.student_temperature, dim=-1)
         out: dict[str, Tensor] = {}
         for name, lp in (("raw", log_q), ("norm", log_qt), ("student", log_p)):
             for key, val in information_diagnostics(lp, self.log_rho).items():

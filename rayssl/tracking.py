@@ -326,7 +326,7 @@ class RunLogger:
         self.client = mlflow_client(settings.uri)
         self.target = Target(self.client, settings.uri, settings.run_id)
         # the per-epoch plots are drawn beside training: drawn in the step, they held every rank
-        # for 0.4-0.5 s at each epoch boundary (rank 0 draws, the others wait at the next all-reduce).
+        # at each epoch boundary (rank 0 draws, the others wait at the next all-reduce).
         # On a busy CPU the thread's time still comes out of rank 0's step: the figures are cheap.
         # The same thread retries the backlog while MLflow does not answer.
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-mlflow")

@@ -6,7 +6,7 @@ averaging, which antialiases downscaling), and flips, brightness/contrast/satura
 random grayscale and solarisation are per-sample masks and factors on the whole batch. Hue
 is torchvision's HSV round trip and blur its Gaussian kernel, both applied to the whole batch
 with per-sample factors (the blur as two 1-D passes, 2 k instead of k^2 multiply-adds per pixel:
-at 224 px it was 42 % of a CPU multi-crop stage done image by image, docs/benchmarks.md [4/5]).
+at 224 px it was the largest share of a CPU multi-crop stage done image by image, docs/benchmarks.md [4/5]).
 On a GPU the whole view is a handful of kernels; on a CPU it costs a fraction of a per-image
 pipeline.
 
@@ -124,7 +124,7 @@ class MultiCrop:
     uniformly from [-rotation, rotation], filling with black. Colour jitter of strength s
     (applied with p = 0.8) is torchvision's ``ColorJitter(brightness=s, contrast=s,
     saturation=s / 2, hue=s / 4)``: brightness and contrast factors uniform in [1 - s, 1 + s];
-    RGB images also get saturation, hue and 20 % random grayscale. s = 0.4 is DINO's
+    RGB images also get saturation, hue and random grayscale (p = 0.2). s = 0.4 is DINO's
     ``ColorJitter(0.4, 0.4, 0.2, 0.1)``; single-channel images never get saturation, hue or
     grayscale ops. Global views are blurred
     with ``blur_prob``, local views with ``blur_prob / 2``; only the second global view is

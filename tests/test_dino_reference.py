@@ -24,7 +24,7 @@ reference is float64):
   layout, fed ``x.flatten(0, 1)``.
 - When the centre moves. The loss of a step uses the centre *before* that step's update (C
   starts at zero, so the first step is the raw softmax). DINO updates C inside the loss call;
-  rayssl folds the batch mean in at ``update_state()``, once per optimizer step (``Stepper.finish``),
+  rayssl folds the batch mean in at ``update_state``, once per optimizer step (``Stepper.finish``),
   so that gradient accumulation sees one centre per step. Without accumulation the sequences
   of losses and centres are the same.
 - The batch mean of the centre is over the global batch. DINO divides the all-reduced sum by
@@ -36,14 +36,12 @@ No Ray and no process group; a few seconds on a CPU.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from rayssl.config import load_config
+from rayssl.config import ObjectiveConfig, load_config
 from rayssl.models import build_encoder, make_teacher
-from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.objective import ClusterObjective
 from rayssl.schedules import build_schedules
 from rayssl.train.step import Stepper, build_optimizer
 
@@ -82,15 +80,15 @@ def logits(seed: int, views: int, batch: int, k: int, scale: float) -> torch.Ten
     return (torch.randn(views, batch, k, generator=g) * scale + offset).float()
 
 
-def run_both(spec: ObjectiveSpec, ref: DinoReference, steps: int, num_crops: int, batch: int, tau_t: float):
+def run_both(spec: ObjectiveConfig, ref: DinoReference, steps: int, num_crops: int, batch: int, tau_t: float):
     """Losses and centres of rayssl and of the reference over ``steps`` steps on the same logits."""
     obj = ClusterObjective(spec)
     out = []
     for step in range(steps):
         teacher = logits(100 + step, 2, batch, spec.num_clusters, scale=0.1)
         student = logits(200 + step, num_crops, batch, spec.num_clusters, scale=0.3)
-        loss = obj(student, teacher, tau_t)                      # the loss, with the step's centre ...
-        obj.update_state()                                       # ... then the EMA, as Stepper.finish
+        loss, targets = obj(student, teacher, tau_t)             # the loss, with the step's centre ...
+        obj.update_state([targets.stat])                         # ... then the EMA, as Stepper.finish
         expected = ref.loss(student.flatten(0, 1), teacher.flatten(0, 1), tau_t, num_crops)
         out.append((loss.double(), expected, obj.center.double().clone(), ref.center[0].clone()))
     return out
@@ -100,8 +98,8 @@ def run_both(spec: ObjectiveSpec, ref: DinoReference, steps: int, num_crops: int
 @pytest.mark.parametrize("center_momentum", [0.9, 0.5, 0.0])
 def test_center_mode_equals_dino_loss_and_centre(num_crops, center_momentum):
     k, batch, tau_s, tau_t = 64, 16, 0.1, 0.04
-    spec = ObjectiveSpec(mode="center", num_clusters=k, student_temperature=tau_s,
-                         center_momentum=center_momentum)
+    spec = ObjectiveConfig(mode="center", num_clusters=k, student_temperature=tau_s,
+                           center_momentum=center_momentum)
     ref = DinoReference(k, tau_s, center_momentum)
     for step, (loss, expected, center, ref_center) in enumerate(run_both(spec, ref, 4, num_crops, batch, tau_t)):
         torch.testing.assert_close(loss, expected, **TOL, msg=lambda m: f"step {step} loss: {m}")
@@ -111,26 +109,26 @@ def test_center_mode_equals_dino_loss_and_centre(num_crops, center_momentum):
 def test_center_mode_targets_equal_dino_teacher_probabilities():
     """The targets themselves: softmax((t - C) / tau_t) with the centre of the previous steps."""
     k, batch, tau_t = 32, 8, 0.07
-    obj = ClusterObjective(ObjectiveSpec(mode="center", num_clusters=k, center_momentum=0.9))
+    obj = ClusterObjective(ObjectiveConfig(mode="center", num_clusters=k, center_momentum=0.9))
     ref = DinoReference(k, 0.1, 0.9)
     for step in range(3):
         teacher = logits(300 + step, 2, batch, k, scale=0.1)
         got = obj.targets(teacher, tau_t)
-        obj.update_state()
+        obj.update_state([got.stat])
         expected = torch.stack(ref.teacher_probs(teacher.flatten(0, 1), tau_t))
         ref.loss(logits(400 + step, 2, batch, k, 0.3).flatten(0, 1), teacher.flatten(0, 1), tau_t, 2)
-        torch.testing.assert_close(got.double(), expected, **TOL)
+        torch.testing.assert_close(got.qt.double(), expected, **TOL)
 
 
 def test_the_comparison_can_fail():
     """The same comparison with a perturbed centre momentum, or the sum of Eq. (3) instead of the
     mean over pairs, is far outside the tolerance: the test above is not vacuous."""
     k, batch, tau_s, tau_t, crops = 64, 16, 0.1, 0.04, 4
-    spec = ObjectiveSpec(mode="center", num_clusters=k, student_temperature=tau_s, center_momentum=0.9)
+    spec = ObjectiveConfig(mode="center", num_clusters=k, student_temperature=tau_s, center_momentum=0.9)
     runs = {
         "momentum 0.8": run_both(spec, DinoReference(k, tau_s, 0.8), 3, crops, batch, tau_t),
         "sum over pairs": run_both(spec, DinoReference(k, tau_s, 0.9, mean_over_pairs=False), 3, crops, batch, tau_t),
-        "rayssl momentum 0.8": run_both(dataclasses.replace(spec, center_momentum=0.8),
+        "rayssl momentum 0.8": run_both(spec.model_copy(update={"center_momentum": 0.8}),
                                         DinoReference(k, tau_s, 0.9), 3, crops, batch, tau_t),
     }
     for name, steps in runs.items():
@@ -146,7 +144,7 @@ def tiny_stepper(*overrides: str) -> Stepper:
                              "objective.teacher_temperature_warmup_epochs=0.5", *overrides])
     torch.manual_seed(0)
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters)
-    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+    objective = ClusterObjective(cfg.objective)
     return Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim),
                    build_schedules(cfg, 10, 8), cfg, 10, torch.device("cpu"), False)
 
@@ -156,7 +154,7 @@ def test_training_step_in_center_mode_is_dino():
     schedule, one optimizer step and teacher EMA per step): each step's loss and the centre after
     ``finish`` equal DINO's on the logits that step produced."""
     stepper = tiny_stepper("objective.center_momentum=0.9")
-    spec = stepper.objective.spec
+    spec = stepper.objective.cfg
     ref = DinoReference(spec.num_clusters, spec.student_temperature, spec.center_momentum)
     g = torch.Generator().manual_seed(0)
     for step in range(3):

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from rayssl.config import ObjectiveConfig
 from rayssl.objective import (
     ClusterObjective,
-    ObjectiveSpec,
     cross_entropy_loss,
     global_log_prior,
     global_mean,
@@ -309,9 +309,9 @@ def test_targets_carry_no_gradient():
     for mode in ("none", "center", "prior", "sinkhorn"):
         assert not normalize_teacher(z[0], mode, 0.1).requires_grad
     for mode in ("none", "center", "prior", "sinkhorn"):
-        obj = ClusterObjective(ObjectiveSpec(mode=mode, num_clusters=5))
+        obj = ClusterObjective(ObjectiveConfig(mode=mode, num_clusters=5))
         s = randn(1, 2, 6, 5).requires_grad_(True)
-        loss = obj(s, z, 0.1)
+        loss, _ = obj(s, z, 0.1)
         loss.backward()
         assert z.grad is None
         assert s.grad is not None and torch.isfinite(s.grad).all()
@@ -347,11 +347,11 @@ def test_cluster_objective_gradient_uses_normalised_target():
     b, k, tau_s, tau_t = 6, 5, 0.2, 0.1
     z = randn(2, 2, b, k)
     for mode in ("prior", "center", "sinkhorn"):
-        obj = ClusterObjective(ObjectiveSpec(mode=mode, num_clusters=k, student_temperature=tau_s,
-                                             center_momentum=0.0))
-        qt = copy.deepcopy(obj).targets(z, tau_t).double()
+        obj = ClusterObjective(ObjectiveConfig(mode=mode, num_clusters=k, student_temperature=tau_s,
+                                               center_momentum=0.0))
+        qt = obj.targets(z, tau_t).qt.double()
         s = randn(3, 2, b, k).requires_grad_(True)
-        obj(s, z, tau_t).backward()
+        obj(s, z, tau_t)[0].backward()
         p = torch.softmax(s.detach() / tau_s, dim=-1)
         expected = torch.stack([p[0] - qt[1], p[1] - qt[0]]) / (tau_s * 2 * b)
         torch.testing.assert_close(s.grad, expected, atol=1e-5, rtol=1e-4)
@@ -433,8 +433,10 @@ def test_unknown_target_prior_raises():
 def test_unknown_mode_raises():
     with pytest.raises(ValueError, match=r"objective\.mode"):
         normalize_teacher(torch.randn(3, 4), "dino", 0.1)
-    with pytest.raises(ValueError, match=r"objective\.mode"):
-        ClusterObjective(ObjectiveSpec(mode="dino", num_clusters=4))
+    with pytest.raises(ValueError, match=r"objective\.mode"):  # a config that skipped validation
+        ClusterObjective(ObjectiveConfig.model_construct(mode="dino", num_clusters=4))
+    with pytest.raises(ValueError, match=r"mode"):                # the config refuses it first
+        ObjectiveConfig(mode="dino", num_clusters=4)
 
 
 # ================================================================ information diagnostics
@@ -535,8 +537,8 @@ def test_jensen_gap_nonnegative(seed, n, k, tau, scale):
 
 
 # ================================================================ ClusterObjective
-def spec(mode: str, k: int = 6, **kw) -> ObjectiveSpec:
-    return ObjectiveSpec(mode=mode, num_clusters=k, **kw)
+def spec(mode: str, k: int = 6, **kw) -> ObjectiveConfig:
+    return ObjectiveConfig(mode=mode, num_clusters=k, **kw)
 
 
 def test_state_lives_in_buffers():
@@ -547,12 +549,11 @@ def test_state_lives_in_buffers():
     torch.testing.assert_close(sd["center"], torch.zeros(6))
     # a checkpoint round trip carries the state, and it changes the targets
     z1, z2 = randn(0, 2, 8, 6, dtype=torch.float32), randn(1, 2, 8, 6, dtype=torch.float32)
-    obj.targets(z1, 0.1)
-    obj.update_state()
+    obj.update_state([obj.targets(z1, 0.1).stat])
     other = ClusterObjective(spec("prior", prior_momentum=0.5))
-    assert not torch.allclose(other.targets(z2, 0.1), copy.deepcopy(obj).targets(z2, 0.1))
+    assert not torch.allclose(other.targets(z2, 0.1).qt, obj.targets(z2, 0.1).qt)
     other.load_state_dict(obj.state_dict())
-    torch.testing.assert_close(other.targets(z2, 0.1), obj.targets(z2, 0.1))
+    torch.testing.assert_close(other.targets(z2, 0.1).qt, obj.targets(z2, 0.1).qt)
 
 
 @pytest.mark.parametrize("m", [0.0, 0.5, 0.9])
@@ -563,20 +564,20 @@ def test_center_update_and_lag(m):
     z2 = randn(1, 2, b, k, dtype=torch.float32) + 3.0
     t1 = obj.targets(z1, tau)
     # step 1 uses the old (zero) centre
-    torch.testing.assert_close(t1, torch.softmax(z1 / tau, dim=-1))
+    torch.testing.assert_close(t1.qt, torch.softmax(z1 / tau, dim=-1))
     torch.testing.assert_close(obj.center, torch.zeros(k))      # nothing folded in yet
-    obj.update_state()
+    obj.update_state([t1.stat])
     c1 = (1 - m) * z1.reshape(-1, k).mean(0)
     torch.testing.assert_close(obj.center, c1, atol=1e-6, rtol=1e-6)
     # step 2 uses c1 (not the batch mean of z2)
     t2 = obj.targets(z2, tau)
-    torch.testing.assert_close(t2, torch.softmax((z2 - c1) / tau, dim=-1), atol=1e-6, rtol=1e-5)
-    obj.update_state()
+    torch.testing.assert_close(t2.qt, torch.softmax((z2 - c1) / tau, dim=-1), atol=1e-6, rtol=1e-5)
+    obj.update_state([t2.stat])
     torch.testing.assert_close(obj.center, m * c1 + (1 - m) * z2.reshape(-1, k).mean(0),
                                atol=1e-6, rtol=1e-6)
     # update_state without a forward is a no-op
     before = obj.center.clone()
-    obj.update_state()
+    obj.update_state([])
     torch.testing.assert_close(obj.center, before)
 
 
@@ -592,11 +593,9 @@ def test_gradient_accumulation_equal_halves_match_full_batch(mode, kw):
     s = randn(8, 2, b, k, dtype=torch.float32)
     full = ClusterObjective(spec(mode, k, **kw))
     acc = ClusterObjective(spec(mode, k, **kw))
-    full(s, z, tau)
-    full.update_state()
-    acc(s[:, : b // 2], z[:, : b // 2], tau)
-    acc(s[:, b // 2:], z[:, b // 2:], tau)
-    acc.update_state()
+    full.update_state([full(s, z, tau)[1].stat])
+    acc.update_state([acc(s[:, : b // 2], z[:, : b // 2], tau)[1].stat,
+                      acc(s[:, b // 2:], z[:, b // 2:], tau)[1].stat])
     torch.testing.assert_close(acc.center, full.center, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(acc.log_prior_ema, full.log_prior_ema, atol=1e-6, rtol=1e-6)
     if mode == "center":
@@ -617,22 +616,24 @@ def test_prior_momentum_micro_batches():
     rho = target_log_prior(k).double().exp()
     za = randn(1, 2, b, k, dtype=torch.float32)
     zb = randn(2, 2, b, k, dtype=torch.float32) * 2 + 1
-    used = []
+    used, stats = [], []
     for zz in (za, zb):
         log_q = torch.log_softmax(zz.double() / tau, -1).reshape(-1, k)
         pi_used = m * rho + (1 - m) * log_q.exp().mean(0)
         used.append(pi_used)
-        t = obj.targets(zz, tau).reshape(-1, k).double()
+        out = obj.targets(zz, tau)
+        stats.append(out.stat)
+        t = out.qt.reshape(-1, k).double()
         expected = torch.softmax(log_q - pi_used.log() + rho.log(), -1)
         torch.testing.assert_close(t, expected, atol=1e-5, rtol=1e-5)
-    obj.update_state()
+    obj.update_state(stats)
     ema = (used[0] + used[1]) / 2
     torch.testing.assert_close(obj.log_prior_ema.double(), ema.log(), atol=1e-5, rtol=1e-5)
     # next step mixes the EMA with the new batch
     zc = randn(3, 2, b, k, dtype=torch.float32)
     log_q = torch.log_softmax(zc.double() / tau, -1).reshape(-1, k)
     pi_used = m * ema + (1 - m) * log_q.exp().mean(0)
-    t = obj.targets(zc, tau).reshape(-1, k).double()
+    t = obj.targets(zc, tau).qt.reshape(-1, k).double()
     torch.testing.assert_close(t, torch.softmax(log_q - pi_used.log() + rho.log(), -1), atol=1e-5, rtol=1e-5)
 
 
@@ -653,10 +654,9 @@ def test_diagnostics(mode, kw):
     obj = ClusterObjective(spec(mode, k, **kw))
     ref = ClusterObjective(spec(mode, k, **kw))
     for o in (obj, ref):                      # one step of history so the state is non-trivial
-        o(s, z2, tau_t)
-        o.update_state()
-    loss = obj(s, z, tau_t)
-    ref(s, z, tau_t)
+        o.update_state([o(s, z2, tau_t)[1].stat])
+    loss, step_obj = obj(s, z, tau_t)
+    _, step_ref = ref(s, z, tau_t)
     buffers = {n: t.clone() for n, t in obj.named_buffers()}
     d = obj.diagnostics(s, z, tau_t)
     assert DIAG_KEYS <= set(d)
@@ -664,17 +664,17 @@ def test_diagnostics(mode, kw):
         assert isinstance(v, float) and math.isfinite(v), (key, v)
     for n, t in obj.named_buffers():          # diagnostics changes no state ...
         torch.testing.assert_close(t, buffers[n])
-    obj.update_state()                        # ... and no pending statistics
-    ref.update_state()
+    obj.update_state([step_obj.stat])         # ... nor the step's update
+    ref.update_state([step_ref.stat])
     for (n, t), (_, u) in zip(obj.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(t, u, atol=0, rtol=0)
     # KL(qt || p) over the 2 global pairs = loss restricted to globals - H(qt)
     obj2 = ClusterObjective(spec(mode, k, **kw))
     obj2.load_state_dict(buffers)
-    loss_globals = obj2(s[:2], z, tau_t)
+    loss_globals, _ = obj2(s[:2], z, tau_t)
     targets = ClusterObjective(spec(mode, k, **kw))
     targets.load_state_dict(buffers)
-    t = targets.targets(z, tau_t).double()
+    t = targets.targets(z, tau_t).qt.double()
     h = -(t * t.clamp_min(1e-45).log()).sum(-1).mean()
     assert abs(d["kl_teacher_student"] - (float(loss_globals) - float(h))) < 1e-3
     assert d["kl_teacher_student"] >= -1e-5
@@ -691,10 +691,8 @@ def test_diagnostics_before_first_forward_does_not_leak_into_update():
         a = ClusterObjective(spec(mode, k, prior_momentum=0.3, center_momentum=0.6))
         b = ClusterObjective(spec(mode, k, prior_momentum=0.3, center_momentum=0.6))
         a.diagnostics(s, z * 2, 0.1)          # a different batch; must not be folded in
-        a(s, z, 0.1)
-        b(s, z, 0.1)
-        a.update_state()
-        b.update_state()
+        a.update_state([a(s, z, 0.1)[1].stat])
+        b.update_state([b(s, z, 0.1)[1].stat])
         torch.testing.assert_close(a.center, b.center, atol=0, rtol=0)
         torch.testing.assert_close(a.log_prior_ema, b.log_prior_ema, atol=0, rtol=0)
 
@@ -719,16 +717,16 @@ def _train_toy(mode: str, seed: int, steps: int = 300, lr: float = 3e-3) -> floa
 
     student = nn.Sequential(nn.Linear(d, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, k))
     teacher = copy.deepcopy(student).requires_grad_(False)
-    obj = ClusterObjective(ObjectiveSpec(mode=mode, num_clusters=k, student_temperature=tau_s,
-                                         center_momentum=0.9, prior_momentum=0.0))
+    obj = ClusterObjective(ObjectiveConfig(mode=mode, num_clusters=k, student_temperature=tau_s,
+                                           center_momentum=0.9, prior_momentum=0.0))
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     for _ in range(steps):
         v = views(b)
-        loss = obj(student(v), teacher(v), tau_t)
+        loss, targets = obj(student(v), teacher(v), tau_t)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        obj.update_state()
+        obj.update_state([targets.stat])
         with torch.no_grad():
             for pt, ps in zip(teacher.parameters(), student.parameters()):
                 pt.mul_(0.9).add_(ps, alpha=0.1)

@@ -8,8 +8,6 @@ compares them with the single-process computation (no process group in the paren
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import datetime
 import os
 import socket
@@ -20,10 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rayssl.config import ObjectiveConfig
 from rayssl.eval.protocol import bank_mean, precise_bn
 from rayssl.objective import (
     ClusterObjective,
-    ObjectiveSpec,
     global_log_prior,
     global_mean,
     information_diagnostics,
@@ -39,13 +37,13 @@ WORLD = 2
 # rows per worker; the last case has an empty worker (pure functions only)
 CASES = [(5, 11), (1, 15), (11, 5), (0, 6)]
 OBJ_SPECS = {
-    "center": ObjectiveSpec(mode="center", num_clusters=K, student_temperature=TAU_S, center_momentum=0.7),
-    "prior": ObjectiveSpec(mode="prior", num_clusters=K, student_temperature=TAU_S, prior_momentum=0.5),
-    "prior_alpha": ObjectiveSpec(mode="prior", num_clusters=K, student_temperature=TAU_S, alpha=0.5,
-                                 target_prior="powerlaw", prior_momentum=0.0),
-    "sinkhorn": ObjectiveSpec(mode="sinkhorn", num_clusters=K, student_temperature=TAU_S, sinkhorn_iters=4),
+    "center": ObjectiveConfig(mode="center", num_clusters=K, student_temperature=TAU_S, center_momentum=0.7),
+    "prior": ObjectiveConfig(mode="prior", num_clusters=K, student_temperature=TAU_S, prior_momentum=0.5),
+    "prior_alpha": ObjectiveConfig(mode="prior", num_clusters=K, student_temperature=TAU_S, alpha=0.5,
+                                   target_prior="powerlaw", prior_momentum=0.0),
+    "sinkhorn": ObjectiveConfig(mode="sinkhorn", num_clusters=K, student_temperature=TAU_S, sinkhorn_iters=4),
 }
-LOCAL_SPECS = {name: dataclasses.replace(spec, scope="local") for name, spec in OBJ_SPECS.items()}
+LOCAL_SPECS = {name: spec.model_copy(update={"scope": "local"}) for name, spec in OBJ_SPECS.items()}
 STEPS = 2
 
 
@@ -97,10 +95,10 @@ def _compute(case: dict, rows: slice) -> dict:
         steps = []
         for s in range(STEPS):
             teacher, student = case["teacher"][s][:, rows], case["student"][s][:, rows]
-            targets = copy.deepcopy(obj).targets(teacher, TAU_T)
-            loss = obj(student, teacher, TAU_T)
+            targets = obj.targets(teacher, TAU_T).qt          # pure: the loss below sees the same state
+            loss, normalised = obj(student, teacher, TAU_T)
             diag = obj.diagnostics(student, teacher, TAU_T)
-            obj.update_state()
+            obj.update_state([normalised.stat])
             steps.append({"targets": targets, "loss": loss.detach(), "diag": diag,
                           "center": obj.center.clone(), "log_prior_ema": obj.log_prior_ema.clone()})
         out[f"obj/{name}"] = steps

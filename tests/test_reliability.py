@@ -14,7 +14,7 @@ from rayssl.config import load_config
 from rayssl.eval.checkpoint import read_checkpoint
 from rayssl.models import build_encoder, make_teacher
 from rayssl.monitor import CollapseAlarm
-from rayssl.objective import ClusterObjective, ObjectiveSpec
+from rayssl.objective import ClusterObjective
 from rayssl.schedules import build_schedules
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer
 
@@ -66,7 +66,7 @@ def tiny_stepper(*overrides: str) -> Stepper:
                              *overrides])
     torch.manual_seed(0)
     student = build_encoder(cfg.model, 1, 28, cfg.objective.num_clusters)
-    objective = ClusterObjective(ObjectiveSpec.from_mapping(cfg.objective.model_dump()))
+    objective = ClusterObjective(cfg.objective)
     schedules = build_schedules(cfg, 10, 8)
     return Stepper(student, make_teacher(student), objective, build_optimizer(student, cfg.optim), schedules,
                    cfg, 10, torch.device("cpu"), False)

@@ -19,6 +19,7 @@ from rayssl.config import load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.data.meta import DataMeta
 from rayssl.schedules import build_schedules, stretch
+from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
 from rayssl.train import budget
 from rayssl.train.budget import BudgetPlan
 from rayssl.train.run import TrainRun, Worker
@@ -57,6 +58,20 @@ META = DataMeta(num_train=N, num_eval=128, channels=1, image_size=28, classes=tu
                 mean=(0.286,), std=(0.353,))
 
 
+class FakeLogger:
+    """``Worker.mlflow`` without MLflow: every call (``metrics``, ``tag``, ``end``, ...) kept in order."""
+
+    def __init__(self, log_model: bool = False) -> None:
+        self.settings = MlflowRun("sqlite:///nowhere.db", "0" * 32, log_model=log_model)
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+
 def worker(data, states: list, restore_from: dict | None = None, knn: bool = True) -> Worker:
     """A single worker on lists of batches: a seeded shuffle per pass, reports kept in ``states``."""
     def train_batches(seed: int, rows: int):
@@ -74,9 +89,13 @@ def worker(data, states: list, restore_from: dict | None = None, knn: bool = Tru
 
 
 def test_run_trains_reports_and_checkpoints(data) -> None:
-    """The whole run in one process: logged steps, a state at each checkpoint step, k-NN rows."""
+    """The whole run in one process: logged steps, a state at each checkpoint step, k-NN rows,
+    and what MLflow gets through ``Worker.mlflow``: each logged step, each epoch's plots, then the
+    results, the curves, the teacher's backbone and the end, in that order."""
     reports: list = []
-    out = TrainRun(config(), META, STEPS_PER_EPOCH, worker(data, reports)).run()
+    w = worker(data, reports)
+    w.mlflow = FakeLogger(log_model=True)
+    out = TrainRun(config(), META, STEPS_PER_EPOCH, w).run()
     steps = [m["step"] for m in out["history"]]
     assert steps == [4, 8, 12, 16]
     assert [m["step"] for m, s in reports if s is not None] == [8, 16]
@@ -85,7 +104,22 @@ def test_run_trains_reports_and_checkpoints(data) -> None:
     assert all(np.isfinite(m["loss"]) for m in out["history"])
     final = reports[-2][1]
     assert final["step"] == 16 and final["skipped_images"] == 0 and len(final["rng"]) == 1
+    assert final["tracking"] == checkpoint_record(w.mlflow.settings)
     assert out["train_seconds"] > 0
+
+    calls = w.mlflow.calls
+    assert w.mlflow.names() == ["metrics", "epoch_plots", "metrics", "metrics", "epoch_plots", "metrics",
+                                "results", "curves", "model", "end"]
+    assert [args for name, args, _ in calls if name == "metrics"] == [(m["step"], m) for m in out["history"]]
+    assert [args[0] for name, args, _ in calls if name == "epoch_plots"] == [1, 2]
+    assert calls[6][1] == ({k: v for k, v in out.items() if k != "history"}, 16)
+    cfg = config()
+    assert calls[7][1] == (f"{cfg.objective.mode}, K=32, {cfg.model.backbone}",)
+    backbone, example, metadata = calls[8][1]
+    assert example.shape == (2, 1, 28, 28) and not any(p.is_cuda for p in backbone.parameters())
+    assert metadata == {"input": "normalised images (N, C, H, W); see preprocessing", "image_size": 28,
+                        "channels": 1, "mean": [0.286], "std": [0.353]}
+    assert calls[9][1:] == ((), {})
 
 
 def test_resume_is_bitwise(data) -> None:
@@ -175,13 +209,17 @@ def test_skips_undecodable_and_stops_on_nonfinite(data) -> None:
         assert out["history"][-1]["data/skipped_images"] == 5  # the epoch reads every image once
 
     reports = []
-    run = TrainRun(config("train.skip_nonfinite=0"), META, STEPS_PER_EPOCH, worker(data, reports, knn=False))
+    w = worker(data, reports, knn=False)
+    w.mlflow = FakeLogger()
+    run = TrainRun(config("train.skip_nonfinite=0"), META, STEPS_PER_EPOCH, w)
     with torch.no_grad():
         next(run.student.parameters()).fill_(float("nan"))
     out = run.run()
     assert out["stopped"] == "nonfinite" and "step 1" in out["stop_reason"]
     assert out["history"] == [] and "train_seconds" not in out
     assert all(state is None for _, state in reports)
+    # MLflow: the reason tagged, the rest delivered without a status (the driver marks the run FAILED)
+    assert w.mlflow.calls == [("tag", ("rayssl.stopped", out["stop_reason"]), {}), ("end", (), {"status": None})]
 
 
 def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
@@ -206,7 +244,8 @@ def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
     lines: list = []
     w = worker(data, reports, knn=False)
     w.say = lines.append
-    out = TrainRun(cfg, META, STEPS_PER_EPOCH, w, settings).run()
+    w.mlflow = RunLogger(settings, lines.append, model_config=cfg.model.model_dump())
+    out = TrainRun(cfg, META, STEPS_PER_EPOCH, w).run()
 
     assert out["stopped"] == "collapse" and out["stop_reason"].startswith("collapse at step")
     assert out["collapse"] == out["stop_reason"]  # what the final report (rayssl.report) shows
@@ -292,8 +331,10 @@ def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=Non
     w = worker(data, reports, restore_from=restore_from, knn=knn)
     w.say = lines.append
     w.job_started = w.job_started if job_started is None else job_started
-    run = TrainRun(config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra),
-                   META, STEPS_PER_EPOCH, w, tracking)
+    cfg = config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra)
+    if tracking is not None:
+        w.mlflow = RunLogger(tracking, lines.append, model_config=cfg.model.model_dump())
+    run = TrainRun(cfg, META, STEPS_PER_EPOCH, w)
     return run, run.run(), reports, lines
 
 
@@ -361,7 +402,7 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert len([line for line in lines if "re-timed at step" in line]) == len(plan.refits)
     import mlflow
 
-    settings = run.tracking
+    settings = run.mlflow.settings
     assert mlflow.MlflowClient(settings.uri).get_run(settings.run_id).data.params["train.total_steps"] == str(total)
 
 
@@ -416,7 +457,6 @@ def test_a_failed_run_keeps_what_mlflow_did_not_take(data, tmp_path) -> None:
     status (the driver marks the run FAILED)."""
     import socket
 
-    from rayssl.tracking import MlflowRun
     from rayssl.tracking_backlog import DIR, RunFolder
 
     with socket.socket() as s:  # a loopback port with nothing listening
@@ -425,10 +465,12 @@ def test_a_failed_run_keeps_what_mlflow_did_not_take(data, tmp_path) -> None:
     reports: list = []
     w = worker(data, reports, knn=False)
     lines: list = []
-    w.say, w.run_folder = lines.append, RunFolder(None, str(tmp_path / "run"), str(tmp_path / "run"))
-    run = TrainRun(config("train.epochs=100", "optim.warmup_epochs=2", "train.time_budget=0.05s"),
-                   META, STEPS_PER_EPOCH, w, MlflowRun(f"http://127.0.0.1:{port}", "0" * 32))
-    run.mlflow.retry_seconds = 3600  # no retry during the run: everything waits for the end
+    cfg = config("train.epochs=100", "optim.warmup_epochs=2", "train.time_budget=0.05s")
+    w.say, folder = lines.append, RunFolder(None, str(tmp_path / "run"), str(tmp_path / "run"))
+    w.mlflow = RunLogger(MlflowRun(f"http://127.0.0.1:{port}", "0" * 32), lines.append, run_folder=folder,
+                         model_config=cfg.model.model_dump())
+    w.mlflow.retry_seconds = 3600  # no retry during the run: everything waits for the end
+    run = TrainRun(cfg, META, STEPS_PER_EPOCH, w)
     out = run.run()
     assert out["stopped"] == "budget"
     kept = [p for p in (tmp_path / "run" / DIR).iterdir() if p.suffix == ".jsonl"]

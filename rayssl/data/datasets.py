@@ -195,7 +195,7 @@ def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | No
     read task asks for ``cpus`` logical CPUs.
 
     Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
-    pass, which cost 4 s per epoch against 0.6 s here (2 cores, 8 shards; docs/benchmarks.md).
+    pass, several times the V1 reader's cost per epoch on small machines (docs/benchmarks.md).
     """
     fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
     ctx = ray.data.DataContext.get_current()
@@ -239,16 +239,15 @@ def stage_bytes_per_row(augment, channels: int) -> int:
 
 
 def stage_rows(augment, channels: int) -> int:
-    """Rows per multi-crop stage call: 512 (4636 img/s against 3645 with 128 rows, Fashion-MNIST on
-    2 cores), fewer when the float32 views of one call would pass 32 MiB (17 for 224 px + 6 x 96 px RGB)."""
+    """Rows per multi-crop stage call: 512 (faster than 128 rows on Fashion-MNIST; docs/benchmarks.md),
+    fewer when the float32 views of one call would pass 32 MiB (17 for 224 px + 6 x 96 px RGB)."""
     return max(16, min(512, 32 * 2**20 // (4 * stage_bytes_per_row(augment, channels))))
 
 
 def byte_rows(manifest: dict) -> int:
     """Rows per block of encoded images (``data.decode_on=worker``): about 16 MiB, 16 to 4096 rows.
-    Ray Data's cost is per block: 10 Fashion-MNIST epochs went through a two-worker split in
-    23.9 s in 512-row blocks and 10.9 s in 4096-row ones, about 7 s of each the first batch
-    (docs/benchmarks.md, [5/5])."""
+    Ray Data's cost is per block, so larger blocks stream an epoch faster (docs/benchmarks.md,
+    [5/5])."""
     mean = manifest["total_bytes"] / max(1, manifest["num_images"])
     return int(min(4096, max(16, 16 * 2**20 // max(1, mean))))
 

@@ -17,8 +17,8 @@ optimizer steps before it has trained a few, so it times them and then fixes the
    the final k-NN's time, measured by the baselines' k-NN of the same network at random
    init (0 in scope ``training``, or when no baselines ran);
 3. every schedule is rebuilt over T (``rayssl.schedules.build_schedules``);
-4. a machine's speed drifts (a busier host, CPU steal on a shared VM: 548 -> 718 img/s and
-   1,481 -> 665 img/s within minutes on the 2-core VMs of docs/benchmarks.md), so at ``REFITS`` points (every eighth of the way from t_fix to T) the run times the
+4. a machine's speed drifts (a busier host, CPU steal on a shared VM: by tens of percent within
+   minutes on the 2-core VMs of docs/benchmarks.md), so at ``REFITS`` points (every eighth of the way from t_fix to T) the run times the
    steps since the last fit and fixes T again by the same formula; the
    rest of every schedule is stretched or squeezed over the new remainder, its shape kept
    (``rayssl.schedules.stretch``);
@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-SETTLE_STEPS = 50  # first steps of a launch, not timed: they ran 12-20 % off the run's median, both ways (docs/benchmarks.md)
+SETTLE_STEPS = 50  # first steps of a launch, not timed: they run off the run's median, both ways (docs/benchmarks.md)
 MEASURE_STEPS = 100  # the fewest timed steps
 MARGIN = 0.97  # of the budget planned for: checkpoints, epoch boundaries and the machine's own spread
 REFITS = 7  # re-timings after the first fix, every eighth of the way to the total (each one checkpointed)
@@ -137,9 +137,9 @@ class BudgetPlan:
         return self.total_steps / self.steps_per_epoch
 
     def line(self) -> str:
-        """``budget 12m: 2,140 steps (9.1 epochs) at 470 img/s``; scope job: ``budget 14m for the
-        job: 1,702 steps (7.3 epochs) at 640 img/s, after 1.9 min of start-up and baselines,
-        0.6 min kept for the final k-NN``."""
+        """``budget <B>: <T> steps (<E> epochs) at <rate> img/s``; scope job: ``budget <B> for the
+        job: <T> steps (<E> epochs) at <rate> img/s, after <M> min of start-up and baselines, <R>
+        min kept for the final k-NN``."""
         cap = ", the train.epochs cap" if self.capped else ""
         if self.refits:
             cap += f", re-timed at steps {', '.join(f'{step:,}' for step, _ in self.refits)}"

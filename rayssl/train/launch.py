@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from rayssl.data.datasets import DataPlan, build_datasets, plan_data
 from rayssl import console, tracking
 from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
+from rayssl.train.payload import WorkerPayload
 from rayssl import checkpoint as checkpoints
 from rayssl.train.run import DISK_FULL, FAILED_STOPS, SIGNALLED
 from rayssl.train.step import NonFiniteError
@@ -120,13 +122,12 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
     s = cfg.scaling
     datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
     ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
+    payload = WorkerPayload(config=cfg.model_dump(), meta=launch.data.meta, tracking=tracking_settings,
+                            steps_per_epoch=launch.steps_per_epoch, run_path=run_path,
+                            run_uri=run_uri(cfg, run_path), filesystem=filesystem, job_started=launch.started,
+                            console=console_queue, stop_key=stop_key)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "meta": launch.data.meta.to_dict(),
-                           "tracking": tracking_settings, "steps_per_epoch": launch.steps_per_epoch,
-                           "run_path": run_path, "run_uri": run_uri(cfg, run_path),
-                           "filesystem": filesystem, "console": console_queue, "job_started": launch.started,
-                           "stop_key": stop_key},
+        functools.partial(train_loop_per_worker, payload),  # pickled by Ray, with the payload
         scaling_config=ray.train.ScalingConfig(
             num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers, use_gpu=s.use_gpu,
             resources_per_worker=s.resources_per_worker, placement_strategy=s.placement_strategy,

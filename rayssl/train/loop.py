@@ -1,7 +1,8 @@
 """``train_loop_per_worker``: Ray Train's adapter around ``rayssl.train.run.TrainRun``.
 
-It wires the worker's context, its dataset shards, ``ray.train.report`` (with the checkpoint
-upload) and the run folder's checkpoints into a ``Worker``; the run itself knows nothing of Ray.
+It wires the driver's ``WorkerPayload``, the worker's context, its dataset shards,
+``ray.train.report`` (with the checkpoint upload), the run folder's checkpoints and rank 0's
+MLflow writer into a ``Worker``; the run itself knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs
@@ -24,21 +26,22 @@ from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
 from rayssl.console import Channel
 from rayssl.data import storage
-from rayssl.data.meta import DataMeta
-from rayssl.tracking import RUN_FILE, RunFolder
-from rayssl.train.run import TrainRun, Worker
+from rayssl.tracking import RUN_FILE, RunFolder, RunLogger
+from rayssl.train.payload import WorkerPayload
+from rayssl.train.run import TrainRun
 from rayssl.train import watchdog
 from rayssl.train.stop import StopPoll
+from rayssl.train.worker import Worker
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
+def train_loop_per_worker(payload: WorkerPayload) -> dict:
     """One Ray Train worker: a ``TrainRun`` over this worker's shards; rank 0's results reach the driver."""
     # Ray Train logs every report (all metrics) at INFO on rank 0; the progress line says it shorter.
     # (that module names its logger by its file path, not its module name)
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    cfg = Config.model_validate(loop_config["config"])
-    meta = DataMeta(**loop_config["meta"])
+    cfg = Config.model_validate(payload.config)
     ctx, train = ray.train.get_context(), ray.train.get_dataset_shard("train")
+    rank = ctx.get_world_rank()
 
     def train_batches(seed: int, rows: int):
         return train.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
@@ -48,25 +51,37 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return tuple(ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy")
                      for name in ("knn_bank", "knn_query"))
 
-    channel = Channel(loop_config.get("console"))  # to the driver's console, else stdout
-    run_uri = loop_config["run_uri"]  # the run folder as the user wrote it (s3://...), for the console
+    channel = Channel(payload.console)  # to the driver's console, else stdout
 
     def report_to_ray(metrics: dict, state: dict | None) -> None:
         if (folder := report(metrics, state)) is not None:
-            channel.say(f"[rayssl] checkpoint of step {metrics['step']}: {run_uri}/{folder}")
+            channel.say(f"[rayssl] checkpoint of step {metrics['step']}: {payload.run_uri}/{folder}")
 
-    worker = Worker(train_batches, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+    worker = Worker(train_batches, rank=rank, world=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), report=report_to_ray, say=channel.say,
                     progress=channel.progress,
-                    restore=lambda say: restore(loop_config, say),
-                    knn_sets=knn_sets if meta.num_eval > 0 else None,  # labelled shards and data.eval_source
-                    prepare_model=ray.train.torch.prepare_model, node=ray.get_runtime_context().get_node_id(),
-                    job_started=loop_config["job_started"],
-                    run_folder=RunFolder(loop_config["filesystem"], loop_config["run_path"], run_uri),
+                    restore=lambda say: restore(payload, say),
+                    knn_sets=knn_sets if payload.meta.num_eval > 0 else None,  # labelled shards and data.eval_source
+                    prepare_model=ray.train.torch.prepare_model,
+                    mlflow=run_logger(payload, cfg, channel.say) if rank == 0 else None,
+                    job_started=payload.job_started,
                     # the driver's stop request (rayssl.train.stop): rank 0 reads it, TrainRun shares it
-                    stop_requested=StopPoll(loop_config.get("stop_key") if ctx.get_world_rank() == 0 else None),
+                    stop_requested=StopPoll(payload.stop_key if rank == 0 else None),
                     pending=lambda: watchdog.pending_line(cfg.data_cpus))  # the stall watchdog's line
-    return TrainRun(cfg, meta, loop_config["steps_per_epoch"], worker, loop_config.get("tracking")).run()
+    return TrainRun(cfg, payload.meta, payload.steps_per_epoch, worker).run()
+
+
+def run_logger(payload: WorkerPayload, cfg: Config, say: Callable[[str], None]) -> RunLogger | None:
+    """Rank 0's MLflow writer (None without tracking). It tags the run with this node
+    (``rayssl.rank0_node``, newest launch wins: where its logs are, and which node a test may
+    remove) and keeps its backlog in the run folder when MLflow does not answer at the end
+    (``rayssl.tracking_backlog``)."""
+    if payload.tracking is None:
+        return None
+    folder = RunFolder(payload.filesystem, payload.run_path, payload.run_uri)
+    mlflow = RunLogger(payload.tracking, say, run_folder=folder, model_config=cfg.model.model_dump())
+    mlflow.tag("rayssl.rank0_node", ray.get_runtime_context().get_node_id())
+    return mlflow
 
 
 def report(metrics: dict, state: dict | None) -> str | None:
@@ -148,7 +163,7 @@ def upload(local: Path, name: str, step: int, options: storage.S3Options) -> ray
     return ray.train.Checkpoint(path=dest, filesystem=context.storage_filesystem)
 
 
-def restore(loop_config: dict, say_skipped) -> dict | None:
+def restore(payload: WorkerPayload, say_skipped) -> dict | None:
     """The state of the newest *intact* checkpoint in the run folder, or None for a new run.
 
     The folder is read directly rather than trusting only Ray's latest registered checkpoint:
@@ -157,17 +172,17 @@ def restore(loop_config: dict, say_skipped) -> dict | None:
     registered it. A storage outage is ridden out up to ``data.outage_limit_s``, never taken
     for a missing or damaged checkpoint.
     """
-    fs = loop_config["filesystem"] or pyarrow.fs.LocalFileSystem()
+    fs = payload.filesystem or pyarrow.fs.LocalFileSystem()
     skipped: list[str] = []
 
     def newest():
         skipped.clear()
-        return checkpoints.latest_intact(fs, loop_config["run_path"], skipped)
+        return checkpoints.latest_intact(fs, payload.run_path, skipped)
 
-    found = storage.ride_out(newest, loop_config["run_uri"], s3_options(loop_config["config"]), "reading checkpoints")
+    found = storage.ride_out(newest, payload.run_uri, s3_options(payload.config), "reading checkpoints")
     for folder in skipped:
         say_skipped(f"[rayssl] checkpoint {posixpath.basename(folder)} is incomplete or corrupt: skipped")
     if found is None and ray.train.get_checkpoint() is not None:  # Ray saw one: never restart silently
-        raise checkpoints.CheckpointError(f"{loop_config['run_path']}: no intact checkpoint to resume from; "
+        raise checkpoints.CheckpointError(f"{payload.run_path}: no intact checkpoint to resume from; "
                                           "start a new run.name (or remove the run folder)")
     return found and found[1]

@@ -11,14 +11,14 @@ from torch import Tensor, nn
 
 from rayssl import dist
 from rayssl.models import ema_update, unwrap
-from rayssl.objective import ClusterObjective, cross_entropy_loss
+from rayssl.objective import ClusterObjective
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo).
 
-    Only there is bf16 autocast a win on the CPU: the default convnet4 step runs 1.8x faster at
-    the same k-NN (docs/benchmarks.md, the levers table); elsewhere oneDNN emulates it, slower."""
+    Only there is bf16 autocast a win on the CPU: the default convnet4 step runs faster at the
+    same k-NN (docs/benchmarks.md, the levers table); elsewhere oneDNN emulates it, slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -88,9 +88,15 @@ class Stepper:
     """One optimizer step = ``accumulate`` micro-batches (default ``optim.accumulate_steps``;
     ``rayssl.train.batching``), then the EMA updates.
 
-    Order within a step (DINO): teacher forward on the global views, student forward on all
-    views, loss, backward (DDP syncs on the last micro-batch only), prototype gradients
-    dropped while frozen, clipping, optimizer step, objective state update, teacher EMA.
+    Order within a step (DINO), docs/theory.md §8:
+
+        micro_batch (each of the step's micro-batches)
+            teacher forward on the 2 global views, student forward on all views
+            loss, targets = ClusterObjective.forward(student, teacher, tau_t)   targets then the CE
+            backward (DDP syncs on the last micro-batch only); targets.stat kept for the step
+        finish
+            prototype gradients dropped while frozen, clipping (a non-finite norm skips the step)
+            optimizer step, ClusterObjective.update_state(the step's stats), teacher EMA
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, objective: ClusterObjective,
@@ -102,8 +108,9 @@ class Stepper:
         self.device, self.accumulate = device, accumulate or cfg.optim.accumulate_steps
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.last_outputs: tuple | None = None  # (student, teacher, tau_t) of the last micro-batch
-        self.usage = ClusterUsage(objective.spec.num_clusters, device)
+        self.usage = ClusterUsage(objective.cfg.num_clusters, device)
         self.step_losses: list[Tensor] = []  # this step's micro-batch losses
+        self.step_stats: list[Tensor | None] = []  # and their batch statistics, for the objective's state
         self.nonfinite_steps = 0  # skipped so far (restored from the checkpoint)
         # forward passes update the BatchNorm statistics: a skipped step puts them back
         self.buffers = [b for m in (unwrap(student), teacher) for b in m.buffers()]
@@ -116,7 +123,9 @@ class Stepper:
                 g["weight_decay"] = self.schedules["wd"][step]
 
     def micro_batch(self, views: list[Tensor], step: int, last: bool) -> Tensor:
-        """Forward and backward of one micro-batch; returns the (unscaled) loss."""
+        """Forward and backward of one micro-batch; returns the (unscaled) loss, that of
+        ``ClusterObjective.forward`` (docs/theory.md §1). The objective's state is not touched
+        here: the micro-batch's statistic waits in ``step_stats`` for ``finish``."""
         tau_t = float(self.schedules["teacher_temperature"][step])
         if not self.step_losses:  # the step's first micro-batch
             for saved, buffer in zip(self.saved_buffers, self.buffers):
@@ -127,11 +136,11 @@ class Stepper:
             with self.autocast:
                 with torch.no_grad():
                     teacher_out = self.teacher(views[:2])
-                    targets = self.objective.targets(teacher_out, tau_t)
                 student_out = self.student(views)
-                loss = cross_entropy_loss(student_out, targets, self.objective.spec.student_temperature)
+                loss, targets = self.objective(student_out, teacher_out, tau_t)
             (loss / self.accumulate).backward()
-        self.usage.add(teacher_out, targets, tau_t)
+        self.step_stats.append(targets.stat)
+        self.usage.add(teacher_out, targets.qt, tau_t)
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
         self.step_losses.append(loss.detach())
         return loss.detach()
@@ -145,6 +154,7 @@ class Stepper:
         DDP's all-reduce, the same on every rank, so every rank skips or stops together.
         """
         losses, self.step_losses = self.step_losses, []
+        stats, self.step_stats = self.step_stats, []  # a skipped step drops them: the state stays as it was
         self._set_hyperparameters(step)
         if step < self.freeze_steps:
             for p in unwrap(self.student).head.prototype_parameters():
@@ -159,13 +169,12 @@ class Stepper:
             return []
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.objective.update_state()
+        self.objective.update_state(stats)
         ema_update(self.teacher, self.student, float(self.schedules["momentum"][step]))
         return losses
 
     def _skip(self, step: int, losses: list[Tensor], norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.objective.discard_pending()
         for saved, buffer in zip(self.saved_buffers, self.buffers):
             buffer.copy_(saved)
         self.nonfinite_steps += 1

@@ -1,0 +1,56 @@
+"""``RunKnn``: the weighted k-NN of a run's networks on this worker's labelled sets (every rank
+calls it together: the features, the BatchNorm statistics and the neighbours are collectives)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rayssl.config import Config
+from rayssl.eval.online import batch_images, first_images, knn_eval
+from rayssl.eval.protocol import precise_bn
+from rayssl.models import unwrap
+from rayssl.transforms import MultiCrop
+
+
+@dataclass(frozen=True)
+class RunKnn:
+    """``knn(rows)``: the k-NN accuracy of each named row, on fresh ``sets()`` (``Worker.knn_sets``)."""
+
+    cfg: Config
+    num_classes: int
+    crops: MultiCrop  # the run's eval transform (rayssl.train.views.Views.crops)
+    sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]]
+    world: int
+    device: torch.device
+    autocast: AbstractContextManager  # the training step's (rayssl.train.step.Stepper.autocast)
+
+    def __call__(self, rows: dict[str, nn.Module | None]) -> dict[str, float]:
+        """Weighted k-NN of each named row: a network's backbone features, or the raw pixels (None),
+        under the feature protocol (``rayssl.eval.protocol``): each network with its BatchNorm
+        statistics recomputed on this worker's share of the first ``eval.precise_bn_images`` clean
+        bank images, every row centred by the bank mean (``eval.centre``)."""
+        e, size = self.cfg.eval, self.cfg.augment.global_crop_size
+        bank, queries = self.sets()
+        clean, bank = first_images(bank, -(-e.precise_bn_images // self.world))
+
+        def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            with self.autocast:
+                return backbone(self.crops.eval_transform(x, size).contiguous(memory_format=torch.channels_last))
+
+        nets = {name: unwrap(m).backbone for name, m in rows.items() if m is not None}
+        if e.precise_bn_images:
+            nets = {name: precise_bn(m, (batch_images(b, self.device) for b in clean), features)
+                    for name, m in nets.items()}
+
+        @torch.no_grad()
+        def fn(x: torch.Tensor) -> list[torch.Tensor]:
+            for m in nets.values():
+                m.eval()
+            return [x.flatten(1).float() / 255 if m is None else features(nets[name], x) for name, m in rows.items()]
+        return knn_eval(bank, queries, fn, list(rows), k=e.knn_k, temperature=e.knn_temperature,
+                        num_classes=self.num_classes, device=self.device, centre=e.centre)
