@@ -108,13 +108,13 @@ def rayssl_step(i):
 plain_s = model()
 plain_t = make_teacher(plain_s)
 opt = torch.optim.AdamW(plain_s.parameters(), lr=1e-4)
-centre = torch.zeros(k, device=device)
+center = torch.zeros(k, device=device)
 def plain_step(i):
-    global centre
+    global center
     with torch.autocast(device.type, dtype=torch.bfloat16):
         with torch.no_grad():
             t_logits = plain_t(views[:2])  # rayssl's Encoder takes the list of views
-            t = torch.softmax((t_logits - centre) / 0.04, -1).chunk(2)
+            t = torch.softmax((t_logits - center) / 0.04, -1).chunk(2)
         s = torch.log_softmax(plain_s(views) / 0.1, -1).chunk(len(views))
         loss = sum(-(ti * si).sum(-1).mean() for a, ti in enumerate(t) for c, si in enumerate(s) if a != c)
     opt.zero_grad(set_to_none=True)
@@ -122,7 +122,7 @@ def plain_step(i):
     opt.step()
     with torch.no_grad():
         torch._foreach_lerp_(list(plain_t.parameters()), list(plain_s.parameters()), 0.004)
-        centre = 0.9 * centre + 0.1 * t_logits.float().mean(0)
+        center = 0.9 * center + 0.1 * t_logits.float().mean(0)
 
 ours, plain = rate(rayssl_step), rate(plain_step)
 print(f"[gpu_check] step: rayssl {ours:.0f} img/s, plain PyTorch {plain:.0f} img/s, ratio {ours / plain:.2f} "

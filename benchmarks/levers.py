@@ -11,7 +11,9 @@ optimizer steps at its global batch (``--steps``, which every schedule spans; de
 config without ``train.time_budget``: ``train.epochs`` x 60k / global batch), then scores the
 teacher, the raw pixels and the same network at random init under each feature protocol: as is, centred by the bank mean, and
 (for networks) with BatchNorm statistics recomputed on clean images, so each row gets exactly
-the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 on native-bf16 CPUs). Appends one JSON line per probe to ``--out``.
+the same treatment. ``train.precision`` follows the job's rule (``auto``: bf16 on native-bf16 CPUs). Appends one JSON line per probe to ``--out``
+(keys ``<row>``, ``<row>/centered``, ``<row>/bn``, ``<row>/bn/centered``; lines written before eval.centre
+became eval.center spell the centered keys ``/centred``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def score(name: str, feats, bank_y, query_y, out: dict) -> None:
     bank, query = feats
     out[f"{name}"] = knn_accuracy(bank, bank_y, query, query_y, 10)
     mean = bank_mean(bank.float())
-    out[f"{name}/centred"] = knn_accuracy(bank - mean, bank_y, query - mean, query_y, 10)
+    out[f"{name}/centered"] = knn_accuracy(bank - mean, bank_y, query - mean, query_y, 10)
 
 
 def main() -> None:
@@ -78,7 +80,7 @@ def main() -> None:
                       schedules, cfg, spe, torch.device("cpu"), use_bf16(cfg.train.precision, torch.device("cpu")))
     crops = MultiCrop(cfg.augment, 1, mean, std)
 
-    def extract(backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(backbone) -> tuple[torch.Tensor, torch.Tensor]:
         backbone.eval()
         with torch.no_grad():
             f = torch.cat([backbone(crops.eval_transform(images[i:i + 1000], 28)
@@ -95,8 +97,8 @@ def main() -> None:
     result: dict = {"name": args.name, "overrides": args.overrides, "steps": total, "global_batch": batch}
     bank_y, query_y = labels[:TRAIN], labels[TRAIN:]
     score("raw_pixels", (images[:TRAIN].flatten(1).float(), images[TRAIN:].flatten(1).float()), bank_y, query_y, result)
-    score("random_init", extract(teacher.backbone), bank_y, query_y, result)
-    score("random_init/bn", extract(recalibrated(teacher.backbone)), bank_y, query_y, result)
+    score("random_init", features(teacher.backbone), bank_y, query_y, result)
+    score("random_init/bn", features(recalibrated(teacher.backbone)), bank_y, query_y, result)
     start = time.time()
     for step in range(total):
         idx = torch.randint(0, TRAIN, (batch,))
@@ -108,9 +110,9 @@ def main() -> None:
     result["train_seconds"] = round(time.time() - start, 1)
     result["images_per_second"] = round(total * batch / (time.time() - start), 1)
     result.update({k: round(v, 4) for k, v in stepper.diagnostics().items() if k.startswith("norm/")})
-    score("teacher", extract(teacher.backbone), bank_y, query_y, result)
-    score("teacher/bn", extract(recalibrated(teacher.backbone)), bank_y, query_y, result)
-    score("student", extract(student.backbone), bank_y, query_y, result)
+    score("teacher", features(teacher.backbone), bank_y, query_y, result)
+    score("teacher/bn", features(recalibrated(teacher.backbone)), bank_y, query_y, result)
+    score("student", features(student.backbone), bank_y, query_y, result)
     print(json.dumps(result), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -138,14 +138,14 @@ def features(backbone, images: torch.Tensor, prep) -> torch.Tensor:
                       for i in range(0, len(images), 1000)])
 
 
-def centred(bank: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def centered(bank: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = bank_mean(bank.float())
     return bank - m, query - m
 
 
 def score(bank: torch.Tensor, query: torch.Tensor, data: Data, k: int) -> dict:
     """Weighted k-NN and the linear probe of centred features."""
-    bank, query = centred(bank, query)
+    bank, query = centered(bank, query)
     probe = linear_probe(bank, data.train_y, query, data.query_y)
     return {"knn": round(knn_accuracy(bank, data.train_y, query, data.query_y, CLASSES, k), 4),
             "linear": round(probe["linear/top1"], 4)}
@@ -163,7 +163,7 @@ def evaluate(backbone, data: Data, k: int, prep=None) -> dict:
 def cheap_knn(backbone, data: Data, k: int) -> float:
     """The curve's k-NN: running BN statistics, the first 10k bank images, centred."""
     was = backbone.training
-    bank, query = centred(features(backbone, data.train[:CURVE_BANK], data.prep), features(backbone, data.query, data.prep))
+    bank, query = centered(features(backbone, data.train[:CURVE_BANK], data.prep), features(backbone, data.query, data.prep))
     backbone.train(was)
     return round(knn_accuracy(bank, data.train_y[:CURVE_BANK], query, data.query_y, CLASSES, k), 4)
 
@@ -404,7 +404,7 @@ def run_lightly(knobs: dict, cfg, data: Data, budget_s: float, k: int, loader_wo
 # ----------------------------------------------------------------------------- the job itself
 def run_job(args, data: Data, seed: int) -> tuple[dict, torch.nn.Module, EvalPreprocess]:
     """``jobs/pretrain.py`` on Ray for the budget; its final checkpoint's teacher, scored here."""
-    from rayssl.eval.checkpoint import read_checkpoint, teacher_from_state
+    from rayssl.eval.backbone import read_checkpoint, teacher_from_state
 
     with tempfile.TemporaryDirectory(prefix="peers-job-") as tmp:
         name = f"peers-{args.dataset}-s{seed}"

@@ -7,9 +7,10 @@
 The protocol of ``benchmarks/levers.py`` and the job's raw-pixel row: the scenes of the 60k
 Fashion-MNIST *train* images (``rayssl.data.scenes.scenes``, the train split's parameters), the
 first 50k as the bank, the last 10k as the queries; features are the images in [0, 1],
-flattened, centred by the bank mean (``eval.centre``) and L2-normalised; weighted 20-NN at
+flattened, centred by the bank mean (``eval.center``) and L2-normalised; weighted 20-NN at
 temperature 0.07 (``rayssl.knn``). The test split is never read. ``key=value`` arguments
-replace fields of ``RECIPE`` (YAML values). Appends one JSON line to ``--out``; ``--grid PNG``
+replace fields of ``RECIPE`` (YAML values). Appends one JSON line to ``--out`` (its centered row
+``raw_pixels/centered``; lines written before eval.centre became eval.center say ``raw_pixels/centred``); ``--grid PNG``
 also saves the first 64 images.
 """
 
@@ -54,7 +55,7 @@ def raw_knn(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     bank, query = f[:TRAIN], f[TRAIN:]
     m = bank_mean(bank)
     return {"raw_pixels": knn_accuracy(bank, labels[:TRAIN], query, labels[TRAIN:], 10),
-            "raw_pixels/centred": knn_accuracy(bank - m, labels[:TRAIN], query - m, labels[TRAIN:], 10)}
+            "raw_pixels/centered": knn_accuracy(bank - m, labels[:TRAIN], query - m, labels[TRAIN:], 10)}
 
 
 def grid(x: np.ndarray, path: str, n: int = 8, zoom: int = 3) -> None:

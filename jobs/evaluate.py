@@ -24,7 +24,7 @@ what it reports (results.json, and a table here):
                             eval.knn_train_limit caps the bank.
                             The feature protocol, alike for every row: BatchNorm statistics recomputed
                             on eval.precise_bn_images clean bank images (0 keeps training's), and
-                            features centred by the bank mean before the L2 norm (eval.centre).
+                            features centred by the bank mean before the L2 norm (eval.center).
   linear/top1               logistic regression on frozen features, LR x weight decay picked on a
                             10 % validation split of the bank.
   raw_pixels/*, random_init/*
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
     args = parser.parse_args(argv)
 
-    from rayssl.eval.checkpoint import read_checkpoint
+    from rayssl.eval.backbone import read_checkpoint
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))

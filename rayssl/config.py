@@ -32,6 +32,77 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the field."""
 
 
+class DeprecatedKeyWarning(FutureWarning):
+    """A config key that still works under its old name, for one release (see ``DEPRECATED``).
+    A ``FutureWarning``: meant for the user of the jobs, so Python shows it by default."""
+
+
+# Old dotted key -> its one name now. An old key keeps working for one release: it is moved to
+# the new key (YAML, checkpoint configs, dotted overrides) with a one-line notice; setting both
+# is an error naming both. Remove an entry in the release after it was added.
+DEPRECATED: dict[str, str] = {
+    "eval.centre": "eval.center",
+}
+
+
+def deprecation_notice(old: str) -> str:
+    """The one line shown when a config sets the deprecated key ``old``."""
+    return f"{old} is deprecated: use {DEPRECATED[old]} ({old} will be removed in the next release)"
+
+
+def _warn_deprecated(old: str) -> None:
+    import warnings
+
+    warnings.warn(deprecation_notice(old), DeprecatedKeyWarning, stacklevel=3)
+
+
+def upgrade_keys(data: Any) -> Any:
+    """A copy of the config mapping ``data`` with every deprecated key (``DEPRECATED``) moved to
+    its new name, one notice per key; ``data`` itself is left as it was. Raises ``ConfigError``
+    naming both keys when ``data`` sets the old and the new one."""
+    data, found = _upgrade(data)
+    for old in found:
+        _warn_deprecated(old)
+    return data
+
+
+def _upgrade(data: Any) -> tuple[Any, list[str]]:
+    """(``data`` with the deprecated keys moved, or ``data`` itself when it has none; those keys)."""
+    if not isinstance(data, dict):
+        return data, []
+    found = []
+    for old, new in DEPRECATED.items():
+        present, value = _get_dotted(data, old)
+        if not present:
+            continue
+        if _get_dotted(data, new)[0]:
+            raise ConfigError(f"{old} and {new} are both set: keep only {new} ({old} is its deprecated name)")
+        if not found:
+            data = copy.deepcopy(data)
+        _pop_dotted(data, old)
+        set_dotted(data, new, value)
+        found.append(old)
+    return data, found
+
+
+def _get_dotted(data: dict, key: str) -> tuple[bool, Any]:
+    """(whether ``key`` is set in ``data``, its value)."""
+    node: Any = data
+    for k in key.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return False, None
+        node = node[k]
+    return True, node
+
+
+def _pop_dotted(data: dict, key: str) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for k in parents:
+        node = node[k]
+    del node[leaf]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -186,12 +257,12 @@ class ObjectiveConfig(_Section):
         "EMA momentum of the cluster prior pi in mode prior, folded in once per optimizer step: "
         "0 = the per-batch prior; 0.9-0.99 smooths it when the global batch is small."))
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0, description=(
-        "EMA momentum of the centre in mode center (DINO's 0.9), updated once per optimizer step."))
+        "EMA momentum of the center in mode center (DINO's 0.9), updated once per optimizer step."))
     sinkhorn_iters: PositiveInt = Field(3, description=(
         "Normalisation steps of mode sinkhorn (Sinkhorn-Knopp iterations, each a prior step over the "
         "global batch)."))
     scope: Literal[SCOPES] = Field("global", description=(  # type: ignore[valid-type]
-        "Batch statistics of the normalisation (pi, centre, Sinkhorn marginals): global = all-reduced "
+        "Batch statistics of the normalisation (pi, center, Sinkhorn marginals): global = all-reduced "
         "over every worker (docs/theory.md section 3.4); local = each worker's own batch, an ablation only "
         "(docs/benchmarks.md)."))
 
@@ -383,11 +454,12 @@ class EvalConfig(_Section):
         "Precise BatchNorm: before features are extracted, every network row (teacher, random init) gets "
         "its BatchNorm statistics recomputed on this many clean bank images (data.source, the evaluation "
         "preprocessing) instead of the running statistics of augmented training crops; 0 keeps those. "
-        "Chosen with eval.centre on the validation split (docs/benchmarks.md, 'Sixth round'). "
+        "Chosen with eval.center on the validation split (docs/benchmarks.md, 'Sixth round'). "
         "The images are held in memory while the statistics are computed: lower it for large images."))
-    centre: bool = Field(True, description=(
-        "Centre every k-NN row's features (raw pixels included) by the bank's mean before the L2 "
-        "normalisation; non-negative pooled features otherwise crowd all cosines near 1."))
+    center: bool = Field(True, description=(
+        "Center every k-NN row's features (raw pixels included) by subtracting the bank's mean before the "
+        "L2 normalisation; non-negative pooled features otherwise crowd all cosines near 1. Formerly "
+        "eval.centre (still read, with a deprecation notice, until the next release)."))
     every_epochs: float | None = Field(None, gt=0.0, description=(
         "Online k-NN of the teacher every this many epochs (metric knn/teacher); each costs one pass over "
         "the bank (eval.knn_train_limit) and the queries (data.test_limit). Default: only at the end."))
@@ -444,6 +516,16 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_keys(cls, data: Any) -> Any:
+        """Old key names (``DEPRECATED``) in a mapping validated directly, e.g. the config stored
+        in an older run's checkpoint, are read under their new names, with the notice."""
+        try:
+            return upgrade_keys(data)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -664,6 +746,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     checkpoint's config) and dotted overrides.
 
     Raises ``ConfigError`` with one line naming the field on any invalid value or unknown key.
+    A deprecated key (``DEPRECATED``), in the file, ``base`` or an override, is read under its
+    new name with a one-line ``DeprecatedKeyWarning``; the old and the new name together are an error.
     """
     data: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
@@ -673,9 +757,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: cannot read config: {exc}".splitlines()[0]) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data, deprecated = _upgrade(data)  # old key names in the file or base, moved to the new ones
+    given: dict[str, str] = {}  # current name -> the name an override used for it
     for item in overrides:
         keys, value = parse_override(item)
-        set_dotted(data, ".".join(keys), value)
+        key = ".".join(keys)
+        name = DEPRECATED.get(key, key)
+        if given.setdefault(name, key) != key:
+            raise ConfigError(f"{given[name]} and {key} are both set: keep only {name} "
+                              f"({key if key in DEPRECATED else given[name]} is its deprecated name)")
+        if key in DEPRECATED and key not in deprecated:
+            deprecated.append(key)
+        set_dotted(data, name, value)
+    for old in deprecated:  # one notice per deprecated key, however often it was set
+        _warn_deprecated(old)
     try:
         return Config.model_validate(data)
     except ValidationError as err:

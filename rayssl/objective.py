@@ -266,7 +266,7 @@ class TeacherTargets(NamedTuple):
 
 
 class ClusterObjective(nn.Module):
-    """The loss of docs/theory.md §1 with its state: the EMA centre (``center``, §4) and the EMA
+    """The loss of docs/theory.md §1 with its state: the EMA center (``center``, §4) and the EMA
     log prior (``log_prior_ema``, §3.5), in buffers, so a checkpoint of ``state_dict`` carries them.
     ``cfg`` is the ``objective.*`` section of the config (``rayssl.config.ObjectiveConfig``).
 
@@ -276,7 +276,7 @@ class ClusterObjective(nn.Module):
         update_state([T_1.stat, ..., T_a.stat])            after the optimizer step; skipped with it
 
     so every micro-batch of a step sees the same state, as one large batch would, and a skipped
-    step leaves the state as it was. The centre starts at 0 (the first step's target is the raw
+    step leaves the state as it was. The center starts at 0 (the first step's target is the raw
     softmax), the EMA prior at rho.
 
     ``scope``: ``global`` takes c_batch, pi_batch and Sinkhorn's marginals over the global batch
@@ -315,7 +315,7 @@ class ClusterObjective(nn.Module):
                       pi_used = m pi_ema + (1 - m) pi_batch,          stat = log pi_used
             none, sinkhorn: ``normalize_teacher`` (no state),         stat = None
 
-        ``c`` is the centre before this step's update (it lags one step, as DINO's).
+        ``c`` is the center before this step's update (it lags one step, as DINO's).
         """
         s = self.cfg
         z = teacher_logits.float().flatten(0, 1)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
-from rayssl.config import Config, ConfigError, _known_keys, _one_line, load_config, set_dotted
+from rayssl.config import (DEPRECATED, Config, ConfigError, _known_keys, _one_line, _warn_deprecated, load_config,
+                           set_dotted)
 from rayssl.schedules import knn_evaluations
 
 if TYPE_CHECKING:
@@ -76,6 +77,12 @@ def check_space(space: Any, base: dict) -> dict[str, tuple[str, Any]]:
     out = {}
     for key, spec in space.items():
         where = f"space.{key}"
+        if key in DEPRECATED:  # an old key name searches its new one, with the notice
+            if DEPRECATED[key] in space:
+                raise ConfigError(f"{where} and space.{DEPRECATED[key]} are both set: keep only "
+                                  f"space.{DEPRECATED[key]} ({key} is its deprecated name)")
+            _warn_deprecated(key)
+            key = DEPRECATED[key]
         if key not in known:
             import difflib
 

@@ -96,7 +96,7 @@ def run_both(spec: ObjectiveConfig, ref: DinoReference, steps: int, num_crops: i
 
 @pytest.mark.parametrize("num_crops", [2, 4, 8])
 @pytest.mark.parametrize("center_momentum", [0.9, 0.5, 0.0])
-def test_center_mode_equals_dino_loss_and_centre(num_crops, center_momentum):
+def test_center_mode_equals_dino_loss_and_center(num_crops, center_momentum):
     k, batch, tau_s, tau_t = 64, 16, 0.1, 0.04
     spec = ObjectiveConfig(mode="center", num_clusters=k, student_temperature=tau_s,
                            center_momentum=center_momentum)

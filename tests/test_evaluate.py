@@ -18,7 +18,7 @@ import rayssl
 from rayssl.config import ConfigError, load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.eval import metrics
-from rayssl.eval.checkpoint import read_checkpoint
+from rayssl.eval.backbone import read_checkpoint
 from rayssl.eval.evaluate import BASELINES, FeatureActor, evaluate
 from rayssl.models import build_encoder
 
@@ -95,7 +95,7 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     cfg = load_config(None, ["eval.baselines=true"], base=read_checkpoint(str(run))["config"])
     bank, bank_labels = _raw_pixels(out / "embeddings-train.parquet", "train", "train-images-idx3-ubyte.gz")
     query, query_labels = _raw_pixels(out / "embeddings-eval.parquet", "test", "t10k-images-idx3-ubyte.gz")
-    assert cfg.eval.centre
+    assert cfg.eval.center
     m = bank.mean(0)
     direct = {**metrics.knn_accuracies(bank - m, bank_labels, query - m, query_labels, ks=(5, 20), num_classes=10,
                                        temperature=cfg.eval.knn_temperature),

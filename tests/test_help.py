@@ -63,7 +63,7 @@ def test_help_text_groups_keys_by_section_with_type_default_and_description() ->
     assert "near 0 means collapse" in " ".join(text.split())
     assert all(len(line) <= 100 for line in text.splitlines() if line.startswith("      "))
     only_eval = help_text(sections=("eval",))
-    assert only_eval.startswith("eval: ") and "\n  data." not in only_eval and "\n  eval.centre: " in only_eval
+    assert only_eval.startswith("eval: ") and "\n  data." not in only_eval and "\n  eval.center: " in only_eval
 
 
 def test_pretrain_help_lists_every_key() -> None:

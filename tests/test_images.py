@@ -69,7 +69,7 @@ def test_bad_inputs_raise_with_reason(data: bytes, reason: str) -> None:
         images.check(data)
 
 
-def test_decode_resizes_shorter_side_and_centre_crops() -> None:
+def test_decode_resizes_shorter_side_and_center_crops() -> None:
     # A 40 x 60 image whose outer columns differ: the centre crop keeps only the bright band.
     pixels = np.zeros((40, 60), dtype=np.uint8)
     pixels[:, 6:54] = 200  # the centre square after resizing to 20 x 30 is columns 10..50

@@ -15,7 +15,7 @@ from rayssl.data.meta import DataMeta
 from rayssl.models import initial_encoder
 
 CORE = ("rayssl", "rayssl.checkpoint", "rayssl.config", "rayssl.console", "rayssl.data.meta",
-        "rayssl.data.shards", "rayssl.data.storage", "rayssl.eval.checkpoint", "rayssl.models",
+        "rayssl.data.shards", "rayssl.data.storage", "rayssl.eval.backbone", "rayssl.models",
         "rayssl.transforms")
 EDGES = """
 def edges():

@@ -55,7 +55,7 @@ def test_first_images_serves_statistics_and_features_from_one_pass() -> None:
     assert [b["label"] is c["label"] for b, c in zip(every, batches)] == [True] * 5
 
 
-def test_knn_eval_centres_by_the_bank_mean() -> None:
+def test_knn_eval_centers_by_the_bank_mean() -> None:
     """Two classes that differ only in the length of a large common offset: uncentred, the cosine
     cannot see it and the vote is near chance; centred, it equals the k-NN of the centred features."""
     g = np.random.default_rng(0)
@@ -63,12 +63,12 @@ def test_knn_eval_centres_by_the_bank_mean() -> None:
     f = 50.0 + 2.0 * y[:, None] + g.normal(0, 0.5, (200, 4))
     images = f.reshape(200, 2, 2, 1)
 
-    def run(feats: np.ndarray, centre: bool) -> float:
+    def run(feats: np.ndarray, center: bool) -> float:
         fn = lambda x: [x.flatten(1).double()]  # noqa: E731 - the "image" is the feature itself
         data = feats.reshape(200, 2, 2, 1)
         return knn_eval(_labelled(data[:150], y[:150]), _labelled(data[150:], y[150:]), fn, ["f"], k=5,
-                        temperature=0.07, num_classes=2, device=torch.device("cpu"), centre=centre)["f"]
+                        temperature=0.07, num_classes=2, device=torch.device("cpu"), center=center)["f"]
 
     centred = f - f[:150].mean(0)
-    assert run(images, centre=True) == pytest.approx(run(centred, centre=False))
-    assert run(images, centre=True) > run(images, centre=False) + 0.2
+    assert run(images, center=True) == pytest.approx(run(centred, center=False))
+    assert run(images, center=True) > run(images, center=False) + 0.2

@@ -11,7 +11,7 @@ import torch
 
 from rayssl import checkpoint as checkpoints
 from rayssl.config import load_config
-from rayssl.eval.checkpoint import read_checkpoint
+from rayssl.eval.backbone import read_checkpoint
 from rayssl.models import build_encoder, make_teacher
 from rayssl.monitor import CollapseAlarm
 from rayssl.objective import ClusterObjective

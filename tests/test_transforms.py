@@ -179,7 +179,7 @@ def test_eval_transform(size: int) -> None:
         torch.testing.assert_close(out, (images / 255 - mean) / std)
 
 
-def test_eval_preprocess_resizes_the_shorter_side_crops_the_centre_and_normalises() -> None:
+def test_eval_preprocess_resizes_the_shorter_side_crops_the_center_and_normalises() -> None:
     from torchvision.transforms.v2 import functional as TF
 
     images = torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8)

@@ -4,9 +4,9 @@ k-NN and linear probe also score two floors with ``eval.baselines``: raw pixels 
 backbone at its random initialisation, with the same preprocessing and the same feature
 protocol (``rayssl.eval.protocol``): each network's BatchNorm statistics recomputed on the
 first ``eval.precise_bn_images`` clean bank images (by the driver, before extraction), and the
-k-NN features centred by the bank mean (``eval.centre``).
+k-NN features centred by the bank mean (``eval.center``).
 
-Extraction is ``read_parquet`` -> ``decode_stage`` (CPU tasks) -> ``map_batches(FeatureActor)``
+Extraction (``stream_features``) is ``read_parquet`` -> ``decode_stage`` (CPU tasks) -> ``map_batches(FeatureActor)``
 on an actor pool (one GPU each when ``use_gpu``), so it scales to a cluster. The driver runs
 the small cluster head on the gathered features (teacher posterior ``softmax(z / tau_t)``),
 then the pure metrics of ``rayssl.eval.metrics``.
@@ -28,7 +28,7 @@ from rayssl.config import Config, ConfigError
 from rayssl.data.datasets import decode_stage, read, sources
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
-from rayssl.eval.checkpoint import preprocessing, random_init, read_checkpoint, teacher_from_state
+from rayssl.eval.backbone import preprocessing, random_init, read_checkpoint, teacher_from_state
 from rayssl.eval.protocol import bank_mean, precise_bn
 
 KS = (10, 20, 100, 200)
@@ -39,7 +39,7 @@ class FeatureActor:
     """Ray Data actor: decoded uint8 images -> the teacher backbone's features (rows that decoded),
     with ``eval.baselines`` also ``raw_pixels`` (the resized, centre-cropped image in [0, 1],
     flattened) and ``random_init`` (the backbone at training's initialisation, same preprocessing).
-    The preprocessing is the checkpoint's published one (``rayssl.eval.checkpoint.preprocessing``);
+    The preprocessing is the checkpoint's published one (``rayssl.eval.backbone.preprocessing``);
     ``bn`` holds each backbone's precise-BatchNorm buffers (``batchnorm_buffers``), if any."""
 
     def __init__(self, checkpoint: str, config: dict, s3: S3Options, bn: dict[str, dict] | None = None) -> None:
@@ -108,10 +108,12 @@ def batchnorm_buffers(uri: str, manifest: dict, cfg: Config, nets: dict, preproc
     return out
 
 
-def extract(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
-            actors: int, use_gpu: bool, bn: dict[str, dict]) -> dict[str, np.ndarray]:
+def stream_features(uri: str, manifest: dict, cfg: Config, checkpoint: str, limit: int | None,
+                    actors: int, use_gpu: bool, bn: dict[str, dict]) -> dict[str, np.ndarray]:
     """``{"id", "feature" (N, D), "label"}`` of the first ``limit`` rows of the shards at ``uri``,
-    and the ``BASELINES`` columns with ``eval.baselines``; ``bn`` from ``batchnorm_buffers``."""
+    and the ``BASELINES`` columns with ``eval.baselines``; ``bn`` from ``batchnorm_buffers``.
+    A Ray Data pass over the shards through ``FeatureActor``s (the in-memory, in-process
+    counterpart used by training's k-NN is ``rayssl.eval.online.features_of``)."""
     ds = (decoded(uri, manifest, cfg, limit)
           .map_batches(FeatureActor, batch_size=256, batch_format="numpy",
                        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
@@ -151,10 +153,10 @@ def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: n
 
 
 def probes(train: dict, test: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
-    """k-NN (``knn/top1_kK``, centred by the bank mean with ``eval.centre``) and linear probe
+    """k-NN (``knn/top1_kK``, centred by the bank mean with ``eval.center``) and linear probe
     (``linear/*``; it standardises the features itself) of one feature ``column``."""
     bank, queries = torch.from_numpy(train[column]).float(), torch.from_numpy(test[column]).float()
-    if cfg.eval.centre:
+    if cfg.eval.center:
         m = bank_mean(bank)
         bank, queries = bank - m, queries - m
     out = metrics.knn_accuracies(bank, train["label"], queries, test["label"], ks=tuple(ks),
@@ -179,8 +181,8 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
         raise ConfigError("data.eval_source: evaluation needs labelled data.source and data.eval_source shards")
     bank_limit = min((n for n in (cfg.data.train_limit, cfg.eval.knn_train_limit) if n), default=None)
     bn = batchnorm_buffers(train_uri, train_manifest, cfg, backbones(cfg, teacher, meta), preprocessing(cfg, meta))
-    train = extract(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu, bn)
-    test = extract(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu, bn)
+    train = stream_features(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu, bn)
+    test = stream_features(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu, bn)
     num_classes, k = len(train_manifest["classes"]), cfg.objective.num_clusters
 
     results: dict = {"checkpoint": checkpoint, "step": state.get("step"), "num_train": len(train["label"]),

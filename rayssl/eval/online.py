@@ -38,8 +38,10 @@ def first_images(batches: Iterable[dict], images: int) -> tuple[list[dict], Iter
     return head, itertools.chain(head, it)
 
 
-def extract(batches: Iterable[dict], fn: Features, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Features (one float tensor per feature set) and labels of the decodable rows."""
+def features_of(batches: Iterable[dict], fn: Features, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Features (one float tensor per feature set ``fn`` returns) and labels of the decodable rows
+    of in-memory ``batches``, in this process (a checkpoint's features over Ray Data are
+    ``rayssl.eval.evaluate.stream_features``)."""
     feats, labels = [], []
     for batch in batches:
         if not batch["ok"].any():
@@ -50,19 +52,19 @@ def extract(batches: Iterable[dict], fn: Features, device: torch.device) -> tupl
 
 
 def knn_eval(bank: Iterable[dict], queries: Iterable[dict], fn: Features, names: list[str], *, k: int,
-             temperature: float, num_classes: int, device: torch.device, centre: bool) -> dict[str, float]:
+             temperature: float, num_classes: int, device: torch.device, center: bool) -> dict[str, float]:
     """Weighted k-NN accuracy of each feature set ``fn`` returns, named by ``names``.
 
     Each worker extracts its shard of the bank (labelled training images) and of the queries
-    (``data.eval_source``); with ``centre`` every set is centred by its global bank mean
+    (``data.eval_source``); with ``center`` every set is centred by its global bank mean
     (``rayssl.eval.protocol.bank_mean``) before the L2 normalisation; the queries are gathered,
     each worker returns its local top-k, and the exact global top-k is merged, so W workers
     score exactly what one process would.
     """
-    bank_feats, bank_labels = extract(bank, fn, device)
-    query_feats, query_labels = extract(queries, fn, device)
+    bank_feats, bank_labels = features_of(bank, fn, device)
+    query_feats, query_labels = features_of(queries, fn, device)
     for i in range(len(names)):
-        m = bank_mean(bank_feats[i]) if centre else 0.0
+        m = bank_mean(bank_feats[i]) if center else 0.0
         bank_feats[i], query_feats[i] = (F.normalize(f - m, dim=1) for f in (bank_feats[i], query_feats[i]))
     parts = dist.gather_objects((query_feats, query_labels))
     all_labels = torch.cat([p[1] for p in parts])

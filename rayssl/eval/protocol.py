@@ -12,7 +12,7 @@ Two standard steps, chosen on the validation split (docs/benchmarks.md, "[1/5] .
 
   and averaged over ranks weighted by their batch counts, so every worker extracts with the
   same statistics. A network without BatchNorm is unchanged (raw pixels have none).
-- **Centring** (``eval.centre``). Features after ReLU and average pooling are non-negative, so
+- **Centring** (``eval.center``). Features after ReLU and average pooling are non-negative, so
   every cosine similarity is high. Each feature is centred by the bank's mean before the L2
   normalisation of the k-NN,
 

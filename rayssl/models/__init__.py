@@ -58,7 +58,7 @@ def initial_encoder(cfg: Any, channels: int) -> Encoder:
     """The encoder at training's initialisation, for ``channels``-channel images: the global torch
     seed set to ``cfg.train.seed`` (the same weights on every worker), then ``cfg.model`` built at
     ``cfg.augment.global_crop_size`` px with ``cfg.objective.num_clusters`` clusters. Training and
-    ``rayssl.eval.checkpoint`` both build through it; the random state is left as building left it."""
+    ``rayssl.eval.backbone`` both build through it; the random state is left as building left it."""
     torch.manual_seed(cfg.train.seed)
     return build_encoder(cfg.model, channels, cfg.augment.global_crop_size, cfg.objective.num_clusters)
 

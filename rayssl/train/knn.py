@@ -33,7 +33,7 @@ class RunKnn:
         """Weighted k-NN of each named row: a network's backbone features, or the raw pixels (None),
         under the feature protocol (``rayssl.eval.protocol``): each network with its BatchNorm
         statistics recomputed on this worker's share of the first ``eval.precise_bn_images`` clean
-        bank images, every row centred by the bank mean (``eval.centre``)."""
+        bank images, every row centred by the bank mean (``eval.center``)."""
         e, size = self.cfg.eval, self.cfg.augment.global_crop_size
         bank, queries = self.sets()
         clean, bank = first_images(bank, -(-e.precise_bn_images // self.world))
@@ -53,4 +53,4 @@ class RunKnn:
                 m.eval()
             return [x.flatten(1).float() / 255 if m is None else features(nets[name], x) for name, m in rows.items()]
         return knn_eval(bank, queries, fn, list(rows), k=e.knn_k, temperature=e.knn_temperature,
-                        num_classes=self.num_classes, device=self.device, centre=e.centre)
+                        num_classes=self.num_classes, device=self.device, center=e.center)

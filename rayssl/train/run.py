@@ -97,7 +97,7 @@ class TrainRun:
     def restore(self) -> None:
         """Continue from the newest intact checkpoint, if the worker has one; else seed the crops.
 
-        Weights, optimizer, objective state (prior/centre: all-reduced sums and counts, valid at
+        Weights, optimizer, objective state (prior/center: all-reduced sums and counts, valid at
         any world size) and the step always carry over. Each rank's RNG state and data position
         carry over only at the checkpoint's world size: after an elastic resize every rank
         reseeds from (seed, rank, step) and starts the epoch's rows afresh.

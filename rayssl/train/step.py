@@ -185,7 +185,7 @@ class Stepper:
                                  f"{self.cfg.train.skip_nonfinite}, {self.nonfinite_steps} seen)")
 
     def state_dict(self) -> dict:
-        """Student, teacher, optimizer and objective state (centre / prior EMA)."""
+        """Student, teacher, optimizer and objective state (center / prior EMA)."""
         return {"student": unwrap(self.student).state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
                 "nonfinite_steps": self.nonfinite_steps}

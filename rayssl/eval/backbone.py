@@ -1,5 +1,8 @@
 """A run's checkpoint outside training: read it (local or ``s3://``), rebuild its teacher.
 
+The checkpoint folders themselves (writing, the manifest, finding the newest intact one) are
+``rayssl.checkpoint``; this module turns one into a network: the trained backbone, or the same
+architecture at its random initialisation, and the preprocessing it was trained with.
 ``load_backbone`` is the public way out of rayssl: a plain torch module and the torchvision
 v2 preprocessing that matches what it saw in training.
 """
