@@ -35,7 +35,8 @@ from benchmarks.epoch_boundary import windows_report  # noqa: E402
 from rayssl.config import load_config  # noqa: E402
 from rayssl.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from rayssl.data.meta import DataMeta  # noqa: E402
-from rayssl.train.run import TrainRun, Worker  # noqa: E402
+from rayssl.train.run import TrainRun  # noqa: E402
+from rayssl.train.worker import Worker  # noqa: E402
 
 IMAGES, STEPS_PER_EPOCH = 30720, 120  # 120 steps of 2 x 128 images use every image once
 

@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 
 from rayssl.config import ConfigError
 from rayssl.train.batching import batch_plan, steps_per_epoch
-from rayssl.train.run import TrainRun, Worker
+from rayssl.train.run import TrainRun
+from rayssl.train.worker import Worker
 from test_train_run import META, config, data  # noqa: F401  (data: the module fixture)
 
 N = 256

@@ -22,7 +22,8 @@ from rayssl.schedules import build_schedules, stretch
 from rayssl.tracking import MlflowRun, RunLogger, checkpoint_record
 from rayssl.train import budget
 from rayssl.train.budget import BudgetPlan
-from rayssl.train.run import TrainRun, Worker
+from rayssl.train.run import TrainRun
+from rayssl.train.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N, BATCH, STEPS_PER_EPOCH = 256, 32, 8

@@ -12,7 +12,8 @@ import pytest
 from rayssl.config import load_config
 from rayssl.train import prefetch
 from rayssl.train.prefetch import Ahead
-from rayssl.train.run import TrainRun, Worker
+from rayssl.train.run import TrainRun
+from rayssl.train.worker import Worker
 from rayssl.train.watchdog import STALL_FLOOR_S, StallError, describe, find_stall, stall_limit
 from test_train_run import META, N, STEPS_PER_EPOCH, ROOT, config, data  # noqa: F401  (data: the module fixture)
 

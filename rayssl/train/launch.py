@@ -30,7 +30,7 @@ from rayssl.train.batching import steps_per_epoch
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.payload import WorkerPayload
 from rayssl import checkpoint as checkpoints
-from rayssl.train.run import DISK_FULL, FAILED_STOPS, SIGNALLED
+from rayssl.train.saves import DISK_FULL, FAILED_STOPS, SIGNALLED
 from rayssl.train.step import NonFiniteError
 from rayssl.train.watchdog import find_stall
 from rayssl.train.stop import JobStopped, StopSignals, Unfinished, exit_code

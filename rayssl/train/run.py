@@ -54,8 +54,6 @@ from rayssl.train.watchdog import StallError, stall_limit
 from rayssl.train.window import Window
 from rayssl.train.worker import Worker
 
-__all__ = ["DISK_FULL", "FAILED_STOPS", "SIGNALLED", "TrainRun", "Worker"]
-
 
 class TrainRun:
     """One worker's run: setup, restore, train an interval, log and checkpoint, finish."""
