@@ -84,13 +84,14 @@ ARMS = ("lightly_dino", "lightly_loss_in_rayssl", *(f"rayssl_{m}" for m in MODES
         "lightly_dino_tuned", "rayssl_default")
 # lightly_dino_tuned's knobs and the example's values (the lightly_dino arm)
 TUNED = {"lr": 0.001, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.996, "output_dim": 2048,
-         "batch_norm": False, "cj_strength": 0.5, "local_views": 0, "channels_last": False}
+         "batch_norm": False, "cj_strength": 0.5, "local_views": 0, "channels_last": False, "bf16": False}
 # --tune: a careful lightly user's search on the validation split, one change at a time on top
 # of the best so far (kept when its k-NN beats it), in this order: speed first, then the knobs
-# the issue names (LR and optimizer, head BatchNorm, prototypes, teacher momentum, jitter)
+# the issue names (LR and optimizer, head BatchNorm, prototypes, teacher momentum, jitter); bf16
+# autocast (the speed rayssl's arms get on a native-bf16 CPU) came after the first four probes
 TUNE_STEPS = (("channels-last", {"channels_last": True}),
               ("adamw, weight decay 0.04", {"optimizer": "adamw", "weight_decay": 0.04}),
-              ("lr 0.002", {"lr": 0.002}), ("lr 0.004", {"lr": 0.004}),
+              ("lr 0.002", {"lr": 0.002}), ("bf16 autocast", {"bf16": True}), ("lr 0.004", {"lr": 0.004}),
               ("head BatchNorm", {"batch_norm": True}),
               ("teacher momentum 0.99", {"momentum": 0.99}), ("teacher momentum 0.95", {"momentum": 0.95}),
               ("jitter 1.0", {"cj_strength": 1.0}), ("jitter 1.25", {"cj_strength": 1.25}),
@@ -388,16 +389,17 @@ def run_lightly(knobs: dict, cfg, data: Data, budget_s: float, k: int, loader_wo
         update_momentum(backbone, teacher_backbone, m=m)
         update_momentum(student_head, teacher_head, m=m)
         nets.train()
-        teacher_out = [teacher_head(teacher_backbone(v)) for v in views[:2]]
-        student_out = [student_head(backbone(v)) for v in views]
-        loss = criterion(teacher_out, student_out, epoch=epoch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=knobs["bf16"]):
+            teacher_out = [teacher_head(teacher_backbone(v)) for v in views[:2]]
+            student_out = [student_head(backbone(v)) for v in views]
+            loss = criterion(teacher_out, student_out, epoch=epoch)
         loss.backward()
         student_head.cancel_last_layer_gradients(current_epoch=epoch)
         optimizer.step()
         optimizer.zero_grad()
 
     out = train_loop(budget, step_fn, teacher_backbone, data, k)
-    out.update({"precision": "fp32", "loader_workers": loader_workers, **loader_peak_rss_mb(loader)})
+    out.update({"precision": "bf16" if knobs["bf16"] else "fp32", "loader_workers": loader_workers, **loader_peak_rss_mb(loader)})
     return out, teacher_backbone
 
 
@@ -558,7 +560,7 @@ def tune(args) -> dict:
     example = main["runs"].get("lightly_dino", {}).get("0")
 
     def probe(label: str, knobs: dict) -> dict:
-        done = next((p for p in log["probes"] if p["knobs"] == knobs), None)
+        done = next((p for p in log["probes"] if {**TUNED, **p["knobs"]} == knobs), None)
         if done is None:
             if label == "the example" and example is not None:
                 run = {**example, "from": Path(args.out).name}
