@@ -580,7 +580,7 @@ def tune(args) -> dict:
         found = probe(label, {**knobs, **change})
         found["kept"] = found["knn"] > best
         if found["kept"]:
-            knobs, best = found["knobs"], found["knn"]
+            knobs, best = {**TUNED, **found["knobs"]}, found["knn"]
     log["best"], log["best_knn"] = knobs, best
     save_json(log, path)
     print(f"[peers] tuned: {' '.join(f'{k}={json.dumps(v)}' for k, v in knobs.items() if TUNED[k] != v)} "
