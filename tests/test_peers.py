@@ -3,6 +3,7 @@ trains for its budget and is scored, and a second invocation resumes (skips what
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -84,3 +85,32 @@ def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_pa
     assert log["best_knn"] == best and "tuned:" in done.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and "tuning:" not in again.stdout  # every probe was done: none re-ran
+
+
+def test_tune_resumes_a_log_written_before_a_knob_was_added(tmp_path, monkeypatch):
+    """Probes logged without a knob added since (here ``bf16``) are the same probes at its default:
+    none re-runs, and the walk goes on from the best of them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    old = {k: v for k, v in peers.TUNED.items() if k != "bf16"}
+    done = [("the example", {}, 0.70), ("channels-last", {"channels_last": True}, 0.72),
+            ("adamw, weight decay 0.04", {"optimizer": "adamw", "weight_decay": 0.04, "channels_last": True}, 0.71)]
+    log = {"dataset": "fashion-mnist", "split": "val", "budget": "1s", "seed": 0,
+           "probes": [{"name": n, "knobs": {**old, **k}, "knn": knn, "linear": knn, "steps": 1, "img_s": 1.0}
+                      for n, k, knn in done]}
+    (tmp_path / "peers-fashion-mnist-tuning.json").write_text(json.dumps(log))
+    launched = []
+
+    def launch(args, arm, seed):
+        launched.append(dict(item.split("=", 1) for item in args.tuned))
+        return {"knn": 0.6, "linear": 0.6, "steps": 1, "images_per_second": 1.0}
+
+    monkeypatch.setattr(peers, "launch", launch)
+    args = argparse.Namespace(out=str(tmp_path / "peers.json"), dataset="fashion-mnist", split="val", budget="1s",
+                              tune_steps=3)
+    result = peers.tune(args)
+    assert len(launched) == 1 and launched[0]["channels_last"] == "true" and launched[0]["lr"] == "0.002"
+    assert [p["name"] for p in result["probes"]] == ["the example", "channels-last", "adamw, weight decay 0.04",
+                                                     "lr 0.002"]
+    assert result["best"]["channels_last"] is True and result["best_knn"] == 0.72
