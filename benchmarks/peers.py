@@ -667,7 +667,8 @@ def main() -> None:
                                        "EMA start: 0.95-0.99 for runs of a few epochs), output_dim (prototypes; "
                                        "rayssl uses 256), batch_norm (true: BatchNorm in the head, the convnet "
                                        "recipe), cj_strength (lightly's 0.5; x0.8 brightness/contrast), "
-                                       "local_views (each costs time: fewer steps in the budget), channels_last.")
+                                       "local_views (each costs time: fewer steps in the budget), channels_last, bf16 "
+                                       "(autocast: on CPUs with native bf16, ~1.4x the steps of fp32 channels-last).")
     p.add_argument("--dataset", choices=sorted(CONFIGS), default="fashion-mnist")
     p.add_argument("--budget", default="6m", help="training time per arm (6m, 90s): every arm gets the same")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
