@@ -26,9 +26,10 @@ test: env-peers data
 	wait $$fast; fast=$$?; echo "--- the tests that need no Ray cluster:"; cat .test-fast.log; \
 	ok() { [ $$1 = 0 -o $$1 = 5 ]; }; ok $$ray && ok $$nodes && ok $$fast && [ $$ray$$nodes$$fast != 555 ]
 
-# The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...).
+# The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...),
+# on two processes (pytest-xdist; PYTEST_ARGS="-n 0" for one).
 test-fast: env-peers data
-	$(PY) -m pytest -q -m "not ray and not multinode" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not ray and not multinode" $(PYTEST_ARGS)
 
 env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

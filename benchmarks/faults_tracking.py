@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from mlflow_server import MlflowServer  # noqa: E402
 
-JOB = ["data.train_limit=4096", "data.test_limit=1024", "train.epochs=12", "train.log_every=2",
+JOB = ["data.train_limit=4096", "data.eval_limit=1024", "train.epochs=12", "train.log_every=2",
        "train.time_budget=null", "eval.baselines=false", "tracking.log_model=false"]
 OUTAGE_S = 40.0
 

@@ -84,7 +84,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", [
         "scaling.num_workers=1", "scaling.cpus_per_worker=1", "tracking.enabled=false", "eval.baselines=false",
         "train.log_every=10", f"train.steps_per_epoch={args.steps}", "train.epochs=1", "train.time_budget=null",
-        f"train.checkpoint_every={args.steps}", "eval.knn_train_limit=512", "data.test_limit=256",
+        f"train.checkpoint_every={args.steps}", "eval.knn_train_limit=512", "data.eval_limit=256",
         *args.overrides])
     images, _ = load_fashion_mnist(cfg.data.fashion_mnist_dir, "train", 20000)
 

@@ -42,6 +42,7 @@ class DeprecatedKeyWarning(FutureWarning):
 # is an error naming both. Remove an entry in the release after it was added.
 DEPRECATED: dict[str, str] = {
     "eval.centre": "eval.center",
+    "data.test_limit": "data.eval_limit",
 }
 
 
@@ -115,8 +116,9 @@ class DataConfig(_Section):
         "'fashion-mnist' shards the IDX files of data.fashion_mnist_dir into data.cache_dir once "
         "('fashion-mnist-scenes': the same images pasted on photos, built there too)."))
     eval_source: str | None = Field(None, description=(
-        "Labelled shards queried by the k-NN evaluation against the labelled training shards; "
-        "default for fashion-mnist: its test split. Without labels on both, k-NN is skipped."))
+        "The evaluation split: labelled shards whose images the k-NN evaluation scores against the "
+        "labelled training shards (the bank); default for fashion-mnist: its test split. Without labels "
+        "on both, k-NN is skipped."))
     fashion_mnist_dir: str = Field("/usr/share/datasets/fashion-mnist", description=(
         "Folder holding the Fashion-MNIST IDX files (plain or .gz), read once by the fashion-mnist "
         "sources of data.source to build their shards."))
@@ -158,7 +160,9 @@ class DataConfig(_Section):
         "Rows in each worker's local shuffle buffer (the file order is shuffled each epoch too); raise it "
         "when the shards are sorted by class."))
     train_limit: PositiveInt | None = Field(None, description="Use only the first N training images.")
-    test_limit: PositiveInt | None = Field(None, description="Use only the first N evaluation images.")
+    eval_limit: PositiveInt | None = Field(None, description=(
+        "Use only the first N images of the evaluation split (data.eval_source). Formerly data.test_limit "
+        "(still read, with a deprecation notice, until the next release)."))
     deterministic: bool = Field(False, description=(
         "Replayable training stream (needs data.decode_on=worker): fixed file order, ordered reads, the "
         "local shuffle seeded per epoch, and a resume skips the batches its epoch already used, so a run "
@@ -462,7 +466,7 @@ class EvalConfig(_Section):
         "eval.centre (still read, with a deprecation notice, until the next release)."))
     every_epochs: float | None = Field(None, gt=0.0, description=(
         "Online k-NN of the teacher every this many epochs (metric knn/teacher); each costs one pass over "
-        "the bank (eval.knn_train_limit) and the queries (data.test_limit). Default: only at the end."))
+        "the bank (eval.knn_train_limit) and the evaluation split (data.eval_limit). Default: only at the end."))
 
 
 class MonitorConfig(_Section):

@@ -215,16 +215,16 @@ def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id
     return MlflowRun(uri, run_id, experiment_id)
 
 
-def finish_parent(parent: MlflowRun | None, summary: dict, files: list[Path]) -> None:
+def finish_parent(parent_run: MlflowRun | None, summary: dict, files: list[Path]) -> None:
     """The sweep's outcome on its parent run: best value and params, the trials table, best.yaml.
     Child runs of trials that Tune stopped (ASHA, collapse, time budget) are marked KILLED."""
-    if not parent:
+    if not parent_run:
         return
-    logger = RunLogger(parent)
+    logger = RunLogger(parent_run)
     try:
         with quick_http():
-            for run in logger.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = "
-                                                 f"'{parent.run_id}' AND attributes.status = 'RUNNING'"):
+            for run in logger.client.search_runs([parent_run.experiment_id], f"tags.`mlflow.parentRunId` = "
+                                                 f"'{parent_run.run_id}' AND attributes.status = 'RUNNING'"):
                 logger.client.set_terminated(run.info.run_id, status="KILLED")
     except Exception as err:  # noqa: BLE001 - the sweep's outcome matters more
         log.warning("MLflow: stopped trials not marked KILLED (%s)", one_line(err))
@@ -238,35 +238,35 @@ def finish_parent(parent: MlflowRun | None, summary: dict, files: list[Path]) ->
     logger.end()
 
 
-def finish(settings: MlflowRun | None, failed: bool) -> None:
+def finish(mlflow_run: MlflowRun | None, failed: bool) -> None:
     """Driver side, after ``fit``: mark a failed run FAILED (rank 0 marks success FINISHED).
     A run rank 0 already finished stays FINISHED (Tune may stop a trial after its last report)."""
-    if settings and failed:
+    if mlflow_run and failed:
         try:
             with quick_http():
-                client = mlflow_client(settings.uri)
-                if client.get_run(settings.run_id).info.status == "RUNNING":
-                    client.set_terminated(settings.run_id, status="FAILED")
+                client = mlflow_client(mlflow_run.uri)
+                if client.get_run(mlflow_run.run_id).info.status == "RUNNING":
+                    client.set_terminated(mlflow_run.run_id, status="FAILED")
         except Exception as err:  # noqa: BLE001 - the training error matters more
-            log.warning("MLflow: could not mark run %s failed: %s", settings.run_id, err)
+            log.warning("MLflow: could not mark run %s failed: %s", mlflow_run.run_id, err)
 
 
-def mark_stopped(settings: MlflowRun | None, tags: dict[str, str]) -> None:
+def mark_stopped(mlflow_run: MlflowRun | None, tags: dict[str, str]) -> None:
     """Driver side, after a stop by signal (``rayssl.train.stop``): ``tags`` (``rayssl.stopped``:
     why and what was kept; ``rayssl.stopped_step``) and the status KILLED, unless rank 0 already
     ended the run. Bounded (``quick_http``): the job must exit before its SIGKILL."""
-    if not settings:
+    if not mlflow_run:
         return
     try:
         with quick_http():
             from mlflow.entities import RunTag
 
-            client = mlflow_client(settings.uri)
-            client.log_batch(settings.run_id, tags=[RunTag(k, mask_uri(v)[:5000]) for k, v in tags.items()])
-            if client.get_run(settings.run_id).info.status == "RUNNING":
-                client.set_terminated(settings.run_id, status="KILLED")
+            client = mlflow_client(mlflow_run.uri)
+            client.log_batch(mlflow_run.run_id, tags=[RunTag(k, mask_uri(v)[:5000]) for k, v in tags.items()])
+            if client.get_run(mlflow_run.run_id).info.status == "RUNNING":
+                client.set_terminated(mlflow_run.run_id, status="KILLED")
     except Exception as err:  # noqa: BLE001 - the exit matters more
-        log.warning("MLflow: could not mark run %s killed: %s", settings.run_id, one_line(err))
+        log.warning("MLflow: could not mark run %s killed: %s", mlflow_run.run_id, one_line(err))
 
 
 def log_report(uri: str, run_id: str, text: str, run_folder: RunFolder | None = None) -> bool:
@@ -290,10 +290,10 @@ def log_report(uri: str, run_id: str, text: str, run_folder: RunFolder | None = 
         return False
 
 
-def ui_hint(settings: dict) -> str:
-    uri = settings.uri
+def ui_hint(mlflow_run: MlflowRun) -> str:
+    uri = mlflow_run.uri
     where = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else mask_uri(uri)
-    return f"MLflow run {settings.run_id} (experiment {settings.experiment_id}): {where}"
+    return f"MLflow run {mlflow_run.run_id} (experiment {mlflow_run.experiment_id}): {where}"
 
 
 class RunLogger:
@@ -310,21 +310,21 @@ class RunLogger:
     ``model_config``: the config's ``model`` section, from which the logged backbone is rebuilt.
     """
 
-    def __init__(self, settings: MlflowRun, say: Callable[[str], None] = print, retry_seconds: float = 5.0,
+    def __init__(self, mlflow_run: MlflowRun, say: Callable[[str], None] = print, retry_seconds: float = 5.0,
                  run_folder: RunFolder | None = None, model_config: dict | None = None,
                  backlog: Backlog | None = None):
         # a dead server must cost seconds per call, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        self.settings, self.run_id, self.say = settings, settings.run_id, say
+        self.mlflow_run, self.run_id, self.say = mlflow_run, mlflow_run.run_id, say
         self.run_folder, self.model_config = run_folder, model_config
         self.retry_seconds, self.retry_at = retry_seconds, 0.0
         self.down = self.warned_full = self.warned_dropped = False
         self.delivered = 0  # points delivered since MLflow stopped answering
         self.backlog = Backlog() if backlog is None else backlog
         self.sending = threading.Lock()  # one thread delivers at a time, in order
-        self.client = mlflow_client(settings.uri)
-        self.target = Target(self.client, settings.uri, settings.run_id)
+        self.client = mlflow_client(mlflow_run.uri)
+        self.target = Target(self.client, mlflow_run.uri, mlflow_run.run_id)
         # the per-epoch plots are drawn beside training: drawn in the step, they held every rank
         # at each epoch boundary (rank 0 draws, the others wait at the next all-reduce).
         # On a busy CPU the thread's time still comes out of rank 0's step: the figures are cheap.
@@ -462,7 +462,7 @@ class RunLogger:
         self._spool("backbone.pt", lambda to: torch.save(
             {"state_dict": backbone.state_dict(), "example": torch.from_numpy(example)}, to),
             {"kind": "model", "model": self.model_config, "metadata": metadata,
-             "register_as": self.settings.register_as})
+             "register_as": self.mlflow_run.register_as})
 
     def end(self, status: str | None = "FINISHED") -> None:
         """Deliver what is left and then ``status`` (None leaves the run's status as it is). If
@@ -482,7 +482,7 @@ class RunLogger:
             self.say(f"[rayssl] MLflow unreachable: {kept} not delivered to run {self.run_id}")
             return
         try:
-            where = self.backlog.keep(self.run_folder, {"run_id": self.run_id, "uri": mask_uri(self.settings.uri)})
+            where = self.backlog.keep(self.run_folder, {"run_id": self.run_id, "uri": mask_uri(self.mlflow_run.uri)})
         except Exception as err:  # noqa: BLE001 - the checkpoints are what matters now
             self.say(f"[rayssl] MLflow unreachable: {kept} lost, the backlog could not be written to "
                      f"{self.run_folder.uri} ({one_line(err)})")
@@ -491,9 +491,9 @@ class RunLogger:
                  f"python jobs/sync_tracking.py {self.run_folder.uri}")
 
 
-def checkpoint_record(settings: MlflowRun | None) -> dict | None:
+def checkpoint_record(mlflow_run: MlflowRun | None) -> dict | None:
     """What a checkpoint keeps of tracking: the run id and the URI (password masked)."""
-    return {"run_id": settings.run_id, "uri": mask_uri(settings.uri)} if settings else None
+    return {"run_id": mlflow_run.run_id, "uri": mask_uri(mlflow_run.uri)} if mlflow_run else None
 
 
 def log_evaluation(record: dict | None, step: int, results: dict, files: list[Path],
@@ -503,17 +503,17 @@ def log_evaluation(record: dict | None, step: int, results: dict, files: list[Pa
     ``checkpoint_record``; ``uri`` overrides its URI). The run id, or None when not logged."""
     if not record:
         return None
-    settings = MlflowRun(uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"], record["run_id"])
+    mlflow_run = MlflowRun(uri or os.environ.get("MLFLOW_TRACKING_URI") or record["uri"], record["run_id"])
     try:
         with quick_http():
-            mlflow_client(settings.uri).get_run(settings.run_id)
+            mlflow_client(mlflow_run.uri).get_run(mlflow_run.run_id)
     except Exception as err:  # noqa: BLE001 - the evaluation itself is written already
-        print(f"MLflow: run {settings.run_id} not reachable at {mask_uri(settings.uri)} "
+        print(f"MLflow: run {mlflow_run.run_id} not reachable at {mask_uri(mlflow_run.uri)} "
               f"({type(err).__name__}); evaluation not logged", file=sys.stderr)
         return None
-    logger = RunLogger(settings)
+    logger = RunLogger(mlflow_run)
     logger.numbers(results, step)
     for path in files:
         logger.artifact(path, "evaluation")
     logger.end(status=None)
-    return settings.run_id
+    return mlflow_run.run_id

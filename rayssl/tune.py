@@ -189,7 +189,7 @@ def _report_callback(metric: str):
     return ReportWithMetric()
 
 
-def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: MlflowRun | None) -> None:
+def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent_run: MlflowRun | None) -> None:
     """The Tune function trainable: one full pretraining run (TorchTrainer) for ``params``."""
     from ray import tune
 
@@ -200,7 +200,7 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent: Mlf
     cfg = trial_config(Config.model_validate(base), params, f"{settings.name}-{context.get_trial_id()}",
                        str(Path(settings.storage_path).expanduser() / settings.name / "trials"),
                        metric, settings.evaluations)
-    fit(check_inputs(cfg), parent_run_id=parent and parent.run_id, callbacks=[_report_callback(metric)])
+    fit(check_inputs(cfg), parent_run_id=parent_run and parent_run.run_id, callbacks=[_report_callback(metric)])
 
 
 def _trial_cpus(base: Config, sweep: SweepConfig) -> float:
@@ -247,11 +247,11 @@ def _parent_run(base: Config, sweep: SweepConfig, space: dict, folder: Path) -> 
     previous = json.loads(saved.read_text()).get("run_id") if saved.exists() else None
     params = {f"sweep.{k}": v for k, v in sweep.model_dump().items()}
     params.update({f"space.{k}": f"{kind} {json.dumps(args)}" for k, (kind, args) in space.items()})
-    parent = tracking.start_parent(base, sweep.name, params, previous)
-    if parent:
+    parent_run = tracking.start_parent(base, sweep.name, params, previous)
+    if parent_run:
         folder.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"run_id": parent.run_id}))
-    return parent
+        saved.write_text(json.dumps({"run_id": parent_run.run_id}))
+    return parent_run
 
 
 def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -> dict:
@@ -280,10 +280,10 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
         max_t = math.ceil(steps * base.train.epochs / base.train.log_every)
     folder = Path(sweep.storage_path).expanduser().resolve() / sweep.name
     sweep = sweep.model_copy(update={"storage_path": str(folder.parent)})
-    parent = _parent_run(base, sweep, space, folder)
+    parent_run = _parent_run(base, sweep, space, folder)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.model_dump(), sweep=sweep.model_dump(), metric=metric,
-                             parent=parent),
+                             parent_run=parent_run),
         {"CPU": sweep.trial_cpu})
     # stop_last_trials=False: a trial whose sampled values give it more reports than the base
     # config's max_t still runs to its end
@@ -306,7 +306,7 @@ def sweep(base: Config, sweep: SweepConfig, space: dict[str, tuple[str, Any]]) -
     summary = summarise(results, base, space, metric, sweep, folder)
     summary["seconds"] = time.time() - started
     summary["max_concurrent_trials"] = concurrency
-    tracking.finish_parent(parent, summary, [folder / "trials.csv", folder / "best.yaml"])
+    tracking.finish_parent(parent_run, summary, [folder / "trials.csv", folder / "best.yaml"])
     return summary
 
 

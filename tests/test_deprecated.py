@@ -97,3 +97,52 @@ def test_old_key_in_a_sweep_space_searches_the_new_one() -> None:
     assert space == {"eval.center": ("choice", [True, False])} and seen == [NOTICE]
     with pytest.raises(ConfigError, match=r"^space.eval.centre and space.eval.center are both set"):
         check_space({"eval.centre": {"choice": [True]}, "eval.center": {"choice": [False]}}, base)
+
+
+TEST_LIMIT_NOTICE = ("data.test_limit is deprecated: use data.eval_limit "
+                     "(data.test_limit will be removed in the next release)")
+
+
+def test_the_old_test_limit_key_maps_to_eval_limit() -> None:
+    assert DEPRECATED["data.test_limit"] == "data.eval_limit"
+    fields = Config.model_fields["data"].annotation.model_fields
+    assert "eval_limit" in fields and "test_limit" not in fields
+
+
+def test_old_test_limit_is_read_with_one_notice(tmp_path: Path) -> None:
+    cfg, seen = notices(lambda: load_config(None, ["data.test_limit=256", "data.test_limit=256"]))
+    assert seen == [TEST_LIMIT_NOTICE] and cfg == load_config(None, ["data.eval_limit=256"])
+    assert cfg.data.eval_limit == 256
+    assert "data.eval_limit" in cfg.flat() and "data.test_limit" not in cfg.flat()  # the MLflow param's name
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  test_limit: 100\n")
+    cfg, seen = notices(lambda: load_config(path))
+    assert seen == [TEST_LIMIT_NOTICE] and cfg.data.eval_limit == 100
+    stored = Config().model_dump(mode="json")  # an older run's checkpoint config
+    del stored["data"]["eval_limit"]
+    stored["data"]["test_limit"] = 64
+    cfg, seen = notices(lambda: Config.model_validate(stored))
+    assert seen == [TEST_LIMIT_NOTICE] and cfg.data.eval_limit == 64
+    _, seen = notices(lambda: load_config(None, ["data.eval_limit=256"]))
+    assert seen == []
+
+
+@pytest.mark.parametrize("overrides", [["data.test_limit=256", "data.eval_limit=128"],
+                                       ["data.eval_limit=128", "data.test_limit=256"]])
+def test_old_and_new_limit_together_is_one_line_error(overrides: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "data.test_limit" in message and "data.eval_limit" in message and "\n" not in message
+    path = tmp_path / "both.yaml"
+    path.write_text("data:\n  test_limit: 256\n  eval_limit: 128\n")
+    with pytest.raises(ConfigError, match=r"^data.test_limit and data.eval_limit are both set"):
+        load_config(path)
+
+
+def test_old_test_limit_in_a_sweep_space_searches_eval_limit() -> None:
+    from rayssl.tune import check_space
+
+    base = Config().model_dump(mode="json", round_trip=True)
+    space, seen = notices(lambda: check_space({"data.test_limit": {"choice": [100, 200]}}, base))
+    assert space == {"data.eval_limit": ("choice", [100, 200])} and seen == [TEST_LIMIT_NOTICE]

@@ -41,10 +41,10 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     run, result = tiny_run
     uri = f"sqlite:///{run.parent / 'mlflow.db'}"
     client = MlflowClient(uri)
-    mlflow_run = client.get_run(result["mlflow_run_id"])
-    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == run.name
-    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == list(range(3, 13, 3))
-    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "knn/teacher")] == [6, 12]
+    logged_run = client.get_run(result["mlflow_run_id"])
+    assert logged_run.info.status == "FINISHED" and logged_run.info.run_name == run.name
+    assert [m.step for m in client.get_metric_history(logged_run.info.run_id, "loss")] == list(range(3, 13, 3))
+    assert [m.step for m in client.get_metric_history(logged_run.info.run_id, "knn/teacher")] == [6, 12]
 
     spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")
     job = importlib.util.module_from_spec(spec)
@@ -53,11 +53,11 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     # eval.precise_bn_images=0: the exported features are then the published backbone's (below)
     assert job.main(["--checkpoint", str(run), "--output", str(out), "--ks", "5,20", "--export",
                      "eval.baselines=true", "eval.precise_bn_images=0"]) == 0
-    assert f"logged to MLflow run {mlflow_run.info.run_id}" in capsys.readouterr().out
+    assert f"logged to MLflow run {logged_run.info.run_id}" in capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
-    history = client.get_metric_history(mlflow_run.info.run_id, "knn/top1_k20")
+    history = client.get_metric_history(logged_run.info.run_id, "knn/top1_k20")
     assert [(m.step, m.value) for m in history] == [(12, pytest.approx(saved["knn/top1_k20"]))]
-    files = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "evaluation")}
+    files = {a.path for a in client.list_artifacts(logged_run.info.run_id, "evaluation")}
     assert files == {"evaluation/results.json", "evaluation/cluster_usage.png"}
 
     assert saved["step"] == 12 and saved["num_train"] == 1024 and saved["num_eval"] == 256
@@ -94,12 +94,12 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     # random init differs from the teacher
     cfg = load_config(None, ["eval.baselines=true"], base=read_checkpoint(str(run))["config"])
     bank, bank_labels = _raw_pixels(out / "embeddings-train.parquet", "train", "train-images-idx3-ubyte.gz")
-    query, query_labels = _raw_pixels(out / "embeddings-eval.parquet", "test", "t10k-images-idx3-ubyte.gz")
+    eval_pixels, eval_labels = _raw_pixels(out / "embeddings-eval.parquet", "test", "t10k-images-idx3-ubyte.gz")
     assert cfg.eval.center
     m = bank.mean(0)
-    direct = {**metrics.knn_accuracies(bank - m, bank_labels, query - m, query_labels, ks=(5, 20), num_classes=10,
-                                       temperature=cfg.eval.knn_temperature),
-              **metrics.linear_probe(bank, bank_labels, query, query_labels)}
+    direct = {**metrics.knn_accuracies(bank - m, bank_labels, eval_pixels - m, eval_labels, ks=(5, 20),
+                                       num_classes=10, temperature=cfg.eval.knn_temperature),
+              **metrics.linear_probe(bank, bank_labels, eval_pixels, eval_labels)}
     assert {key: saved[f"raw_pixels/{key}"] for key in direct} == pytest.approx(direct)
     assert 0.5 < direct["knn/top1_k20"] < 1  # raw-pixel k-NN on Fashion-MNIST: about 0.75
     for key in ("knn/top1_k5", "knn/top1_k20", "linear/top1", "linear/val_top1"):

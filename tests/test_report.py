@@ -97,19 +97,19 @@ def test_report_md_is_logged_to_an_ended_run_by_id(tmp_path) -> None:
     from mlflow import MlflowClient
 
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "run.name=demo"])
-    settings = tracking.start(cfg, str(tmp_path / "demo"))
-    client = MlflowClient(settings.uri)
-    client.set_terminated(settings.run_id, status="FINISHED")
+    mlflow_run = tracking.start(cfg, str(tmp_path / "demo"))
+    client = MlflowClient(mlflow_run.uri)
+    client.set_terminated(mlflow_run.run_id, status="FINISHED")
     text = report.render(results(), cfg.redacted(), wall_seconds=724.0, run_folder=FOLDER)
 
-    assert tracking.log_report(settings.uri, settings.run_id, text)
-    run = client.get_run(settings.run_id)
+    assert tracking.log_report(mlflow_run.uri, mlflow_run.run_id, text)
+    run = client.get_run(mlflow_run.run_id)
     assert run.info.status == "FINISHED"
-    path = client.download_artifacts(settings.run_id, "report.md", str(tmp_path))
+    path = client.download_artifacts(mlflow_run.run_id, "report.md", str(tmp_path))
     assert open(path).read() == text
 
     missing = tmp_path / "none" / "mlflow.db"
-    assert not tracking.log_report(f"sqlite:///{missing}", settings.run_id, text)
+    assert not tracking.log_report(f"sqlite:///{missing}", mlflow_run.run_id, text)
     assert not missing.parent.exists()  # a wrong store is reported, not created
 
 
@@ -124,10 +124,10 @@ def test_pretrain_job_prints_and_logs_the_report_with_the_folder_evaluate_takes(
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "run.name=demo"])
-    settings = tracking.start(cfg, str(tmp_path / "demo"))
-    text = job.final_report(cfg, results(mlflow_run_id=settings.run_id), 724.0)
+    mlflow_run = tracking.start(cfg, str(tmp_path / "demo"))
+    text = job.final_report(cfg, results(mlflow_run_id=mlflow_run.run_id), 724.0)
     assert f"python jobs/evaluate.py --checkpoint {FOLDER}\n" in text
-    path = MlflowClient(settings.uri).download_artifacts(settings.run_id, "report.md", str(tmp_path))
+    path = MlflowClient(mlflow_run.uri).download_artifacts(mlflow_run.run_id, "report.md", str(tmp_path))
     assert open(path).read() == text
 
     s3 = load_config(None, ["run.storage_path=s3://bucket/runs/", "run.name=demo", "tracking.enabled=false"])

@@ -36,7 +36,7 @@ def test_the_worker_payload_is_frozen_typed_and_picklable_with_its_secrets_maske
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml", ["data.access_key_id=key-id",
                                                                    "data.secret_access_key=not-for-logs"])
     meta = DataMeta(num_train=4, num_eval=0, channels=1, image_size=28, classes=("a", "b"), mean=(0.5,), std=(0.5,))
-    payload = WorkerPayload(config=cfg.model_dump(), meta=meta, tracking=MlflowRun("sqlite:///m.db", "0" * 32),
+    payload = WorkerPayload(config=cfg.model_dump(), meta=meta, mlflow_run=MlflowRun("sqlite:///m.db", "0" * 32),
                             steps_per_epoch=3, run_path="/runs/r", run_uri="/runs/r", filesystem=None,
                             job_started=1.0, stop_key="stop-r")
     assert dataclasses.is_dataclass(payload) and WorkerPayload.__dataclass_params__.frozen

@@ -163,7 +163,7 @@ def tiny_job(small_fashion_mnist: str, root: Path, name: str) -> list[str]:
     """``jobs/pretrain.py`` on the small Fashion-MNIST: 16 steps of a tiny network on 2 workers,
     every step logged, no checkpoint before the end but the stop's."""
     return [sys.executable, str(ROOT / "jobs/pretrain.py"), f"data.fashion_mnist_dir={small_fashion_mnist}",
-            f"data.cache_dir={root / 'cache'}", "data.train_limit=1024", "data.test_limit=256",
+            f"data.cache_dir={root / 'cache'}", "data.train_limit=1024", "data.eval_limit=256",
             "train.time_budget=null", "train.epochs=1", "train.batch_size=32", "train.log_every=1",
             "train.checkpoint_every=1000", "optim.warmup_epochs=0", "model.width=8", "model.head_hidden_dim=64",
             "model.head_bottleneck_dim=32", "objective.num_clusters=32", "scaling.num_workers=2",

@@ -80,23 +80,23 @@ def test_a_relaunch_continues_the_run_stored_in_its_checkpoint(tmp_path) -> None
 
 def test_run_logger_skips_logged_steps(tmp_path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = tracking.start(load_config(None, [f"tracking.uri={uri}"]), str(tmp_path / "run"))
-    first = tracking.RunLogger(settings)
+    mlflow_run = tracking.start(load_config(None, [f"tracking.uri={uri}"]), str(tmp_path / "run"))
+    first = tracking.RunLogger(mlflow_run)
     for step in (2, 4):
         first.metrics(step, {"step": step, "loss": 1.0 / step, "knn/teacher": 0.5})
-    again = tracking.RunLogger(settings)  # as after a restart from the checkpoint at step 2
+    again = tracking.RunLogger(mlflow_run)  # as after a restart from the checkpoint at step 2
     assert again.last_step == 4
     for step in (4, 6):
         again.metrics(step, {"step": step, "loss": 9.0})
-    history = MlflowClient(uri).get_metric_history(settings.run_id, "loss")
+    history = MlflowClient(uri).get_metric_history(mlflow_run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25), (6, 9.0)]
 
 
 def test_run_logger_never_raises_when_the_server_dies(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     lines: list[str] = []
-    settings = tracking.MlflowRun(f"http://127.0.0.1:{closed_port()}", "0" * 32)
-    logger = tracking.RunLogger(settings, say=lines.append, retry_seconds=0)
+    mlflow_run = tracking.MlflowRun(f"http://127.0.0.1:{closed_port()}", "0" * 32)
+    logger = tracking.RunLogger(mlflow_run, say=lines.append, retry_seconds=0)
     logger.metrics(1, {"loss": 1.0})
     logger.epoch_plots(1, np.full(8, 1 / 8), np.arange(8))
     logger.results({"knn/teacher": 0.5}, 1)

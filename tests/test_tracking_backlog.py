@@ -73,10 +73,10 @@ def artifacts(client: MlflowClient, run_id: str, folder: str | None = None) -> l
 
 
 def test_an_outage_mid_run_loses_nothing_and_every_step_arrives_once(server, tmp_path) -> None:
-    settings = new_run(server, "outage")
+    mlflow_run = new_run(server, "outage")
     run = tmp_path / "run"
     lines: list[str] = []
-    logger = tracking.RunLogger(settings, say=lines.append, retry_seconds=0.3,
+    logger = tracking.RunLogger(mlflow_run, say=lines.append, retry_seconds=0.3,
                                 run_folder=RunFolder(None, str(run), str(run)))
     logged: dict[int, float] = {}
     for step in (1, 2, 3):
@@ -107,20 +107,20 @@ def test_an_outage_mid_run_loses_nothing_and_every_step_arrives_once(server, tmp
     assert len(lines) == 2 and re.fullmatch(r"\[rayssl\] MLflow back: \d+ points delivered", lines[1]), lines
     client = MlflowClient(server.uri)
     for key in ("loss", "lr"):
-        points = history(client, settings.run_id, key)
+        points = history(client, mlflow_run.run_id, key)
         assert [s for s, _, _ in points] == list(range(1, step + 1))  # every step, once, in order
         assert [v for _, v, _ in points] == [point(s)[key] for s in range(1, step + 1)]
-    for s, _, stamp in history(client, settings.run_id, "loss"):
+    for s, _, stamp in history(client, mlflow_run.run_id, "loss"):
         if s in logged:  # stamped when logged during the outage, not when delivered
             assert logged[s] * 1000 - 5 <= stamp < restarted * 1000
-    assert [(s, v) for s, v, _ in history(client, settings.run_id, "knn/teacher")] == [(9, 0.5)]
-    data = client.get_run(settings.run_id)
+    assert [(s, v) for s, v, _ in history(client, mlflow_run.run_id, "knn/teacher")] == [(9, 0.5)]
+    data = client.get_run(mlflow_run.run_id)
     assert data.data.params["train.total_steps"] == "42"
     assert data.data.tags["rayssl.collapse"] == "collapse at step 7; see http://alice:***@host/x"
-    assert artifacts(client, settings.run_id) == [
+    assert artifacts(client, mlflow_run.run_id) == [
         "notes/note.txt", "plots/cluster_prior/epoch_001.png", "plots/cluster_usage/epoch_001.png",
         "plots/training_curves.png", "results.json"]
-    got = json.loads(Path(client.download_artifacts(settings.run_id, "results.json", str(tmp_path))).read_text())
+    got = json.loads(Path(client.download_artifacts(mlflow_run.run_id, "results.json", str(tmp_path))).read_text())
     assert got == {"knn/teacher": 0.5, "train_seconds": 12.5, "budget": {"total_steps": 42}}
     assert data.info.status == "FINISHED"
     assert not (run / DIR).exists()  # delivered: nothing kept
@@ -129,11 +129,11 @@ def test_an_outage_mid_run_loses_nothing_and_every_step_arrives_once(server, tmp
 def test_a_server_down_at_the_end_leaves_a_backlog_that_sync_replays_once(server, tmp_path) -> None:
     plain = new_run(server, "down-at-end")
     secret = plain.uri.replace("http://", "http://alice:pw0rd@")  # recorded masked, never in clear
-    settings = tracking.MlflowRun(secret, plain.run_id, plain.experiment_id)
+    mlflow_run = tracking.MlflowRun(secret, plain.run_id, plain.experiment_id)
     run = tmp_path / "runs" / "r1"
     lines: list[str] = []
     model_config = ModelConfig(width=4).model_dump()
-    logger = tracking.RunLogger(settings, say=lines.append, retry_seconds=0.3,
+    logger = tracking.RunLogger(mlflow_run, say=lines.append, retry_seconds=0.3,
                                 run_folder=RunFolder(None, str(run), str(run)), model_config=model_config)
     logger.metrics(1, point(1))
     logger.metrics(2, point(2))
@@ -254,8 +254,8 @@ def test_the_backlog_is_bounded(tmp_path) -> None:
     # a RunLogger with a full backlog says so once and keeps the first points
     lines: list[str] = []
     run = tmp_path / "run"
-    settings = tracking.MlflowRun(f"http://127.0.0.1:{free_port()}", "0" * 32)
-    logger = tracking.RunLogger(settings, say=lines.append, retry_seconds=60, backlog=Backlog(max_points=4),
+    mlflow_run = tracking.MlflowRun(f"http://127.0.0.1:{free_port()}", "0" * 32)
+    logger = tracking.RunLogger(mlflow_run, say=lines.append, retry_seconds=60, backlog=Backlog(max_points=4),
                                 run_folder=RunFolder(None, str(run), str(run)))
     for step in range(1, 11):
         logger.metrics(step, {"loss": float(step)})

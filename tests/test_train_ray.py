@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path: Path, shards: list[str], name: str, *extra: str):
     return load_config(ROOT / "configs/fashion_mnist.yaml", [
-        *shards, "data.train_limit=1024", "data.test_limit=256", "train.time_budget=null",
+        *shards, "data.train_limit=1024", "data.eval_limit=256", "train.time_budget=null",
         "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "objective.num_clusters=32", "train.batch_size=32", "train.steps_per_epoch=6",
         "train.log_every=2", "train.checkpoint_every=6", "optim.lr=0.005", "optim.warmup_epochs=0",

@@ -42,7 +42,7 @@ def data(fashion_mnist_dir):
 
     x, y = load_fashion_mnist(fashion_mnist_dir, "train")
     xt, yt = load_fashion_mnist(fashion_mnist_dir, "test")
-    return {"train": encode(x[:N]), "bank": (x[:N], y[:N]), "query": (xt[:128], yt[:128])}
+    return {"train": encode(x[:N]), "bank": (x[:N], y[:N]), "eval": (xt[:128], yt[:128])}
 
 
 def config(*extra: str):
@@ -63,7 +63,7 @@ class FakeLogger:
     """``Worker.mlflow`` without MLflow: every call (``metrics``, ``tag``, ``end``, ...) kept in order."""
 
     def __init__(self, log_model: bool = False) -> None:
-        self.settings = MlflowRun("sqlite:///nowhere.db", "0" * 32, log_model=log_model)
+        self.mlflow_run = MlflowRun("sqlite:///nowhere.db", "0" * 32, log_model=log_model)
         self.calls: list[tuple[str, tuple, dict]] = []
 
     def __getattr__(self, name: str):
@@ -85,7 +85,7 @@ def worker(data, states: list, restore_from: dict | None = None, knn: bool = Tru
 
     return Worker(train_batches, report=lambda metrics, state: states.append((metrics, copy.deepcopy(state))),
                   restore=lambda say: restore_from,
-                  knn_sets=(lambda: (labelled(*data["bank"]), labelled(*data["query"]))) if knn else None,
+                  knn_sets=(lambda: (labelled(*data["bank"]), labelled(*data["eval"]))) if knn else None,
                   say=lambda line: None)
 
 
@@ -105,7 +105,7 @@ def test_run_trains_reports_and_checkpoints(data) -> None:
     assert all(np.isfinite(m["loss"]) for m in out["history"])
     final = reports[-2][1]
     assert final["step"] == 16 and final["skipped_images"] == 0 and len(final["rng"]) == 1
-    assert final["tracking"] == checkpoint_record(w.mlflow.settings)
+    assert final["tracking"] == checkpoint_record(w.mlflow.mlflow_run)
     assert out["train_seconds"] > 0
 
     calls = w.mlflow.calls
@@ -240,12 +240,12 @@ def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
                  "objective.teacher_temperature_warmup=0.02", "train.epochs=4", "train.log_every=1",
                  "monitor.patience=3", "monitor.stop_on_collapse=true", "tracking.log_model=false",
                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "run.name=collapse")
-    settings = tracking.start(cfg, str(tmp_path / "collapse"))
+    mlflow_run = tracking.start(cfg, str(tmp_path / "collapse"))
     reports: list = []
     lines: list = []
     w = worker(data, reports, knn=False)
     w.say = lines.append
-    w.mlflow = RunLogger(settings, lines.append, model_config=cfg.model.model_dump())
+    w.mlflow = RunLogger(mlflow_run, lines.append, model_config=cfg.model.model_dump())
     out = TrainRun(cfg, META, STEPS_PER_EPOCH, w).run()
 
     assert out["stopped"] == "collapse" and out["stop_reason"].startswith("collapse at step")
@@ -258,7 +258,7 @@ def test_collapse_alarm_tags_the_run_and_stops_it(data, tmp_path) -> None:
     assert [s["step"] for _, s in reports if s is not None][-1] == steps[-1]  # a checkpoint at the stop
     assert any(line.startswith("[rayssl] WARNING collapse at step") for line in lines)
 
-    run = mlflow.MlflowClient(settings.uri).get_run(settings.run_id)
+    run = mlflow.MlflowClient(mlflow_run.uri).get_run(mlflow_run.run_id)
     assert run.data.tags["rayssl.collapse"] == out["stop_reason"]
     assert run.data.tags["rayssl.stopped"] == out["stop_reason"]
 
@@ -323,7 +323,7 @@ def test_stream_starts_before_the_baselines(data) -> None:
     assert events == []
 
 
-def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=None, knn: bool = False,
+def budget_run(data, *extra: str, restore_from: dict | None = None, mlflow_run=None, knn: bool = False,
                job_started: float | None = None) -> tuple[TrainRun, dict, list, list]:
     """A run of ``train.time_budget`` (capped at 100 epochs, 800 steps): the run, its results,
     its reports and its console lines."""
@@ -333,8 +333,8 @@ def budget_run(data, *extra: str, restore_from: dict | None = None, tracking=Non
     w.say = lines.append
     w.job_started = w.job_started if job_started is None else job_started
     cfg = config("train.epochs=100", "train.checkpoint_every=400", "optim.warmup_epochs=2", *extra)
-    if tracking is not None:
-        w.mlflow = RunLogger(tracking, lines.append, model_config=cfg.model.model_dump())
+    if mlflow_run is not None:
+        w.mlflow = RunLogger(mlflow_run, lines.append, model_config=cfg.model.model_dump())
     run = TrainRun(cfg, META, STEPS_PER_EPOCH, w)
     return run, run.run(), reports, lines
 
@@ -359,7 +359,7 @@ def budgeted(data, tmp_path_factory):
     cfg = config("train.time_budget=8s", "tracking.log_model=false", f"tracking.uri=sqlite:///{folder}/mlflow.db",
                  "run.name=budget")
     return budget_run(data, "train.time_budget=8s", "tracking.log_model=false",
-                      tracking=tracking.start(cfg, str(folder / "budget")))
+                      mlflow_run=tracking.start(cfg, str(folder / "budget")))
 
 
 def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
@@ -403,8 +403,8 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert len([line for line in lines if "re-timed at step" in line]) == len(plan.refits)
     import mlflow
 
-    settings = run.mlflow.settings
-    assert mlflow.MlflowClient(settings.uri).get_run(settings.run_id).data.params["train.total_steps"] == str(total)
+    mlflow_run = run.mlflow.mlflow_run
+    assert mlflow.MlflowClient(mlflow_run.uri).get_run(mlflow_run.run_id).data.params["train.total_steps"] == str(total)
 
 
 def test_resumed_budget_run_keeps_the_recorded_total(data, budgeted) -> None:

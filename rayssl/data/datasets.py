@@ -4,10 +4,10 @@
 every epoch, plus each worker's local shuffle buffer; an epoch per execution with
 ``data.deterministic``, seeded, and with ``data.decode_on=data``), one task per shard that
 reads it and, with ``data.decode_on=data``, decodes and builds the multi-crop views, so that
-training workers only train. ``knn_bank`` (labelled training shards) and ``knn_query``
-(``data.eval_source``) are decoded without augmentation for the k-NN evaluation. A sample that
-fails to decode is kept as a row with ``ok=False``: the worker skips and counts it, so every
-worker still sees the same number of rows and steps.
+training workers only train. ``knn_bank`` (labelled training shards) and ``eval`` (the
+evaluation split, ``data.eval_source``) are decoded without augmentation for the k-NN
+evaluation. A sample that fails to decode is kept as a row with ``ok=False``: the worker skips
+and counts it, so every worker still sees the same number of rows and steps.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def sources(data_cfg, start_ray=None) -> tuple[str, dict, str | None, dict | Non
     else:
         train_uri, eval_uri = data_cfg.source, data_cfg.eval_source
     train = _manifest("data.source", train_uri, data_cfg)
-    query = _manifest("data.eval_source", eval_uri, data_cfg) if eval_uri else None
-    return train_uri, train, eval_uri, query
+    eval_manifest = _manifest("data.eval_source", eval_uri, data_cfg) if eval_uri else None
+    return train_uri, train, eval_uri, eval_manifest
 
 
 def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | None,
@@ -254,12 +254,13 @@ def byte_rows(manifest: dict) -> int:
 
 @dataclass(frozen=True)
 class DataPlan:
-    """The run's data, checked: the sources' URIs and manifests, and what the workers need to know."""
+    """The run's data, checked: the sources' URIs and manifests (``eval_*``: the evaluation split,
+    ``data.eval_source``; None without it), and what the workers need to know."""
 
     train_uri: str
     train: dict
     eval_uri: str | None
-    query: dict | None
+    eval_manifest: dict | None
     meta: DataMeta
 
 
@@ -269,25 +270,25 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
     credentials, an unreachable endpoint or missing shards. Needs no Ray, except to build the
     Fashion-MNIST shards the first time: ``start_ray`` is called just before."""
     d = cfg.data
-    train_uri, train, eval_uri, query = sources(d, start_ray)
+    train_uri, train, eval_uri, eval_manifest = sources(d, start_ray)
     channels = d.channels or train["channels"]
     common = train.get("image_size")
     size = d.image_size or (min(common) if common else math.ceil(cfg.augment.global_crop_size * 8 / 7))
-    labelled = bool(train["classes"]) and query is not None and bool(query["classes"])
-    if labelled and train["classes"] != query["classes"]:
-        raise ConfigError(f"data.eval_source: classes {query['classes'][:3]}... differ from those of "
+    labelled = bool(train["classes"]) and eval_manifest is not None and bool(eval_manifest["classes"])
+    if labelled and train["classes"] != eval_manifest["classes"]:
+        raise ConfigError(f"data.eval_source: classes {eval_manifest['classes'][:3]}... differ from those of "
                           f"data.source {train['classes'][:3]}...")
     num_train = min(train["num_images"], d.train_limit or train["num_images"])
-    num_eval = min(query["num_images"], d.test_limit or query["num_images"]) if labelled else 0
+    num_eval = min(eval_manifest["num_images"], d.eval_limit or eval_manifest["num_images"]) if labelled else 0
     meta = DataMeta(num_train=num_train, num_eval=num_eval, channels=channels, image_size=size,
                     classes=tuple(train["classes"]), mean=_adapt(train["mean"], channels),
                     std=_adapt(train["std"], channels))
-    return DataPlan(train_uri, train, eval_uri, query, meta)
+    return DataPlan(train_uri, train, eval_uri, eval_manifest, meta)
 
 
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
-    ``knn_bank`` and ``knn_query``."""
+    ``knn_bank`` and ``eval`` (the evaluation split)."""
     d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
     # One execution for the run's epochs when it streams encoded bytes. An epoch per execution with
@@ -310,6 +311,6 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
         datasets["knn_bank"] = read(plan.train_uri, plan.train, d, ["image", "label"], bank_limit, cpus).map_batches(
             decode_stage, **decode)
-        datasets["knn_query"] = read(plan.eval_uri, plan.query, d, ["image", "label"], d.test_limit, cpus).map_batches(
-            decode_stage, **decode)
+        datasets["eval"] = read(plan.eval_uri, plan.eval_manifest, d, ["image", "label"], d.eval_limit,
+                                cpus).map_batches(decode_stage, **decode)
     return datasets

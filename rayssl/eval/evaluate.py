@@ -152,16 +152,17 @@ def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: n
     pq.write_table(table, path)
 
 
-def probes(train: dict, test: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
+def probes(train: dict, eval_set: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
     """k-NN (``knn/top1_kK``, centred by the bank mean with ``eval.center``) and linear probe
-    (``linear/*``; it standardises the features itself) of one feature ``column``."""
-    bank, queries = torch.from_numpy(train[column]).float(), torch.from_numpy(test[column]).float()
+    (``linear/*``; it standardises the features itself) of one feature ``column``: fitted on
+    ``train``, scored on ``eval_set`` (the evaluation split)."""
+    bank, queries = torch.from_numpy(train[column]).float(), torch.from_numpy(eval_set[column]).float()
     if cfg.eval.center:
         m = bank_mean(bank)
         bank, queries = bank - m, queries - m
-    out = metrics.knn_accuracies(bank, train["label"], queries, test["label"], ks=tuple(ks),
+    out = metrics.knn_accuracies(bank, train["label"], queries, eval_set["label"], ks=tuple(ks),
                                  temperature=cfg.eval.knn_temperature, num_classes=num_classes)
-    return {**out, **metrics.linear_probe(train[column], train["label"], test[column], test["label"])}
+    return {**out, **metrics.linear_probe(train[column], train["label"], eval_set[column], eval_set["label"])}
 
 
 def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "eval", *, ks=KS,
@@ -182,16 +183,16 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     bank_limit = min((n for n in (cfg.data.train_limit, cfg.eval.knn_train_limit) if n), default=None)
     bn = batchnorm_buffers(train_uri, train_manifest, cfg, backbones(cfg, teacher, meta), preprocessing(cfg, meta))
     train = stream_features(train_uri, train_manifest, cfg, checkpoint, bank_limit, actors, use_gpu, bn)
-    test = stream_features(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.test_limit, actors, use_gpu, bn)
+    eval_set = stream_features(eval_uri, eval_manifest, cfg, checkpoint, cfg.data.eval_limit, actors, use_gpu, bn)
     num_classes, k = len(train_manifest["classes"]), cfg.objective.num_clusters
 
     results: dict = {"checkpoint": checkpoint, "step": state.get("step"), "num_train": len(train["label"]),
-                     "num_eval": len(test["label"])}
-    results.update(probes(train, test, "feature", cfg, ks, num_classes))
+                     "num_eval": len(eval_set["label"])}
+    results.update(probes(train, eval_set, "feature", cfg, ks, num_classes))
     for name in BASELINES if cfg.eval.baselines else ():
-        results.update({f"{name}/{key}": v for key, v in probes(train, test, name, cfg, ks, num_classes).items()})
-    clusters, max_prob, diagnostics = assign(teacher.head, test["feature"], cfg.objective.teacher_temperature)
-    results.update(metrics.clustering_metrics(clusters, test["label"], k))
+        results.update({f"{name}/{key}": v for key, v in probes(train, eval_set, name, cfg, ks, num_classes).items()})
+    clusters, max_prob, diagnostics = assign(teacher.head, eval_set["feature"], cfg.objective.teacher_temperature)
+    results.update(metrics.clustering_metrics(clusters, eval_set["label"], k))
     results.update(diagnostics.result())
 
     out = Path(output)
@@ -203,6 +204,6 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     if do_export:
         train_clusters, train_prob, _ = assign(teacher.head, train["feature"], cfg.objective.teacher_temperature)
         export(out / "embeddings-train.parquet", "train", train, train_clusters, train_prob)
-        export(out / "embeddings-eval.parquet", "eval", test, clusters, max_prob)
+        export(out / "embeddings-eval.parquet", "eval", eval_set, clusters, max_prob)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results

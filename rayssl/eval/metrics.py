@@ -34,10 +34,10 @@ def _num_classes(*labels: Tensor) -> int:
 
 
 # --------------------------------------------------------------------------- k-NN
-def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike,
-                   test_labels: ArrayLike, ks: tuple[int, ...] = (10, 20, 100, 200),
+def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, eval_feats: ArrayLike,
+                   eval_labels: ArrayLike, ks: tuple[int, ...] = (10, 20, 100, 200),
                    temperature: float = 0.07, num_classes: int | None = None) -> dict[str, float]:
-    """Weighted k-NN top-1 accuracy of the test features against the train bank, per k.
+    """Weighted k-NN top-1 accuracy of the eval features (the queries) against the train bank, per k.
 
         pred(x) = argmax_c sum_{j in top-k(x)} exp(cos(x, b_j) / T) [y_j = c]
 
@@ -47,9 +47,9 @@ def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: 
     on the CPU. Keys ``knn/top1_k{k}`` with k as requested.
     """
     bank = F.normalize(torch.as_tensor(train_feats).float(), dim=1)
-    queries = F.normalize(torch.as_tensor(test_feats).float(), dim=1)
+    queries = F.normalize(torch.as_tensor(eval_feats).float(), dim=1)
     bank_labels = torch.as_tensor(train_labels).long().to(bank.device)
-    query_labels = torch.as_tensor(test_labels).long().cpu()
+    query_labels = torch.as_tensor(eval_labels).long().cpu()
     if num_classes is None:
         num_classes = _num_classes(bank_labels, query_labels)
     sims, labels = topk_neighbours(bank, bank_labels, queries, max(ks))
@@ -99,8 +99,8 @@ def _accuracies(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> list[float]:
     return (_logits(x, w, b).argmax(dim=-1) == y).float().mean(dim=1).tolist()
 
 
-def linear_probe(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike,
-                 test_labels: ArrayLike, *, lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2),
+def linear_probe(train_feats: ArrayLike, train_labels: ArrayLike, eval_feats: ArrayLike,
+                 eval_labels: ArrayLike, *, lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2),
                  weight_decays: tuple[float, ...] = (0.0, 0.1), epochs: int = 30,
                  batch_size: int = 1024, val_fraction: float = 0.1, seed: int = 0,
                  device: str | torch.device | None = None) -> dict[str, float]:
@@ -109,18 +109,18 @@ def linear_probe(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Ar
     Features are standardised, (x - mean) / std with the train set's mean and std (no labels;
     std clamped at 1e-6). A stratified split (``val_fraction``, ``seed``) of the train set
     picks the (lr, weight decay) of ``_fit_linear`` with the best validation accuracy (first
-    in grid order on ties); that pair is refitted on the whole train set and scored on test.
+    in grid order on ties); that pair is refitted on the whole train set and scored on the eval set.
     Runs on ``device``, else CUDA when available, else the CPU. Keys ``linear/top1``,
     ``linear/val_top1``, ``linear/best_lr``, ``linear/best_weight_decay``.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     x_train = torch.as_tensor(train_feats).float().to(dev)
-    x_test = torch.as_tensor(test_feats).float().to(dev)
+    x_eval = torch.as_tensor(eval_feats).float().to(dev)
     y_train = torch.as_tensor(train_labels).long().to(dev)
-    y_test = torch.as_tensor(test_labels).long().to(dev)
-    num_classes = _num_classes(y_train, y_test)
+    y_eval = torch.as_tensor(eval_labels).long().to(dev)
+    num_classes = _num_classes(y_train, y_eval)
     mean, std = x_train.mean(dim=0), x_train.std(dim=0).clamp_min(1e-6)
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
 
     fit_idx, val_idx = train_test_split(np.arange(x_train.shape[0]), test_size=val_fraction,
                                         random_state=seed, stratify=y_train.cpu().numpy())
@@ -130,7 +130,7 @@ def linear_probe(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Ar
     val_accs = _accuracies(w, b, x_train[val_idx], y_train[val_idx])
     best = max(range(len(grid)), key=val_accs.__getitem__)
     w, b = _fit_linear(x_train, y_train, num_classes, [grid[best]], epochs, batch_size, seed)
-    return {"linear/top1": _accuracies(w, b, x_test, y_test)[0], "linear/val_top1": val_accs[best],
+    return {"linear/top1": _accuracies(w, b, x_eval, y_eval)[0], "linear/val_top1": val_accs[best],
             "linear/best_lr": grid[best][0], "linear/best_weight_decay": grid[best][1]}
 
 

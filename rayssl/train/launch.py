@@ -113,7 +113,7 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
     return str(Path(path).expanduser().resolve()), None
 
 
-def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, callbacks: list | None = None,
+def build_trainer(launch: Launch, mlflow_run: tracking.MlflowRun | None, callbacks: list | None = None,
                   console_queue=None, stop_key: str | None = None) -> TorchTrainer:
     """The TorchTrainer of a checked launch, with the MLflow run from ``rayssl.tracking.start``
     (or None), Train ``callbacks`` (a sweep's report to Tune), the driver's console queue
@@ -121,8 +121,8 @@ def build_trainer(launch: Launch, tracking_settings: tracking.MlflowRun | None, 
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
-    ordered = ("knn_bank", "knn_query") + (("train",) if cfg.data.deterministic else ())
-    payload = WorkerPayload(config=cfg.model_dump(), meta=launch.data.meta, tracking=tracking_settings,
+    ordered = ("knn_bank", "eval") + (("train",) if cfg.data.deterministic else ())
+    payload = WorkerPayload(config=cfg.model_dump(), meta=launch.data.meta, mlflow_run=mlflow_run,
                             steps_per_epoch=launch.steps_per_epoch, run_path=run_path,
                             run_uri=run_uri(cfg, run_path), filesystem=filesystem, job_started=launch.started,
                             console=console_queue, stop_key=stop_key)
@@ -240,21 +240,21 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
     check_shared_storage(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     if warning := placement_warning(cfg, ray.cluster_resources()):
         print(warning, flush=True)
-    settings = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
+    mlflow_run = tracking.start(cfg, f"{launch.path}/{run_name(cfg)}", launch.filesystem, parent_run_id)
     signals = StopSignals(cfg.run.stop_timeout)
     if signals.warning:
         print(signals.warning, flush=True)
 
     def train():
         with console.Console() if show else contextlib.nullcontext() as shown:
-            return build_trainer(launch, settings, callbacks, shown and shown.queue, signals.key).fit()
+            return build_trainer(launch, mlflow_run, callbacks, shown and shown.queue, signals.key).fit()
 
     try:
         result = signals.run(train)
     except BaseException as err:
         if signals.signal:  # out of time, a second signal, or an error after the first
-            raise stopped(launch, settings, signals, None, err) from None
-        tracking.finish(settings, failed=True)
+            raise stopped(launch, mlflow_run, signals, None, err) from None
+        tracking.finish(mlflow_run, failed=True)
         if (stall := find_stall(err)) is not None:  # the watchdog's line, not Ray's wrapping of it
             raise stall from None
         if (outage := data_storage.find_outage(err)) is not None:  # past data.outage_limit_s: its one line
@@ -262,20 +262,20 @@ def fit(launch: Launch, parent_run_id: str | None = None, callbacks: list | None
         raise
     out = dict(result.return_value or {})
     if out.get("stopped") == SIGNALLED:
-        raise stopped(launch, settings, signals, out)
+        raise stopped(launch, mlflow_run, signals, out)
     if out.get("stopped") in FAILED_STOPS:
-        tracking.finish(settings, failed=True)
+        tracking.finish(mlflow_run, failed=True)
         if out["stopped"] == DISK_FULL:
             raise checkpoints.DiskFull(f"{out['stop_reason']}; then relaunch with run.name={run_name(cfg)} to resume")
         raise (NonFiniteError if out["stopped"] == "nonfinite" else ConfigError)(out["stop_reason"])
     out["run_path"] = result.path
-    if settings:
-        out["mlflow_run_id"] = settings.run_id
-        out["mlflow"] = tracking.ui_hint(settings)
+    if mlflow_run:
+        out["mlflow_run_id"] = mlflow_run.run_id
+        out["mlflow"] = tracking.ui_hint(mlflow_run)
     return out
 
 
-def stopped(launch: Launch, settings: tracking.MlflowRun | None, signals: StopSignals, out: dict | None,
+def stopped(launch: Launch, mlflow_run: tracking.MlflowRun | None, signals: StopSignals, out: dict | None,
             err: BaseException | None = None) -> JobStopped:
     """The run after a stop by signal: marked KILLED in MLflow (tags ``rayssl.stopped``, and
     ``rayssl.stopped_step`` when the run stopped cleanly), and the job's one line and exit code.
@@ -299,7 +299,7 @@ def stopped(launch: Launch, settings: tracking.MlflowRun | None, signals: StopSi
             why = f"training ended with {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         text = f"stopped by {sig}: {why}; {_newest_checkpoint(launch)}"
     tags["rayssl.stopped"] = text
-    tracking.mark_stopped(settings, tags)
+    tracking.mark_stopped(mlflow_run, tags)
     return JobStopped(f"[rayssl] {text}; relaunch with run.name={name} to resume", exit_code(sig),
                       abandoned=isinstance(err, Unfinished))
 

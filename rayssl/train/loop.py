@@ -49,7 +49,7 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
 
     def knn_sets():
         return tuple(ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy")
-                     for name in ("knn_bank", "knn_query"))
+                     for name in ("knn_bank", "eval"))
 
     channel = Channel(payload.console)  # to the driver's console, else stdout
 
@@ -61,7 +61,7 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
                     device=ray.train.torch.get_device(), report=report_to_ray, say=channel.say,
                     progress=channel.progress,
                     restore=lambda say: restore(payload, say),
-                    knn_sets=knn_sets if payload.meta.num_eval > 0 else None,  # labelled shards and data.eval_source
+                    knn_sets=knn_sets if payload.meta.num_eval > 0 else None,  # labelled shards and the eval split
                     prepare_model=ray.train.torch.prepare_model,
                     mlflow=run_logger(payload, cfg, channel.say) if rank == 0 else None,
                     job_started=payload.job_started,
@@ -76,10 +76,10 @@ def run_logger(payload: WorkerPayload, cfg: Config, say: Callable[[str], None]) 
     (``rayssl.rank0_node``, newest launch wins: where its logs are, and which node a test may
     remove) and keeps its backlog in the run folder when MLflow does not answer at the end
     (``rayssl.tracking_backlog``)."""
-    if payload.tracking is None:
+    if payload.mlflow_run is None:
         return None
     folder = RunFolder(payload.filesystem, payload.run_path, payload.run_uri)
-    mlflow = RunLogger(payload.tracking, say, run_folder=folder, model_config=cfg.model.model_dump())
+    mlflow = RunLogger(payload.mlflow_run, say, run_folder=folder, model_config=cfg.model.model_dump())
     mlflow.tag("rayssl.rank0_node", ray.get_runtime_context().get_node_id())
     return mlflow
 

@@ -20,7 +20,7 @@ class WorkerPayload:
 
     config: dict[str, Any]  # validated again on the worker (Config.model_validate)
     meta: DataMeta
-    tracking: MlflowRun | None  # the MLflow run rank 0 logs into (rayssl.tracking.start); None: no tracking
+    mlflow_run: MlflowRun | None  # the MLflow run rank 0 logs into (rayssl.tracking.start); None: no tracking
     steps_per_epoch: int
     run_path: str  # the run folder as Ray Train stores it: absolute, or the bucket path
     run_uri: str  # the run folder as the user wrote it (s3://..., credentials masked), for the console

@@ -252,7 +252,7 @@ class TrainRun:
                 "total_steps": self.total_steps, "budget": self.budget.plan and self.budget.plan.to_dict(),
                 "trained_seconds": self.budget.used_seconds + time.time() - self.window.started,
                 "config": self.cfg.redacted(mask=None),
-                "tracking": checkpoint_record(self.mlflow and self.mlflow.settings),
+                "tracking": checkpoint_record(self.mlflow and self.mlflow.mlflow_run),
                 "meta": self.meta.to_dict(), "skipped_images": self.history[-1]["data/skipped_images"],
                 "rng": dist.gather_objects(torch.get_rng_state()),
                 "data_position": dist.gather_objects(self.cursor.position)}

@@ -20,7 +20,7 @@ def finish_tracking(mlflow: RunLogger, cfg: Config, meta: DataMeta, teacher: nn.
     run's end."""
     mlflow.results(results, step)
     mlflow.curves(f"{cfg.objective.mode}, K={cfg.objective.num_clusters}, {cfg.model.backbone}")
-    if mlflow.settings.log_model:
+    if mlflow.mlflow_run.log_model:
         # contiguous weights: torch.export warns on channels_last ones ("No complete tensor found")
         backbone = copy.deepcopy(unwrap(teacher).backbone).float().cpu().eval().to(
             memory_format=torch.contiguous_format)
