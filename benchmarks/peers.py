@@ -95,7 +95,10 @@ TUNE_STEPS = (("channels-last", {"channels_last": True}),
               ("head BatchNorm", {"batch_norm": True}),
               ("teacher momentum 0.99", {"momentum": 0.99}), ("teacher momentum 0.95", {"momentum": 0.95}),
               ("jitter 1.0", {"cj_strength": 1.0}), ("jitter 1.25", {"cj_strength": 1.25}),
-              ("256 prototypes", {"output_dim": 256}))
+              ("256 prototypes", {"output_dim": 256}),
+              # a second round, once the first was done (rayssl's levers table took 35 runs)
+              ("2 local views", {"local_views": 2}), ("6 local views (DINOTransform's default)", {"local_views": 6}),
+              ("1024 prototypes", {"output_dim": 1024}), ("lr 0.0005", {"lr": 0.0005}))
 CURVE_AT = (0.25, 0.5, 0.75)  # fractions of the budget (and the end)
 
 
