@@ -3,6 +3,7 @@
     python jobs/evaluate.py --checkpoint ~/rayssl_results/RUN            # latest checkpoint of a run
     python jobs/evaluate.py --checkpoint s3://bucket/runs/RUN/checkpoint_.../checkpoint.pt --export
     python jobs/evaluate.py --checkpoint RUN data.source=s3://b/train data.eval_source=s3://b/val
+    python jobs/evaluate.py --checkpoint RUN --gallery      # + what the clusters hold, as PNGs
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ what it reports (results.json, and a table here):
   cluster/mutual_information, effective_clusters, empty_clusters
                             docs/theory.md section 6 over the whole evaluation set; a collapsed run
                             has I(X;K) near 0 and few effective clusters.
+
+what the clusters hold (--gallery, PNGs next to results.json, logged with it):
+  gallery_top.png           the --gallery-clusters most-used clusters of the evaluation images, one row
+                            each: its share of the images, majority class and purity, its most
+                            confident images (the teacher's max probability) and class histogram.
+                            Rows of one class, or of one visual trait, say the clusters mean something.
+  gallery_tail.png          the same for the least-used clusters still used: noise, or rare content?
+  cluster_class_map.png     clusters x classes (share of each cluster's images): a staircase means
+                            clean clusters; the title repeats cluster/majority_accuracy and cluster/nmi.
+  embedding_map.png         t-SNE of the evaluation features coloured by class: separated classes are
+                            what the k-NN sees. The extra pass reads only the images shown; the t-SNE
+                            costs most (it subsamples above 10000 images).
 
 overrides:
   data.*, eval.* change what is evaluated; model.* and objective.* must match the checkpoint.
@@ -81,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint.pt, a checkpoint_* folder or a run folder (its latest); local or s3://")
     parser.add_argument("--output", help="folder for results.json, plots and exports (default: eval/<name>)")
     parser.add_argument("--export", action="store_true", help="write embeddings-{train,eval}.parquet")
+    parser.add_argument("--gallery", action="store_true",
+                        help="also draw what the clusters hold: gallery_{top,tail}.png, cluster_class_map.png, "
+                        "embedding_map.png (see below)")
+    parser.add_argument("--gallery-clusters", type=int, default=32, metavar="N",
+                        help="clusters per gallery, most-used and least-used (default: 32)")
     parser.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default: 10,20,100,200)")
     parser.add_argument("--actors", type=int, help="feature-extraction actors")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -93,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
+        if args.gallery_clusters < 1:
+            raise ValueError(f"--gallery-clusters {args.gallery_clusters}: at least 1")
         state = read_checkpoint(args.checkpoint)  # fails fast, before Ray starts
         cfg = load_config(None, args.overrides, base=state["config"]) if args.overrides else None
         from rayssl.eval.evaluate import evaluate
@@ -105,16 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(args.checkpoint.rstrip("/")).name
         output = args.output or os.path.join("eval", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         results = evaluate(args.checkpoint, cfg, output, ks=ks, do_export=args.export,
-                           actors=args.actors or max(1, gpus), use_gpu=gpus > 0)
+                           actors=args.actors or max(1, gpus), use_gpu=gpus > 0, gallery=args.gallery,
+                           gallery_clusters=args.gallery_clusters)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"error: {err}\n".replace("\n", " ").rstrip() + "\n")
     print(f"\nevaluation of {args.checkpoint} (step {results['step']}): "
           f"{results['num_train']} bank / {results['num_eval']} eval images")
     print("\n".join(summary(results, ks)))
     print(f"results: {Path(output) / 'results.json'}")
+    from rayssl.eval.evaluate import GALLERY_FILES
     from rayssl.tracking import log_evaluation
 
-    files = [p for p in (Path(output) / "results.json", Path(output) / "cluster_usage.png") if p.exists()]
+    logged = ["results.json", "cluster_usage.png", *(GALLERY_FILES if args.gallery else ())]
+    files = [p for p in (Path(output) / n for n in logged) if p.exists()]
+    if args.gallery:
+        print(f"gallery: {', '.join(str(p) for p in files if p.name in GALLERY_FILES)}")
     run_id = log_evaluation(state.get("tracking"), results["step"], results, files, args.tracking_uri)
     if run_id:
         names = ", ".join(["knn/top1_k*", "linear/*", "cluster/*", *(f"{name}/*" for name, _ in baselines(results))])

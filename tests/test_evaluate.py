@@ -31,9 +31,9 @@ def test_online_knn_reported_every_epoch(tiny_run) -> None:
 
 
 def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path, capsys) -> None:
-    """``jobs/evaluate.py --export eval.baselines=true`` on the run's checkpoint: the metrics,
-    plot and exports; the run is in the default sqlite:///<run.storage_path>/mlflow.db (no
-    tracking settings) and the job adds its numbers and files to that run."""
+    """``jobs/evaluate.py --export --gallery eval.baselines=true`` on the run's checkpoint: the
+    metrics, plots, gallery and exports; the run is in the default sqlite:///<run.storage_path>/mlflow.db
+    (no tracking settings) and the job adds its numbers and files to that run."""
     import importlib.util
 
     from mlflow.tracking import MlflowClient
@@ -52,13 +52,14 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     out = tmp_path / "eval"
     # eval.precise_bn_images=0: the exported features are then the published backbone's (below)
     assert job.main(["--checkpoint", str(run), "--output", str(out), "--ks", "5,20", "--export",
-                     "eval.baselines=true", "eval.precise_bn_images=0"]) == 0
+                     "--gallery", "--gallery-clusters", "8", "eval.baselines=true", "eval.precise_bn_images=0"]) == 0
     assert f"logged to MLflow run {logged_run.info.run_id}" in capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
     history = client.get_metric_history(logged_run.info.run_id, "knn/top1_k20")
     assert [(m.step, m.value) for m in history] == [(12, pytest.approx(saved["knn/top1_k20"]))]
     files = {a.path for a in client.list_artifacts(logged_run.info.run_id, "evaluation")}
-    assert files == {"evaluation/results.json", "evaluation/cluster_usage.png"}
+    assert files == {"evaluation/results.json", "evaluation/cluster_usage.png", *(f"evaluation/{name}" for name in
+                     ("gallery_top.png", "gallery_tail.png", "cluster_class_map.png", "embedding_map.png"))}
 
     assert saved["step"] == 12 and saved["num_train"] == 1024 and saved["num_eval"] == 256
     for key in ("knn/top1_k5", "knn/top1_k20", "linear/top1", "cluster/nmi", "cluster/ari",
@@ -78,6 +79,7 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     _, labels = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 256)
     assert sorted(table["label"].to_pylist()) == sorted(labels.tolist())
     assert pq.read_table(out / "embeddings-train.parquet").num_rows == 1024
+    _check_gallery(out, saved, table)
 
     # rayssl.load_backbone gives a plain module whose features match the export for the same image
     backbone, preprocess = rayssl.load_backbone(str(run))
@@ -106,6 +108,30 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
         assert 0.1 < saved[f"random_init/{key}"] <= 1
     assert [saved[f"random_init/knn/top1_k{k}"] for k in (5, 20)] != [saved[f"knn/top1_k{k}"] for k in (5, 20)]
     assert {f"{name}/linear/top1" for name in BASELINES} <= set(saved)
+
+
+def _check_gallery(out: Path, saved: dict, table) -> None:
+    """``--gallery --gallery-clusters 8``: valid PNGs of a readable size; the galleries show the (up
+    to) 8 most-used (largest first) and least-used clusters of the exported assignments, and the top
+    gallery's first image is the most confident member of the largest cluster, at 3x its pixels."""
+    sizes = {name: Image.open(out / name).size for name in
+             ("gallery_top.png", "gallery_tail.png", "cluster_class_map.png", "embedding_map.png")}
+    assert all(Image.open(out / name).format == "PNG" for name in sizes)
+    assert sizes["gallery_top.png"][0] >= 1000 and sizes["gallery_top.png"][1] >= 40 + 84 * len(saved["gallery"]["top"])
+    assert all(w >= 500 and h >= 100 for w, h in sizes.values())  # the tiny run's eval argmax may use 1 cluster
+    clusters, prob = np.array(table["cluster"].to_pylist()), np.array(table["max_prob"].to_pylist())
+    counts = np.bincount(clusters, minlength=32)
+    used = np.flatnonzero(counts)
+    assert saved["gallery"]["top"] == sorted(used, key=lambda k: (-counts[k], k))[:8]
+    assert saved["gallery"]["tail"] == sorted(used, key=lambda k: (counts[k], k))[:8]
+    top = saved["gallery"]["top"][0]
+    mine = np.flatnonzero(clusters == top)
+    first = mine[np.lexsort((mine, -prob[mine]))[0]]  # most confident, then the first row
+    images, _ = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 256)
+    expected = images[_row_index(table["id"][int(first)].as_py())].astype(int)
+    png = np.asarray(Image.open(out / "gallery_top.png").convert("L")).astype(int)
+    shown = png[44 + 1:44 + 84:3, 200 + 1:200 + 84:3]  # title 40 px + gap 4, margin + label 200 px
+    assert shown.shape == (28, 28) and np.abs(shown - expected).max() <= 2
 
 
 def test_evaluate_returns_what_it_saves_and_no_baselines_unless_asked(tiny_run, tmp_path) -> None:
@@ -200,3 +226,36 @@ def test_feature_actor_sees_what_the_published_preprocessing_gives(tmp_path, cha
     pixels = torch.stack([preprocess.pixels(p) for p in pictures])
     assert pixels.shape == (4, channels, 28, 28)  # shorter side 34 -> 28, centre crop of the 40
     torch.testing.assert_close(torch.from_numpy(out["raw_pixels"]), pixels.flatten(1), rtol=0, atol=0)
+
+
+def test_write_gallery_without_labels_colours_by_cluster(tmp_path, monkeypatch) -> None:
+    """No Ray: an evaluation split without labels (all -1) gives both galleries and the embedding
+    map (by cluster), no cluster x class map; the images shown are fetched by id, the picks'
+    members renumbered to index them."""
+    from rayssl.eval import evaluate as module
+
+    rng = np.random.default_rng(0)
+    n, k = 90, 8
+    clusters = np.repeat(np.arange(6), [30, 20, 15, 12, 10, 3])
+    ids = np.array([f"row{i}" for i in range(n)], dtype=object)
+    images = {f"row{i}": np.full((16, 16, 1), 2 * i, np.uint8) for i in range(n)}  # row i is grey 2i
+    asked = []
+    monkeypatch.setattr(module, "member_images", lambda *args: asked.append(args[-1]) or images)
+    eval_set = {"id": ids, "label": np.full(n, -1), "feature": rng.normal(size=(n, 8)).astype(np.float32)}
+    cfg = load_config(None, [])
+    drawn = []
+    from rayssl.eval import gallery
+
+    real = gallery.gallery_figure
+    monkeypatch.setattr(gallery, "gallery_figure", lambda stack, picks, *a: drawn.append((stack, picks)) or
+                        real(stack, picks, *a))
+    picked = module.write_gallery(tmp_path, "uri", {"classes": []}, cfg, eval_set, clusters,
+                                  rng.uniform(0.2, 1, n), k, top=4)
+    assert picked == {"top": [0, 1, 2, 3], "tail": [5, 4, 3, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding_map.png", "gallery_tail.png", "gallery_top.png"]
+    for stack, picks in drawn:
+        for pick in picks:
+            assert pick.histogram is None
+            rows = [int(v) // 2 for v in stack[pick.members, 0, 0, 0]]  # the grey level names the row
+            assert (clusters[rows] == pick.cluster).all()
+    assert len(asked) == 1 and len(asked[0]) == len(set(asked[0]))

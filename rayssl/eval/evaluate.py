@@ -152,6 +152,69 @@ def export(path: Path, split: str, data: dict, clusters: np.ndarray, max_prob: n
     pq.write_table(table, path)
 
 
+GALLERY_FILES = ("gallery_top.png", "gallery_tail.png", "cluster_class_map.png", "embedding_map.png")
+
+
+def member_images(uri: str, manifest: dict, cfg: Config, limit: int | None, ids) -> dict[str, np.ndarray]:
+    """``{id: uint8 (H, W, C) image}`` of the rows among the first ``limit`` at ``uri`` whose id
+    (as ``str``) is in ``ids`` and that decoded: one more pass over the shards, since
+    ``FeatureActor`` keeps no image."""
+    wanted, found, ds = {str(i) for i in ids}, {}, decoded(uri, manifest, cfg, limit)
+    ds.context.execution_options.preserve_order = True  # the same first ``limit`` rows as ``stream_features``
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        for i in np.flatnonzero(batch["ok"]):
+            if (key := str(batch["id"][i])) in wanted:
+                found[key] = np.asarray(batch["image"][i])
+    return found
+
+
+def write_gallery(out: Path, uri: str, manifest: dict, cfg: Config, eval_set: dict, clusters: np.ndarray,
+                  max_prob: np.ndarray, num_clusters: int, top: int = 32) -> dict[str, list[int]]:
+    """What the clusters hold (``rayssl.eval.gallery``), as PNGs under ``out``: ``gallery_top.png``
+    and ``gallery_tail.png`` (the ``top`` most-used / least-used clusters of the evaluation split
+    and their most confident images), with labels ``cluster_class_map.png``, and
+    ``embedding_map.png`` (the features' t-SNE, coloured by class, or by cluster when no image has
+    a label). Only the images shown are read again (``member_images``). Returns the cluster ids
+    of both galleries, ``{"top": [...], "tail": [...]}``. Purity and NMI are already
+    ``cluster/majority_accuracy`` and ``cluster/nmi`` (``metrics.clustering_metrics``)."""
+    from dataclasses import replace
+
+    from rayssl.eval.gallery import cluster_class_map, embedding_map, gallery_figure, select
+
+    labels = eval_set["label"] if (eval_set["label"] >= 0).any() else None
+    names = list(manifest.get("classes") or []) or None
+    if labels is not None and names is not None and labels.max() >= len(names):
+        names = None  # labels the manifest does not name: drawn as numbers
+    num_classes = len(names) if names else None
+    picks = {part: select(clusters, max_prob, labels, top=top, tail=part == "tail", num_classes=num_classes)
+             for part in ("top", "tail")}
+    members = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
+    keys = [str(i) for i in eval_set["id"][members]]
+    images = member_images(uri, manifest, cfg, cfg.data.eval_limit, keys)
+    if missing := [key for key in keys if key not in images]:
+        raise RuntimeError(f"{uri}: {len(missing)} gallery images not found again (id {missing[0]})")
+    stack = np.stack([images[key] for key in keys])
+    where = np.full(len(clusters), -1, np.int64)  # evaluation row -> row of ``stack``
+    where[members] = np.arange(len(members))
+    titles = {"top": f"the {len(picks['top'])} most-used of {num_clusters} clusters: their most confident images",
+              "tail": f"the {len(picks['tail'])} least-used clusters still used: their most confident images"}
+    for part, chosen in picks.items():
+        renumbered = [replace(p, members=where[p.members]) for p in chosen]
+        gallery_figure(stack, renumbered, names, titles[part]).savefig(out / f"gallery_{part}.png")
+    feats = eval_set["feature"]
+    if labels is None:
+        colour, colour_names, by = clusters, None, "cluster"
+    else:
+        cluster_class_map(clusters, labels, num_clusters, names).savefig(out / "cluster_class_map.png")
+        keep = labels >= 0  # images without a label have no class colour
+        feats, colour, by = feats[keep], labels[keep], "class"
+        colour_names = names or [str(c) for c in range(int(colour.max()) + 1)]
+    shown = min(len(feats), 10_000)  # embedding_map's max_points
+    embedding_map(feats, colour, colour_names, title=f"t-SNE of {shown} evaluation images' features, by {by}"
+                  ).savefig(out / "embedding_map.png")
+    return {part: [p.cluster for p in chosen] for part, chosen in picks.items()}
+
+
 def probes(train: dict, eval_set: dict, column: str, cfg: Config, ks, num_classes: int) -> dict:
     """k-NN (``knn/top1_kK``, centred by the bank mean with ``eval.center``) and linear probe
     (``linear/*``; it standardises the features itself) of one feature ``column``: fitted on
@@ -166,14 +229,17 @@ def probes(train: dict, eval_set: dict, column: str, cfg: Config, ks, num_classe
 
 
 def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "eval", *, ks=KS,
-             do_export: bool = False, actors: int = 1, use_gpu: bool = False) -> dict:
+             do_export: bool = False, actors: int = 1, use_gpu: bool = False, gallery: bool = False,
+             gallery_clusters: int = 32) -> dict:
     """All metrics of a checkpoint on ``data.source`` (bank / linear train) and ``data.eval_source``.
 
     ``cfg`` defaults to the checkpoint's config; its ``model``/``objective`` must match the
     weights (``ConfigError`` otherwise). With ``eval.baselines`` the same k-NN and linear probe
     also score each of ``BASELINES`` (keys ``raw_pixels/knn/top1_kK``, ``random_init/linear/top1``,
-    ...). Writes ``results.json``, ``cluster_usage.png`` and, with ``do_export``,
-    ``embeddings-{train,eval}.parquet`` under ``output``.
+    ...). Writes ``results.json``, ``cluster_usage.png``, with ``do_export``
+    ``embeddings-{train,eval}.parquet`` and with ``gallery`` the ``GALLERY_FILES`` (``write_gallery``,
+    its ``gallery_clusters`` most-used and least-used clusters; their ids in ``results["gallery"]``)
+    under ``output``.
     """
     state = read_checkpoint(checkpoint, S3Options.of(cfg.data) if cfg else None)
     teacher, cfg, meta = teacher_from_state(state, cfg)
@@ -205,5 +271,8 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
         train_clusters, train_prob, _ = assign(teacher.head, train["feature"], cfg.objective.teacher_temperature)
         export(out / "embeddings-train.parquet", "train", train, train_clusters, train_prob)
         export(out / "embeddings-eval.parquet", "eval", eval_set, clusters, max_prob)
+    if gallery:
+        results["gallery"] = write_gallery(out, eval_uri, eval_manifest, cfg, eval_set, clusters, max_prob, k,
+                                           gallery_clusters)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
