@@ -1,10 +1,10 @@
 """What the clusters hold: figures of a clustering for a person to look at (pure: numpy,
-matplotlib, scikit-learn; no Ray, no MLflow, no torch).
+matplotlib, scikit-learn; no Ray, no MLflow).
 
 - ``select``: the most-used clusters (or the tail: the least-used ones still alive), each with its
   most confident members, its share of the images and, with labels, its class histogram;
 - ``gallery_figure``: one row per selected cluster, its top images as the user knows them;
-- ``purity_nmi`` / ``cluster_class_map``: how clusters and classes meet, as numbers and a heatmap;
+- ``cluster_class_map``: how clusters and classes meet, a heatmap titled with purity and NMI;
 - ``embedding_map``: the features in 2-D (PCA, then t-SNE), coloured by class or by cluster.
 
 The per-image inputs are what ``rayssl.eval.evaluate.assign`` returns: the teacher's argmax
@@ -22,8 +22,6 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import normalized_mutual_info_score
-from sklearn.metrics.cluster import contingency_matrix
 
 DPI = 100
 MIN_THUMB_PX = 64  # the smallest side of a gallery thumbnail on the PNG
@@ -167,26 +165,21 @@ def gallery_figure(images, picks: Sequence[ClusterPick], class_names: Sequence[s
     return fig
 
 
-def purity_nmi(clusters, labels) -> tuple[float, float]:
-    """Over the images with a label: purity, sum_k max_c n_kc / N (each cluster read as its
-    majority class; ``cluster/majority_accuracy`` of ``rayssl.eval.metrics``), and the NMI of
-    clusters and classes (sklearn, arithmetic mean)."""
-    clusters, labels = _labelled(clusters, labels)
-    if not labels.size:
-        raise ValueError("purity_nmi: no labelled image")
-    table = contingency_matrix(labels, clusters)
-    return float(table.max(axis=0).sum() / labels.size), float(normalized_mutual_info_score(labels, clusters))
-
-
 def cluster_class_map(clusters, labels, num_clusters: int, class_names: Sequence[str] | None = None,
                       normalise: bool = True) -> Figure:
     """Heatmap of the used clusters (rows, labelled images only) against the classes (columns):
     each cell the share of the cluster's images in that class (``normalise``) or their count;
     rows ordered by majority class, then by size (largest first), then id, so a clean clustering
     draws a staircase. Rows are named ``id (size)`` when few enough to read. Title: purity and
-    NMI (``purity_nmi``) and the clusters used out of ``num_clusters``."""
+    NMI of the labelled images (``cluster/majority_accuracy`` and ``cluster/nmi`` of
+    ``rayssl.eval.metrics.clustering_metrics``) and the clusters used out of ``num_clusters``."""
+    from rayssl.eval.metrics import clustering_metrics
+
     clusters, labels = _labelled(clusters, labels)
-    purity, nmi = purity_nmi(clusters, labels)
+    if not labels.size:
+        raise ValueError("cluster_class_map: no labelled image")
+    agreement = clustering_metrics(clusters, labels, num_clusters)
+    purity, nmi = agreement["cluster/majority_accuracy"], agreement["cluster/nmi"]
     num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     table = np.zeros((num_clusters, num_classes))
     np.add.at(table, (clusters, labels), 1)
