@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default: 10,20,100,200)")
     parser.add_argument("--actors", type=int, help="feature-extraction actors")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Ray Data's logs on the console (default: in Ray's log folder, "
+                        "rayssl-driver.log beside the workers' logs)")
     parser.add_argument("--tracking-uri", help="MLflow store of the run (default: MLFLOW_TRACKING_URI, else the "
                         "one the run used); the evaluation is added to the checkpoint's MLflow run")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the run's config")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         from rayssl.eval.evaluate import evaluate
         from rayssl.train.launch import init_ray
 
-        init_ray(args.address)
+        init_ray(args.address, verbose=args.verbose)
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0))

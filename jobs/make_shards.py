@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayssl.config import ConfigError  # noqa: E402
+from rayssl.config import ConfigError, DataConfig  # noqa: E402
+
+DATA = DataConfig.model_fields  # the caps' defaults: those of data.max_image_pixels / data.max_item_bytes
 
 ADVICE = """
 advice:
@@ -33,6 +35,15 @@ advice:
                       cluster use s3:// for both: each shard is read and written by one Ray task.
   Rerunning with the same source and options does nothing; --force rebuilds. Bad files are
   skipped and listed with their reason in manifest.json, never fatal.
+  --max-image-pixels  inputs are untrusted: an image with more pixels (read from its header, before
+  --max-item-bytes    decoding: a decompression bomb) or a file with more bytes (read up to one byte
+                      past the cap) is skipped like a corrupt one. Keep them a few times your
+                      largest real image; training decodes with data.max_image_pixels and
+                      data.max_item_bytes, so raise those alike.
+  --allow-outside-root  a listing's rows must name files inside the listing's folder (its bucket
+                      and prefix on S3): a row that leaves it ('..', an absolute path or s3:// URI
+                      elsewhere, another bucket) is skipped with one line naming the listing and
+                      its line. Allow it for a listing you trust.
   fashion-mnist-scenes  SRC keyword: Fashion-MNIST items on random crops of real photos, 32 px RGB
                       (rayssl/data/scenes.py; the set of data.source=fashion-mnist-scenes), one
                       --split of the IDX files in --fashion-mnist-dir, --min-shards shards, no Ray;
@@ -59,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
+    parser.add_argument("--max-image-pixels", type=int, default=DATA["max_image_pixels"].default,
+                        help="skip images with more pixels, read from the header (default: %(default)s)")
+    parser.add_argument("--max-item-bytes", type=int, default=DATA["max_item_bytes"].default,
+                        help="skip files larger than this, read at most one byte past it (default: %(default)s)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="listings: keep rows that name files outside the listing's folder")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--fashion-mnist-dir", default="/usr/share/datasets/fashion-mnist",
                         help="fashion-mnist-scenes: the Fashion-MNIST IDX files (default: %(default)s)")
@@ -68,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "fashion-mnist-scenes":
         return _scenes(parser, args)
 
+    from rayssl.data.images import Limits
     from rayssl.data.shards import check_locations, make_shards
     from rayssl.data.storage import S3Options
 
@@ -79,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         m = make_shards(args.source, args.destination, split=args.split, target_shard_mb=args.target_shard_mb,
                         min_shards=args.min_shards, reencode=args.reencode,
                         class_names=args.class_names.split(",") if args.class_names else None,
-                        s3=s3, force=args.force, start_ray=lambda: init_ray(args.address))  # only to write shards
+                        s3=s3, force=args.force, start_ray=lambda: init_ray(args.address),  # only to write shards
+                        limits=Limits(args.max_image_pixels, args.max_item_bytes),
+                        allow_outside_root=args.allow_outside_root)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"{m['num_images']} images, {m['num_skipped']} skipped, {m['num_converted']} converted, "

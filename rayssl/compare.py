@@ -1,7 +1,9 @@
 """Compare the rayssl runs of one MLflow experiment: a table and a plot, read-only.
 
 - ``runs_table``: one row per run (its knobs, final metrics, k-NN), best k-NN first.
-- ``comparison_plot``: loss and I(X;K) curves of the table's first runs, and their k-NN, as a PNG.
+- ``comparison_plot``: loss and I(X;K) curves of the table's first runs, and their k-NN, as a PNG;
+- ``side_by_side``: one PNG artifact of the table's first runs (e.g. the cluster x class maps of
+  ``prior`` and ``center``), next to each other at their own pixel size.
 
 Both take the tracking URI explicitly (an ``MlflowClient``), leaving MLflow's global state alone.
 """
@@ -9,9 +11,11 @@ Both take the tracking URI explicitly (an ``MlflowClient``), leaving MLflow's gl
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.image import imread
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from mlflow import MlflowClient
@@ -112,3 +116,40 @@ def comparison_plot(table: pd.DataFrame, path: str | os.PathLike[str], tracking_
     fig.legend([Patch(color=c) for c in colors], labels, loc="outside lower center", ncols=min(len(shown), 5))
     fig.savefig(path, format="png", dpi=100)
     return len(shown)
+
+
+def side_by_side(table: pd.DataFrame, artifact: str, path: str | os.PathLike[str], tracking_uri: str,
+                 max_runs: int = 4) -> list[str]:
+    """Write a PNG to ``path`` of the PNG artifact ``artifact`` (e.g.
+    ``plots/clusters/cluster_class_map.png``) of the first ``max_runs`` rows of ``runs_table`` that
+    logged it, in one row, each at its own pixel size under the title "run (mode)". Returns the
+    names of the runs shown; ``CompareError`` when none of them has it."""
+    from mlflow.exceptions import MlflowException
+
+    client, shown = _client(tracking_uri), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (run_id, row) in enumerate(table.iterrows()):
+            if len(shown) == max_runs:
+                break
+            try:
+                local = client.download_artifacts(run_id, artifact, os.path.join(tmp, str(i)))
+            except (MlflowException, OSError):  # this run did not log it
+                continue
+            shown.append((row["run"], f"{row['run']} ({row['mode'] if pd.notna(row['mode']) else '?'})", imread(local)))
+    if not shown:
+        raise CompareError(f"none of the {len(table)} runs has the artifact {artifact!r} "
+                           "(e.g. plots/clusters/cluster_class_map.png, plots/training_curves.png)")
+    title_px, dpi = 30, 100
+    widths = [image.shape[1] for _, _, image in shown]
+    fig = Figure(figsize=(sum(widths) / dpi, (max(image.shape[0] for _, _, image in shown) + title_px) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    left = 0
+    for (_, title, image), width in zip(shown, widths):
+        ax = fig.add_axes((left / sum(widths), 1 - (image.shape[0] + title_px) / (fig.get_figheight() * dpi),
+                           width / sum(widths), image.shape[0] / (fig.get_figheight() * dpi)))
+        ax.imshow(image, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=12)
+        left += width
+    fig.savefig(path, format="png", dpi=dpi)
+    return [name for name, _, _ in shown]

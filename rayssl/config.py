@@ -168,6 +168,18 @@ class DataConfig(_Section):
         "local shuffle seeded per epoch, and a resume skips the batches its epoch already used, so a run "
         "resumed after a failure ends bitwise equal to one that never stopped (CPU). Slower; for "
         "debugging and audits."))
+    max_image_pixels: PositiveInt = Field(89_478_485, description=(
+        "Largest image, in pixels (width x height, read from its header before any pixel is decoded), that "
+        "make_shards keeps (--max-image-pixels) and that training decodes: a larger one (a decompression "
+        "bomb: a few KB on disk, gigabytes decoded) is skipped like a corrupt image, with its reason in the "
+        "manifest or counted in data/skipped_images, and the rest goes on. Default: Pillow's own warning "
+        "threshold (256 MiB as 8-bit RGB), which this explicit cap replaces. A decode holds a few bytes a "
+        "pixel: keep it a few times your largest real image; raise it only for scans or satellite tiles."))
+    max_item_bytes: PositiveInt = Field(64 * 2**20, description=(
+        "Largest encoded image, in bytes, that make_shards reads (--max-item-bytes; at most this plus one "
+        "byte of each file) and that training decodes; a larger one is skipped like a corrupt image and "
+        "the rest goes on. Each image is held whole in memory and in one Parquet cell: raise it only for "
+        "uncompressed TIFF/BMP (3 bytes a pixel), and shard those with --reencode jpeg."))
 
 
 class AugmentConfig(_Section):
@@ -465,8 +477,22 @@ class EvalConfig(_Section):
         "L2 normalisation; non-negative pooled features otherwise crowd all cosines near 1. Formerly "
         "eval.centre (still read, with a deprecation notice, until the next release)."))
     every_epochs: float | None = Field(None, gt=0.0, description=(
-        "Online k-NN of the teacher every this many epochs (metric knn/teacher); each costs one pass over "
-        "the bank (eval.knn_train_limit) and the evaluation split (data.eval_limit). Default: only at the end."))
+        "Online k-NN of the teacher every this many epochs (metric knn/teacher, plotted over steps beside "
+        "the loss: is quality still rising?); each point scores the first eval.online_train_limit bank "
+        "images against the first eval.online_eval_limit evaluation images, the final point the full sets. "
+        "Default: only at the end (configs/fashion_mnist.yaml: every epoch)."))
+    online_train_limit: PositiveInt = Field(5_000, description=(
+        "Bank size of the online k-NN points (eval.every_epochs); their precise BatchNorm uses these "
+        "images too. Smaller is cheaper and noisier; the default's cost and how its points track the full "
+        "protocol: docs/benchmarks.md, '[5/6] Quality over training'."))
+    online_eval_limit: PositiveInt = Field(1_000, description=(
+        "Evaluation images (queries) of the online k-NN points (eval.every_epochs)."))
+    gallery_clusters: int = Field(32, ge=0, description=(
+        "At the end of a run with labelled data, log what the clusters hold to MLflow "
+        "(plots/clusters/): gallery_top.png (this many most-used clusters of the evaluation split, "
+        "each with its most confident images, share and class histogram), gallery_tail.png (the "
+        "least-used clusters still used: where partial collapse hides) and cluster_class_map.png; "
+        "0 turns them off. jobs/evaluate.py --gallery draws the same for any checkpoint."))
 
 
 class MonitorConfig(_Section):

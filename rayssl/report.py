@@ -42,7 +42,8 @@ def render(results: dict, config: dict, wall_seconds: float | None = None, run_f
              f"K = {objective['num_clusters']}, {config['model']['backbone']}, {_workers(history, config)} worker(s)"
              + (f", step {history[-1]['step']}" if history else ""))
     sections = [title, _outcome(results, backlog), _knn(results, config), _time(results, history, wall_seconds),
-                _diagnostics(history, objective["num_clusters"]), _next(run_folder, mlflow_hint)]
+                _diagnostics(history, objective["num_clusters"]), _figures(results, config, history, mlflow_hint),
+                _next(run_folder, mlflow_hint)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
@@ -132,6 +133,25 @@ def _diagnostics(history: list[dict], num_clusters: int) -> str:
             rows.append(f"| {label} (`{key}`) | {fmt.format(last[key])} |")
     rows += ["", f"Ceiling for both entropies and I(X;K): log K = {math.log(num_clusters):.2f} nats; "
              "I(X;K) near 0 or a few effective clusters means collapse (docs/theory.md §6)."]
+    return "\n".join(rows)
+
+
+def _figures(results: dict, config: dict, history: list[dict], mlflow_hint: str | None) -> str:
+    """Links to the figures the run logged to MLflow, relative to the run's artifact root (where
+    ``report.md`` is): the training curves, the first and last epochs' cluster plots and, after a
+    final k-NN, what the clusters hold (``eval.gallery_clusters``)."""
+    if mlflow_hint is None:
+        return ""
+    rows = ["## Figures (MLflow artifacts of this run)", "",
+            "- [training curves: loss, schedules, diagnostics](plots/training_curves.png)"]
+    epochs = int(history[-1]["epoch"] + 1e-9) if history and "epoch" in history[-1] else 0
+    for epoch in sorted({1, epochs}) if epochs else ():
+        rows.append(f"- epoch {epoch}: [teacher cluster prior](plots/cluster_prior/epoch_{epoch:03d}.png), "
+                    f"[images per cluster](plots/cluster_usage/epoch_{epoch:03d}.png)")
+    if "knn/teacher" in results and config["eval"].get("gallery_clusters") and not results.get("stopped"):
+        rows.append("- what the clusters hold: [most-used clusters](plots/clusters/gallery_top.png), "
+                    "[least-used clusters](plots/clusters/gallery_tail.png), "
+                    "[clusters x classes](plots/clusters/cluster_class_map.png)")
     return "\n".join(rows)
 
 

@@ -443,6 +443,11 @@ class RunLogger:
         self._spool(name, lambda to: usage_figure(assigned, usage).savefig(to),
                     {"kind": "artifact", "path": "plots/cluster_usage"}, here=True)
 
+    def figures(self, figures: dict, folder: str) -> None:
+        """Matplotlib figures as PNG artifacts under ``folder``, each named by its key."""
+        for name, fig in figures.items():
+            self._spool(name, fig.savefig, {"kind": "artifact", "path": folder})
+
     def curves(self, title: str) -> None:
         """``plots/training_curves.png`` from the run's whole metric history (all launches), drawn
         once every metric before it is delivered."""

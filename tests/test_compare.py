@@ -135,3 +135,32 @@ def test_mlflow_client_makes_the_sqlite_folder_or_refuses_a_missing_store(tmp_pa
         mlflow_client(uri, create=False)
     assert not (tmp_path / "new").exists()
     assert mlflow_client(uri).tracking_uri == uri and (tmp_path / "new" / "store").is_dir()
+
+
+def test_one_figure_of_several_runs_side_by_side(store: str, tmp_path: Path, capsys) -> None:
+    """``--figure``: the PNG artifact of each run that logged it (best knn first), at its own pixel
+    size; a run without it is left out; none with it is one line, exit 2."""
+    from PIL import Image
+
+    client = MlflowClient(store)
+    table = runs_table("cmp", store)
+    colours = {"prior-b": ((200, 0, 0), (60, 40)), "center-a": ((0, 0, 200), (50, 30))}  # (RGB, (width, height))
+    for run_id, row in table.iterrows():
+        if row["run"] in colours:
+            rgb, size = colours[row["run"]]
+            folder = tmp_path / row["run"] / "plots" / "clusters"
+            folder.mkdir(parents=True)
+            Image.new("RGB", size, rgb).save(folder / "map.png")
+            client.log_artifact(run_id, str(folder / "map.png"), "plots/clusters")
+    out = tmp_path / "side.png"
+    assert main(["cmp", "--tracking-uri", store, "--figure", "plots/clusters/map.png", "--output", str(out)]) == 0
+    assert "plots/clusters/map.png of 2 runs side by side (prior-b, center-a)" in capsys.readouterr().out
+    image = imread(out)[..., :3]
+    assert image.shape[1] == 110  # 60 + 50 px, nothing resampled
+    row = image[-15]  # below the titles, inside both images
+    assert np.isclose(row[:60], [200 / 255, 0, 0], atol=0.01).all(axis=1).mean() > 0.9
+    assert np.isclose(row[60:], [0, 0, 200 / 255], atol=0.01).all(axis=1).mean() > 0.9
+    with pytest.raises(SystemExit) as exit_:
+        main(["cmp", "--tracking-uri", store, "--figure", "plots/nothing.png", "--output", str(out)])
+    assert exit_.value.code == 2
+    assert "none of the 3 runs has the artifact 'plots/nothing.png'" in capsys.readouterr().err

@@ -4,6 +4,8 @@ Data actors, metrics, export, ``rayssl.load_backbone``, online k-NN during train
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 import rayssl
+from rayssl import report
 from rayssl.config import ConfigError, load_config
 from rayssl.data.fashion_mnist import load_fashion_mnist
 from rayssl.eval import metrics
@@ -23,6 +26,16 @@ from rayssl.eval.evaluate import BASELINES, FeatureActor, evaluate
 from rayssl.models import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def artifacts(client, run_id: str, folder: str | None = None) -> set[str]:
+    """Every artifact file of a run, by its path."""
+    found = set()
+    for item in client.list_artifacts(run_id, folder):
+        found |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
 def test_online_knn_reported_every_epoch(tiny_run) -> None:
     _, result = tiny_run
     online = {m["step"]: m["knn/teacher"] for m in result["history"] if "knn/teacher" in m}
@@ -30,12 +43,11 @@ def test_online_knn_reported_every_epoch(tiny_run) -> None:
     assert 0.1 < online[6] <= 1 and 0.1 < result["knn/teacher"] <= 1
 
 
-def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path, capsys) -> None:
+def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path) -> None:
     """``jobs/evaluate.py --export --gallery eval.baselines=true`` on the run's checkpoint: the
     metrics, plots, gallery and exports; the run is in the default sqlite:///<run.storage_path>/mlflow.db
     (no tracking settings) and the job adds its numbers and files to that run."""
-    import importlib.util
-
+    import ray
     from mlflow.tracking import MlflowClient
 
     run, result = tiny_run
@@ -45,15 +57,27 @@ def test_the_job_evaluates_exports_and_logs_to_the_runs_store(tiny_run, tmp_path
     assert logged_run.info.status == "FINISHED" and logged_run.info.run_name == run.name
     assert [m.step for m in client.get_metric_history(logged_run.info.run_id, "loss")] == list(range(3, 13, 3))
     assert [m.step for m in client.get_metric_history(logged_run.info.run_id, "knn/teacher")] == [6, 12]
+    # what the clusters hold, drawn at the end of training from both workers' shares of the evaluation split
+    drawn = {a.path for a in client.list_artifacts(logged_run.info.run_id, "plots/clusters")}
+    assert drawn == {f"plots/clusters/{f}" for f in ("gallery_top.png", "gallery_tail.png", "cluster_class_map.png")}
+    # every figure report.md links is an artifact of the run
+    text = report.render(result, read_checkpoint(str(run))["config"], 100.0, str(run), "MLflow run")
+    links = set(re.findall(r"\]\(([^)]+\.png)\)", text))
+    assert len(links) == 8 and links <= artifacts(client, logged_run.info.run_id)
 
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     out = tmp_path / "eval"
+    # a process of its own, as a user runs it, joining the session's cluster;
     # eval.precise_bn_images=0: the exported features are then the published backbone's (below)
-    assert job.main(["--checkpoint", str(run), "--output", str(out), "--ks", "5,20", "--export",
-                     "--gallery", "--gallery-clusters", "8", "eval.baselines=true", "eval.precise_bn_images=0"]) == 0
-    assert f"logged to MLflow run {logged_run.info.run_id}" in capsys.readouterr().out
+    job = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--checkpoint", str(run), "--output",
+                          str(out), "--ks", "5,20", "--export", "--gallery", "--gallery-clusters", "8",
+                          "eval.baselines=true", "eval.precise_bn_images=0"], capture_output=True, text=True,
+                         env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert f"logged to MLflow run {logged_run.info.run_id}" in job.stdout
+    # the training job's console: rayssl's lines; Ray Data's progress logs stay in Ray's log folder
+    assert "[rayssl] features of 1024 images" in job.stdout
+    assert not [line for line in (job.stdout + job.stderr).splitlines()
+                if "logging_progress" in line or "streaming_executor" in line]
     saved = json.loads((out / "results.json").read_text())
     history = client.get_metric_history(logged_run.info.run_id, "knn/top1_k20")
     assert [(m.step, m.value) for m in history] == [(12, pytest.approx(saved["knn/top1_k20"]))]

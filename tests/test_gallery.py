@@ -195,3 +195,39 @@ def test_embedding_map_by_cluster_pca_and_subsampled() -> None:
     assert points(embedding_map(feats, labels, max_points=120)).shape == (120, 2)
     with pytest.raises(ValueError, match="colours"):
         embedding_map(feats, labels[:-1])
+
+
+def test_end_of_run_gallery_picks_from_the_teachers_clusters() -> None:
+    """``RunGallery`` (the end of a run): the example's clusters and confidences come out of a
+    head's softmax over two query batches; it picks the clusters by mass and each one's most
+    confident images, by id, and draws both galleries and the map from one more pass."""
+    import torch
+    from torch import nn
+
+    from rayssl.train.gallery import RunGallery
+
+    k = 6
+    logits = np.log(np.where(np.eye(k)[CLUSTERS] == 1, MAX_PROB[:, None], (1 - MAX_PROB[:, None]) / (k - 1)))
+    ids, pixels = np.array([f"img{i}" for i in range(12)]), images(12, (28, 28, 1))
+    batches = [{"id": ids[s], "image": pixels[s], "label": LABELS[s], "ok": np.ones(len(ids[s]), bool)}
+               for s in (slice(0, 7), slice(7, 12))]
+    gallery = RunGallery(nn.Identity(), temperature=1.0, clusters=3)
+    for batch, s in zip(batches, (slice(0, 7), slice(7, 12))):
+        gallery.seen(batch, [torch.from_numpy(logits[s]).float()])
+    figures = gallery.figures(lambda: iter(batches), k, NAMES)
+    assert set(figures) == {"gallery_top.png", "gallery_tail.png", "cluster_class_map.png"}
+    assert gallery.chosen["top"] == [(0, ["img5", "img1", "img8", "img11", "img3"]), (2, ["img10", "img6", "img0"]),
+                                     (1, ["img9", "img2"])]
+    assert [c for c, _ in gallery.chosen["tail"]] == [3, 4, 1]
+    assert png(figures["gallery_top.png"]).shape[0] > 3 * MIN_THUMB_PX
+
+
+def test_end_of_run_gallery_needs_ids() -> None:
+    import torch
+    from torch import nn
+
+    from rayssl.train.gallery import RunGallery
+
+    with pytest.raises(ValueError, match="'id'"):
+        RunGallery(nn.Identity(), 1.0, 3).seen({"image": images(2), "label": LABELS[:2], "ok": np.ones(2, bool)},
+                                                [torch.zeros(2, 6)])

@@ -133,3 +133,19 @@ def test_pretrain_job_prints_and_logs_the_report_with_the_folder_evaluate_takes(
     s3 = load_config(None, ["run.storage_path=s3://bucket/runs/", "run.name=demo", "tracking.enabled=false"])
     untracked = {k: v for k, v in results(run_path="bucket/runs/demo").items() if k != "mlflow_run_id"}
     assert "python jobs/evaluate.py --checkpoint s3://bucket/runs/demo\n" in job.final_report(s3, untracked, 724.0)
+
+
+def test_figures_section_links_what_the_run_logged() -> None:
+    """With MLflow: the curves, the first and last epochs' cluster plots and the galleries, as links
+    relative to the artifact root; without the galleries when they are off or the run stopped early,
+    and no section without MLflow (test_evaluate checks every link against a real run's artifacts)."""
+    hint = "MLflow run abc (experiment 1): mlflow ui --backend-store-uri sqlite:///x.db"
+    long_run = results(history=[step(234 * 3 + 5, 900.0)])
+    text = report.render(long_run, config(), 724.0, FOLDER, hint)
+    assert "- [training curves: loss, schedules, diagnostics](plots/training_curves.png)" in text
+    assert "(plots/cluster_prior/epoch_001.png)" in text and "(plots/cluster_usage/epoch_003.png)" in text
+    assert "epoch_002" not in text
+    assert "[clusters x classes](plots/clusters/cluster_class_map.png)" in text
+    assert "plots/clusters/" not in report.render(long_run, config("eval.gallery_clusters=0"), 724.0, FOLDER, hint)
+    assert "plots/clusters/" not in report.render(results(stopped="nonfinite"), config(), 724.0, FOLDER, hint)
+    assert "## Figures" not in report.render(long_run, config(), 724.0, FOLDER)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path: Path, shards: list[str], name: str, *extra: str):
     return load_config(ROOT / "configs/fashion_mnist.yaml", [
-        *shards, "data.train_limit=1024", "data.eval_limit=256", "train.time_budget=null",
+        *shards, "data.train_limit=1024", "data.eval_limit=256", "train.time_budget=null", "eval.every_epochs=null",
         "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "objective.num_clusters=32", "train.batch_size=32", "train.steps_per_epoch=6",
         "train.log_every=2", "train.checkpoint_every=6", "optim.lr=0.005", "optim.warmup_epochs=0",
@@ -102,7 +102,7 @@ def test_shards_in_s3_train_checkpoint_in_s3_and_resume(ray_cluster, s3_server, 
                  "data.decode_on=data",  # the cluster path: Ray Data tasks crop (the default config crops in the worker)
                  "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
                  "objective.num_clusters=32", "objective.prior_momentum=0.9", "train.batch_size=32",
-                 "train.log_every=5", "train.checkpoint_every=10", "optim.warmup_epochs=0",
+                 "train.log_every=5", "train.checkpoint_every=10", "optim.warmup_epochs=0", "eval.every_epochs=null",
                  "scaling.num_workers=2", "scaling.cpus_per_worker=1", f"run.storage_path=s3://{bucket}/runs",
                  f"run.name={name}", f"tracking.uri={uri}", "tracking.experiment=resume-test",
                  "tracking.register_as=resume-test", f"data.access_key_id={FAKE_KEY}",

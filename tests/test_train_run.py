@@ -51,7 +51,7 @@ def config(*extra: str):
         "model.head_bottleneck_dim=32", "objective.num_clusters=32", f"train.batch_size={BATCH}",
         "train.epochs=2", "train.log_every=4", "train.checkpoint_every=8", "train.precision=fp32",
         "optim.warmup_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.time_budget=null",
-        "train.time_budget_scope=training",
+        "train.time_budget_scope=training", "eval.every_epochs=null",
         *extra])
 
 
@@ -80,8 +80,8 @@ def worker(data, states: list, restore_from: dict | None = None, knn: bool = Tru
         return [{"image": data["train"][order[i:i + rows]]} for i in range(0, N - rows + 1, rows)]
 
     def labelled(x, y):
-        return [{"image": x[i:i + 64, :, :, None], "label": y[i:i + 64], "ok": np.ones(len(x[i:i + 64]), bool)}
-                for i in range(0, len(x), 64)]
+        return [{"id": np.array([f"{len(x)}-{j}" for j in range(i, min(i + 64, len(x)))]), "image": x[i:i + 64, :, :, None],
+                 "label": y[i:i + 64], "ok": np.ones(len(x[i:i + 64]), bool)} for i in range(0, len(x), 64)]
 
     return Worker(train_batches, report=lambda metrics, state: states.append((metrics, copy.deepcopy(state))),
                   restore=lambda say: restore_from,
@@ -110,17 +110,36 @@ def test_run_trains_reports_and_checkpoints(data) -> None:
 
     calls = w.mlflow.calls
     assert w.mlflow.names() == ["metrics", "epoch_plots", "metrics", "metrics", "epoch_plots", "metrics",
-                                "results", "curves", "model", "end"]
+                                "figures", "results", "curves", "model", "end"]
     assert [args for name, args, _ in calls if name == "metrics"] == [(m["step"], m) for m in out["history"]]
     assert [args[0] for name, args, _ in calls if name == "epoch_plots"] == [1, 2]
-    assert calls[6][1] == ({k: v for k, v in out.items() if k != "history"}, 16)
+    figures, folder = calls[6][1]  # what the clusters hold (eval.gallery_clusters), from the final k-NN's pass
+    assert folder == "plots/clusters"
+    assert set(figures) == {"gallery_top.png", "gallery_tail.png", "cluster_class_map.png"}
+    assert calls[7][1] == ({k: v for k, v in out.items() if k != "history"}, 16)
     cfg = config()
-    assert calls[7][1] == (f"{cfg.objective.mode}, K=32, {cfg.model.backbone}",)
-    backbone, example, metadata = calls[8][1]
+    assert calls[8][1] == (f"{cfg.objective.mode}, K=32, {cfg.model.backbone}",)
+    backbone, example, metadata = calls[9][1]
     assert example.shape == (2, 1, 28, 28) and not any(p.is_cuda for p in backbone.parameters())
     assert metadata == {"input": "normalised images (N, C, H, W); see preprocessing", "image_size": 28,
                         "channels": 1, "mean": [0.286], "std": [0.353]}
-    assert calls[9][1:] == ((), {})
+    assert calls[10][1:] == ((), {})
+
+
+def test_online_points_use_the_small_sets_and_the_final_one_the_full_sets(data) -> None:
+    """``eval.every_epochs``: each online k-NN point reads ``Worker.online_knn_sets``, the final one
+    ``knn_sets``; ``eval.gallery_clusters=0`` draws no gallery."""
+    reads: list[str] = []
+    w = worker(data, [])
+    full = w.knn_sets
+    w.knn_sets = lambda: reads.append("full") or full()
+    w.online_knn_sets = lambda: reads.append("online") or full()
+    w.mlflow = FakeLogger()
+    out = TrainRun(config("eval.every_epochs=0.5", "eval.baselines=false", "eval.gallery_clusters=0"), META,
+                   STEPS_PER_EPOCH, w).run()
+    assert [m["step"] for m in out["history"] if "knn/teacher" in m] == [4, 8, 12]
+    assert reads == ["online"] * 3 + ["full"]
+    assert "figures" not in w.mlflow.names()
 
 
 def test_resume_is_bitwise(data) -> None:

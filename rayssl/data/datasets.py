@@ -27,7 +27,7 @@ from ray.data._internal.datasource.range_datasource import RangeDatasource
 
 from rayssl.config import AugmentConfig, ConfigError
 from rayssl.data import scenes, storage
-from rayssl.data.images import decode_batch
+from rayssl.data.images import Limits, decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
 from rayssl.transforms import MultiCrop
@@ -41,7 +41,7 @@ def _fashion_mnist(data_cfg, start_ray) -> tuple[str, str]:
         storage.check_readable(data_cfg.fashion_mnist_dir)
         for split in ("train", "test"):
             make_shards(data_cfg.fashion_mnist_dir, str(root / split), split=split, min_shards=8,
-                        progress=lambda line: None, start_ray=start_ray)
+                        progress=lambda line: None, start_ray=start_ray, limits=Limits.of(data_cfg))
     return str(root / "train"), str(root / "test")
 
 
@@ -208,24 +208,25 @@ def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | No
     return ds.limit(limit) if limit is not None else ds
 
 
-def decode_stage(batch: dict, channels: int, size: int) -> dict:
+def decode_stage(batch: dict, channels: int, size: int, limits: Limits = Limits()) -> dict:
     """Ray Data stage: encoded ``image`` -> uint8 (B, size, size, C) ``image``, ``label`` (-1 when
-    missing) and ``ok``; ``id`` passes through when present."""
-    images, ok = decode_batch(batch["image"], channels, size)
+    missing) and ``ok`` (False past ``limits``, as for an undecodable image); ``id`` passes through."""
+    images, ok = decode_batch(batch["image"], channels, size, limits)
     labels = np.array([-1 if v is None or v != v else int(v) for v in batch["label"]], dtype=np.int64)
     ids = {"id": batch["id"]} if "id" in batch else {}
     return {**ids, "image": images, "label": labels, "ok": ok}
 
 
-def multicrop_stage(batch: dict, augment: dict, channels: int, size: int) -> dict:
-    """Ray Data stage: encoded ``image`` -> uint8 views ``view_0..`` (B, C, h, w) and ``ok``.
+def multicrop_stage(batch: dict, augment: dict, channels: int, size: int, limits: Limits = Limits()) -> dict:
+    """Ray Data stage: encoded ``image`` -> uint8 views ``view_0..`` (B, C, h, w) and ``ok`` (False
+    for an undecodable image or one past ``limits``).
 
     Views are augmented in [0, 1] and stored as uint8 (a quarter of float32 in the object
     store); the worker normalises them. Each batch draws fresh random parameters.
     """
     torch.set_num_threads(1)
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    images, ok = decode_batch(batch["image"], channels, size)
+    images, ok = decode_batch(batch["image"], channels, size, limits)
     crops = MultiCrop(AugmentConfig.model_validate(augment), channels, (0.0,) * channels, (1.0,) * channels)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     views = crops(x, normalize=False)
@@ -288,9 +289,12 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
 
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
-    ``knn_bank`` and ``eval`` (the evaluation split)."""
+    ``knn_bank`` and ``eval`` (the evaluation split), and with ``eval.every_epochs`` the online
+    k-NN points' ``online_bank`` and ``online_eval`` (their first rows)."""
     d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
-    crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size}
+    limits = Limits.of(d)  # data.max_image_pixels, data.max_item_bytes: past them an image is not ok
+    crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size,
+            "limits": limits}
     # One execution for the run's epochs when it streams encoded bytes. An epoch per execution with
     # data.deterministic (one seeded file order; the local shuffle varies per epoch) and when Ray Data
     # crops: nothing would bound how many epochs of views it cropped ahead (docs/benchmarks.md, [5/5]).
@@ -306,11 +310,16 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed, cpus=cpus)
     datasets = {"train": stream}
     if meta.num_eval > 0:
-        decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size}, "batch_format": "numpy",
-                  "batch_size": 512, "num_cpus": cpus}
+        decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size, "limits": limits},
+                  "batch_format": "numpy", "batch_size": 512, "num_cpus": cpus}
         bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
-        datasets["knn_bank"] = read(plan.train_uri, plan.train, d, ["image", "label"], bank_limit, cpus).map_batches(
-            decode_stage, **decode)
-        datasets["eval"] = read(plan.eval_uri, plan.eval_manifest, d, ["image", "label"], d.eval_limit,
-                                cpus).map_batches(decode_stage, **decode)
+        e = cfg.eval
+        sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit),
+                "eval": (plan.eval_uri, plan.eval_manifest, d.eval_limit)}
+        if e.every_epochs:  # the online k-NN points' smaller sets
+            sets.update(online_bank=(plan.train_uri, plan.train, min(bank_limit, e.online_train_limit)),
+                        online_eval=(plan.eval_uri, plan.eval_manifest, min(meta.num_eval, e.online_eval_limit)))
+        for name, (uri, manifest, limit) in sets.items():  # ``id``: the end-of-run gallery finds its images again
+            datasets[name] = read(uri, manifest, d, ["id", "image", "label"], limit, cpus).map_batches(
+                decode_stage, **decode)
     return datasets

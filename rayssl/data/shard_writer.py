@@ -1,7 +1,9 @@
 """One shard, written by one Ray Data task: read its inputs, check them, write the Parquet file.
 
 Bad inputs are skipped or converted (``images.check``) and returned with a reason in the
-shard's stats, which ``rayssl.data.manifest.build_manifest`` gathers into the manifest.
+shard's stats, which ``rayssl.data.manifest.build_manifest`` gathers into the manifest. Inputs are
+untrusted: a file is read up to ``images.Limits.max_bytes`` (one byte more tells that it is larger)
+and an image is checked against ``images.Limits.max_pixels`` before it is decoded.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ class ShardJob:
     reencode: str | None
     classes: list[str]
     s3: S3Options
+    limits: images.Limits
 
 
-def _file_bytes(items: list[dict], s3_options: S3Options | None) -> Iterator[tuple[dict, bytes | str]]:
-    """``(item, bytes)`` per input, or ``(item, reason)`` when it cannot be read."""
+def _file_bytes(items: list[dict], s3_options: S3Options | None, max_bytes: int
+                ) -> Iterator[tuple[dict, bytes | str]]:
+    """``(item, bytes)`` per input, or ``(item, reason)`` when it cannot be read or holds more
+    than ``max_bytes`` (of which at most one byte more is read)."""
     filesystems: dict[bool, pyarrow.fs.FileSystem] = {}
     for item in items:
         s3 = storage.is_s3(item["uri"])
@@ -50,9 +55,11 @@ def _file_bytes(items: list[dict], s3_options: S3Options | None) -> Iterator[tup
             if s3 not in filesystems:
                 filesystems[s3] = storage.resolve(item["uri"], s3_options)[0]
             with filesystems[s3].open_input_stream(item["uri"].removeprefix("s3://")) as f:
-                yield item, f.read()
+                data = f.read(max_bytes + 1)
         except OSError as err:
             yield item, f"unreadable: {err}".splitlines()[0]
+            continue
+        yield item, data if len(data) <= max_bytes else f"too large: over {max_bytes} bytes (data.max_item_bytes)"
 
 
 def _idx_bytes(spec: dict, classes: list[str], s3: S3Options | None) -> Iterator[tuple[dict, bytes]]:
@@ -71,8 +78,9 @@ def _idx_bytes(spec: dict, classes: list[str], s3: S3Options | None) -> Iterator
 class _ShardStats:
     """Counts, content hash and pixel statistics of the rows of one shard."""
 
-    def __init__(self, index: int, num_classes: int) -> None:
+    def __init__(self, index: int, num_classes: int, limits: images.Limits) -> None:
         self.index = index
+        self.limits = limits
         self.num_images = 0
         self.class_counts = [0] * num_classes
         self.hash = hashlib.sha256()
@@ -92,7 +100,7 @@ class _ShardStats:
         self.hash.update(row_id.encode())
         self.hash.update(hashlib.sha256(image.data).digest())
         size = min(STATS_SIZE, image.width, image.height)  # never upsample: it would shrink the std
-        thumb = images.decode(image.data, 3, size).reshape(-1, 3) / 255.0
+        thumb = images.decode(image.data, 3, size, self.limits).reshape(-1, 3) / 255.0
         self.sums += thumb.sum(0)
         self.sumsq += (thumb ** 2).sum(0)
         self.pixels += len(thumb)
@@ -120,8 +128,8 @@ def write_shard(shard: dict, job: ShardJob) -> dict:
     if "idx" in shard:
         inputs = _idx_bytes(shard["idx"], job.classes, job.s3)
     else:
-        inputs = _file_bytes(shard["items"], job.s3)
-    stats = _ShardStats(shard["index"], len(job.classes))
+        inputs = _file_bytes(shard["items"], job.s3, job.limits.max_bytes)
+    stats = _ShardStats(shard["index"], len(job.classes), job.limits)
     path = f"{job.dest}/{shard['path']}"
     rows: dict[str, list] = {name: [] for name in COLUMNS.names}
     buffered = 0
@@ -131,7 +139,7 @@ def write_shard(shard: dict, job: ShardJob) -> dict:
                 stats.skipped.append({"source": item["uri"], "reason": data})
                 continue
             try:
-                image = images.check(data, job.reencode)
+                image = images.check(data, job.reencode, job.limits)
             except images.BadImage as err:
                 stats.skipped.append({"source": item["uri"], "reason": str(err)})
                 continue

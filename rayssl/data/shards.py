@@ -4,7 +4,9 @@ The driver lists and sizes the inputs (``rayssl.data.sources``) and packs them, 
 into shards of about ``target_shard_mb`` input bytes (at least ``min_shards``); one Ray Data task
 per shard reads, checks (``images.check``) and writes ``shard-NNNNN.parquet`` with the columns
 ``COLUMNS`` (``rayssl.data.shard_writer``). Bad inputs are skipped or converted, and listed with a
-reason in the manifest (``rayssl.data.manifest``), which is written last.
+reason in the manifest (``rayssl.data.manifest``), which is written last. Inputs are untrusted:
+each is bounded in bytes and pixels (``images.Limits``), and a listing's rows stay inside its folder
+unless ``allow_outside_root``.
 
 This module is the entry point: ``make_shards``, ``load_manifest`` and the names of the
 modules above that callers use (``COLUMNS``, ``MANIFEST``, ``row_id``, ...) are importable here.
@@ -106,7 +108,8 @@ def _delete_stale(fs: pyarrow.fs.FileSystem, dest: str, keep: set[str]) -> list[
     return [posixpath.basename(p) for p in stale]
 
 
-def _check_options(split: str, target_shard_mb: float, min_shards: int, reencode: str | None) -> None:
+def _check_options(split: str, target_shard_mb: float, min_shards: int, reencode: str | None,
+                   limits: images.Limits) -> None:
     """Raise ``ConfigError`` naming the first invalid option."""
     if split not in IDX_FILES:
         raise ConfigError(f"split: {split!r} is not one of {', '.join(IDX_FILES)}")
@@ -116,13 +119,20 @@ def _check_options(split: str, target_shard_mb: float, min_shards: int, reencode
         raise ConfigError(f"min_shards: must be >= 1 (got {min_shards})")
     if reencode is not None and reencode not in images.REENCODE:
         raise ConfigError(f"reencode: {reencode!r} is not one of {', '.join(images.REENCODE)}")
+    for name, value in (("max_image_pixels", limits.max_pixels), ("max_item_bytes", limits.max_bytes)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1 (got {value})")
 
 
 def make_shards(source: str, destination: str, *, split: str = "train", target_shard_mb: float = 64.0,
                 min_shards: int = 8, reencode: str | None = None, class_names: list[str] | None = None,
                 s3: S3Options | None = None, force: bool = False, progress: Callable[[str], None] = print,
-                start_ray: Callable[[], None] | None = None) -> dict:
+                start_ray: Callable[[], None] | None = None, limits: images.Limits = images.Limits(),
+                allow_outside_root: bool = False) -> dict:
     """Convert ``source`` into Parquet shards + ``manifest.json`` under ``destination``; the manifest.
+
+    Every input is held to ``limits`` (bytes read, pixels decoded) and a listing's rows to the
+    listing's folder unless ``allow_outside_root``; the others are skipped with their reason.
 
     Does nothing (returns the existing manifest) when ``destination`` already holds shards of
     the same source and options, unless ``force``. Raises ``StorageError`` / ``ConfigError``
@@ -131,11 +141,13 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
     a caller's checks and its own Ray settings come first; without it Ray Data starts a default
     local Ray.
     """
-    _check_options(split, target_shard_mb, min_shards, reencode)
+    _check_options(split, target_shard_mb, min_shards, reencode, limits)
     s3 = s3 or S3Options()
     check_locations(source, destination, s3)
-    inputs = scan(source, split, class_names, s3)
-    options = {"reencode": reencode, "target_shard_mb": target_shard_mb, "min_shards": min_shards}
+    inputs = scan(source, split, class_names, s3, allow_outside_root)
+    options = {"reencode": reencode, "target_shard_mb": target_shard_mb, "min_shards": min_shards,
+               "max_image_pixels": limits.max_pixels, "max_item_bytes": limits.max_bytes,
+               "allow_outside_root": allow_outside_root}
     source_fingerprint = fingerprint(source, inputs, {**options, "split": split, "class_names": class_names})
     fs, dest = storage.resolve(destination, s3)
     try:
@@ -147,7 +159,7 @@ def make_shards(source: str, destination: str, *, split: str = "train", target_s
         ignored = f", {inputs.ignored} non-image files ignored" if inputs.ignored else ""
         progress(f"[make_shards] {source}: {len(inputs.items)} inputs ({inputs.kind}), {len(inputs.classes)} "
                  f"classes{ignored} -> {len(plans)} shards in {destination}")
-        job = ShardJob(fs, dest, reencode, inputs.classes, s3)
+        job = ShardJob(fs, dest, reencode, inputs.classes, s3, limits)
         manifest = build_manifest(source, split, options, source_fingerprint, inputs, _run(plans, job, progress))
         write_json(fs, f"{dest}/{MANIFEST}", manifest)
         removed = _delete_stale(fs, dest, {p["path"] for p in plans})

@@ -7,7 +7,9 @@ Sources (auto-detected by ``scan``):
 * a folder with ``train-images-idx3-ubyte[.gz]`` / ``t10k-...`` IDX files (``split`` picks one);
   pixels are stored as PNG;
 * a ``.parquet`` / ``.csv`` listing with a ``uri`` (or ``path``) column, optional ``label`` (int) and
-  ``label_name``; relative paths are relative to the listing's folder.
+  ``label_name``; relative paths are relative to the listing's folder. A listing is untrusted: a row
+  whose path leaves that folder (``..``, an absolute path or an ``s3://`` URI elsewhere, another
+  bucket) is skipped with a reason naming the listing and its line, unless ``allow_outside_root``.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ class Inputs:
 
 
 def scan(source: str, split: str = "train", class_names: list[str] | None = None,
-         s3: S3Options | None = None) -> Inputs:
-    """Detect the kind of ``source`` and list its inputs with sizes and labels."""
+         s3: S3Options | None = None, allow_outside_root: bool = False) -> Inputs:
+    """Detect the kind of ``source`` and list its inputs with sizes and labels (a listing's rows
+    outside its folder only with ``allow_outside_root``)."""
     fs, path = storage.resolve(source, s3)
     try:
         info = fs.get_file_info(path)
         if info.type == pyarrow.fs.FileType.File:
             if path.lower().endswith((".parquet", ".csv")):
-                return _scan_listing(source, fs, path, info, class_names, s3)
+                return _scan_listing(source, fs, path, info, class_names, s3, allow_outside_root)
             raise ConfigError(f"{source}: not a folder, nor a .parquet or .csv listing")
         names = {posixpath.basename(i.path) for i in fs.get_file_info(pyarrow.fs.FileSelector(path))}
         if any(n.startswith(stems[0]) for stems in IDX_FILES.values() for n in names):
@@ -200,9 +203,45 @@ def _stat(uris: list[str], s3_options: S3Options | None) -> list[tuple[int, int]
     return out
 
 
+def _row_uri(key: str, root: str) -> str:
+    """The URI a listing row names: ``s3://`` URIs and absolute paths as written, others under ``root``."""
+    if storage.is_s3(key) or os.path.isabs(key):
+        return key
+    return f"{root}/{key}" if storage.is_s3(root) else os.path.join(root, key)
+
+
+def _inside(uri: str, root: str) -> bool:
+    """Whether ``uri``, with ``..`` resolved lexically, lies under ``root`` (both local or both S3)."""
+    if storage.is_s3(uri) != storage.is_s3(root):
+        return False
+    path, top = (posixpath.normpath(u.removeprefix("s3://")) for u in (uri, root))
+    return posixpath.commonpath([path, top]) == top
+
+
+def _listing_items(source: str, path: str, rows: list[tuple], allow_outside_root: bool) -> tuple[list, list]:
+    """``(items, skipped)`` of the listing ``rows`` (key, label, label_name), in key order:
+    duplicates skipped, and rows outside the listing's folder unless ``allow_outside_root``."""
+    folder = posixpath.dirname(path)
+    root = f"s3://{folder}" if storage.is_s3(source) else folder
+    parquet = path.lower().endswith(".parquet")
+    where, first = ("row", 1) if parquet else ("line", 2)  # a CSV's line 1 is its header
+    items, skipped = [], []
+    for (key, label, name), row in sorted(zip(rows, range(first, first + len(rows))), key=lambda r: r[0][0]):
+        uri = _row_uri(key, root)
+        if items and items[-1]["key"] == key:
+            skipped.append({"source": key, "reason": "duplicate listing row"})
+        elif not allow_outside_root and not _inside(uri, root):
+            skipped.append({"source": key, "reason": f"{source} {where} {row}: outside the listing's folder {root} "
+                                                     "(make_shards --allow-outside-root allows it)"})
+        else:
+            items.append({"key": key, "uri": uri, "size": 0, "label": label, "label_name": name})
+    return items, skipped
+
+
 def _scan_listing(source: str, fs: pyarrow.fs.FileSystem, path: str, info: pyarrow.fs.FileInfo,
-                  class_names: list[str] | None, s3: S3Options | None) -> Inputs:
-    """Inputs named by a listing, relative paths under the listing's folder; duplicates skipped."""
+                  class_names: list[str] | None, s3: S3Options | None, allow_outside_root: bool) -> Inputs:
+    """Inputs named by a listing, relative paths under the listing's folder; duplicates and
+    (unless ``allow_outside_root``) rows outside that folder skipped."""
     table = _read_listing(source, fs, path)
     column = next((c for c in ("uri", "path") if c in table.column_names), None)
     if column is None:
@@ -219,17 +258,7 @@ def _scan_listing(source: str, fs: pyarrow.fs.FileSystem, path: str, info: pyarr
     labels = table["label"].to_pylist() if "label" in table.column_names else [None] * n
     names = table["label_name"].cast(pa.string()).to_pylist() if "label_name" in table.column_names else [None] * n
     labels, names, classes = _listing_classes(source, labels, names, class_names)
-    folder = posixpath.dirname(path)
-    items, skipped = [], []
-    for key, label, name in sorted(zip(keys, labels, names), key=lambda r: r[0]):
-        if items and items[-1]["key"] == key:
-            skipped.append({"source": key, "reason": "duplicate listing row"})
-            continue
-        if storage.is_s3(key) or os.path.isabs(key):
-            uri = key
-        else:
-            uri = f"s3://{folder}/{key}" if storage.is_s3(source) else os.path.join(folder, key)
-        items.append({"key": key, "uri": uri, "size": 0, "label": label, "label_name": name})
+    items, skipped = _listing_items(source, path, list(zip(keys, labels, names)), allow_outside_root)
     stamp = [(source, info.size, info.mtime_ns or 0)]
     for item, (size, mtime) in zip(items, _stat([it["uri"] for it in items], s3)):
         item["size"] = size

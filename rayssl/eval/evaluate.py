@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 import torch
+from tqdm import tqdm
 
-from rayssl.config import Config, ConfigError
+from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data.datasets import decode_stage, read, sources
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
@@ -120,7 +121,13 @@ def stream_features(uri: str, manifest: dict, cfg: Config, checkpoint: str, limi
                                               "s3": S3Options.of(cfg.data), "bn": bn},
                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
     ds.context.execution_options.preserve_order = True  # the first ``limit`` rows, as in training
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    parts, total = [], min(manifest["num_images"], limit or manifest["num_images"])
+    print(f"[rayssl] features of {total} images of {mask_uri(uri)}", flush=True)
+    with tqdm(total=total, unit="img", disable=None,
+              desc=f"features of {uri.rstrip('/').rsplit('/', 1)[-1]}", leave=False) as bar:  # a terminal's only bar
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(part)
+            bar.update(len(part["label"]))
     if not parts:
         raise ConfigError(f"{uri}: no decodable images to evaluate")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

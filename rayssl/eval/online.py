@@ -19,6 +19,7 @@ from rayssl.eval.protocol import bank_mean
 from rayssl.knn import merge_neighbours, topk_neighbours, weighted_vote
 
 Features = Callable[[torch.Tensor], list[torch.Tensor]]  # uint8 images -> feature sets (B, D)
+Seen = Callable[[dict, list[torch.Tensor]], None]  # a batch, its decodable rows' feature sets
 
 
 def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
@@ -38,31 +39,37 @@ def first_images(batches: Iterable[dict], images: int) -> tuple[list[dict], Iter
     return head, itertools.chain(head, it)
 
 
-def features_of(batches: Iterable[dict], fn: Features, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+def features_of(batches: Iterable[dict], fn: Features, device: torch.device,
+                seen: Seen | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Features (one float tensor per feature set ``fn`` returns) and labels of the decodable rows
     of in-memory ``batches``, in this process (a checkpoint's features over Ray Data are
-    ``rayssl.eval.evaluate.stream_features``)."""
+    ``rayssl.eval.evaluate.stream_features``); ``seen(batch, feats)`` gets each batch and the
+    features of its decodable rows as they are extracted."""
     feats, labels = [], []
     for batch in batches:
         if not batch["ok"].any():
             continue
         feats.append([f.float().cpu() for f in fn(batch_images(batch, device))])
         labels.append(torch.from_numpy(np.array(batch["label"][batch["ok"]])))
+        if seen is not None:
+            seen(batch, feats[-1])
     return [torch.cat(f) for f in zip(*feats)], torch.cat(labels)
 
 
 def knn_eval(bank: Iterable[dict], queries: Iterable[dict], fn: Features, names: list[str], *, k: int,
-             temperature: float, num_classes: int, device: torch.device, center: bool) -> dict[str, float]:
+             temperature: float, num_classes: int, device: torch.device, center: bool,
+             seen: Seen | None = None) -> dict[str, float]:
     """Weighted k-NN accuracy of each feature set ``fn`` returns, named by ``names``.
 
     Each worker extracts its shard of the bank (labelled training images) and of the queries
     (``data.eval_source``); with ``center`` every set is centred by its global bank mean
     (``rayssl.eval.protocol.bank_mean``) before the L2 normalisation; the queries are gathered,
     each worker returns its local top-k, and the exact global top-k is merged, so W workers
-    score exactly what one process would.
+    score exactly what one process would. ``seen`` gets each query batch and its features before
+    any centring (``features_of``).
     """
     bank_feats, bank_labels = features_of(bank, fn, device)
-    query_feats, query_labels = features_of(queries, fn, device)
+    query_feats, query_labels = features_of(queries, fn, device, seen)
     for i in range(len(names)):
         m = bank_mean(bank_feats[i]) if center else 0.0
         bank_feats[i], query_feats[i] = (F.normalize(f - m, dim=1) for f in (bank_feats[i], query_feats[i]))

@@ -46,10 +46,10 @@ def init_ray(address: str | None, min_cpus: float = 0, verbose: bool = True) -> 
     stay in Ray's log folder (``rayssl-driver.log`` beside the workers' logs); rank 0's lines
     reach the console through ``rayssl.console``.
     """
+    if not verbose:  # also for a process that already joined Ray (a test session, a notebook)
+        console.quiet_ray_logs()
     if ray.is_initialized():
         return
-    if not verbose:
-        console.quiet_ray_logs()
     live, stale = local_cluster()
     if address or os.environ.get("RAY_ADDRESS") or live:  # a cluster named, or the one `ray start` left
         ray.init(address=address or live, log_to_driver=verbose)
@@ -121,7 +121,7 @@ def build_trainer(launch: Launch, mlflow_run: tracking.MlflowRun | None, callbac
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
-    ordered = ("knn_bank", "eval") + (("train",) if cfg.data.deterministic else ())
+    ordered = ("knn_bank", "eval", "online_bank", "online_eval") + (("train",) if cfg.data.deterministic else ())
     payload = WorkerPayload(config=cfg.model_dump(), meta=launch.data.meta, mlflow_run=mlflow_run,
                             steps_per_epoch=launch.steps_per_epoch, run_path=run_path,
                             run_uri=run_uri(cfg, run_path), filesystem=filesystem, job_started=launch.started,

@@ -47,9 +47,9 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
         return train.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
                                   local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, local_shuffle_seed=seed)
 
-    def knn_sets():
+    def sets(*names: str):
         return tuple(ray.train.get_dataset_shard(name).iter_batches(batch_size=512, batch_format="numpy")
-                     for name in ("knn_bank", "eval"))
+                     for name in names)
 
     channel = Channel(payload.console)  # to the driver's console, else stdout
 
@@ -61,7 +61,8 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
                     device=ray.train.torch.get_device(), report=report_to_ray, say=channel.say,
                     progress=channel.progress,
                     restore=lambda say: restore(payload, say),
-                    knn_sets=knn_sets if payload.meta.num_eval > 0 else None,  # labelled shards and the eval split
+                    knn_sets=(lambda: sets("knn_bank", "eval")) if payload.meta.num_eval > 0 else None,  # labelled
+                    online_knn_sets=(lambda: sets("online_bank", "online_eval")) if cfg.eval.every_epochs else None,
                     prepare_model=ray.train.torch.prepare_model,
                     mlflow=run_logger(payload, cfg, channel.say) if rank == 0 else None,
                     job_started=payload.job_started,

@@ -82,7 +82,7 @@ class TrainRun:
         views = Views(cfg, meta, device)
         self.alarm = CollapseAlarm.of(cfg.monitor)
         self.knn = RunKnn(cfg, meta.num_classes, views.crops, worker.knn_sets, worker.world, device,
-                          self.stepper.autocast) if worker.knn_sets else None
+                          self.stepper.autocast, worker.online_knn_sets) if worker.knn_sets else None
         self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
         self.results: dict = {}
         self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
@@ -203,7 +203,9 @@ class TrainRun:
         step, s = self.step, self.schedules
         online = None
         if self.online_every and step % self.online_every == 0 and step < self.total_steps and not self.stopped:
-            online = self.knn({"teacher": self.teacher})["teacher"]
+            started = time.time()
+            online = self.knn({"teacher": self.teacher}, online=True)["teacher"]
+            self.results["online_knn_seconds"] = self.results.get("online_knn_seconds", 0.0) + time.time() - started
         images_per_second, data_wait = self.window.rates()
         return {"step": step, "epoch": step / self.steps_per_epoch, "loss": self.window.loss(),
                 "lr": float(s["lr"][step - 1]), "wd": float(s["wd"][step - 1]),
@@ -261,8 +263,8 @@ class TrainRun:
     def finish(self) -> dict:
         """The final k-NN, MLflow's results and model, and the last report; the run's results
         (with this launch's ``history``, the collapse alarm's text if it fired, and this launch's
-        ``train_seconds`` (training, online k-NN included) and ``eval_seconds`` (baselines and
-        final k-NN))."""
+        ``train_seconds`` (training, ``online_knn_seconds`` of online k-NN included) and
+        ``eval_seconds`` (baselines and final k-NN))."""
         self.cursor.close()
         if self.alarm.raised:
             self.results["collapse"] = self.alarm.raised
@@ -280,8 +282,10 @@ class TrainRun:
         if self.stopped not in (*FAILED_STOPS, SIGNALLED):  # the driver marks the MLflow run FAILED / KILLED
             self.results["train_seconds"], started = time.time() - self.window.started, time.time()
             if self.knn is not None:
-                self.results["knn/teacher"] = self.knn({"teacher": self.teacher})["teacher"]
+                self.results["knn/teacher"], figures = self.knn.final(self.teacher, self.rank, self.meta.classes)
                 self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
+                if self.mlflow and figures:  # what the clusters hold (eval.gallery_clusters)
+                    self.mlflow.figures(figures, "plots/clusters")
                 self.results["eval_seconds"] = self.results.get("eval_seconds", 0.0) + time.time() - started
             if self.mlflow:
                 if self.budget.plan:  # the final total, once (a restart logs the same value)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from rayssl.config import Config
-from rayssl.data.images import decode_batch
+from rayssl.data.images import Limits, decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.transforms import MultiCrop
 
@@ -22,12 +22,13 @@ class Views:
     def __init__(self, cfg: Config, meta: DataMeta, device: torch.device) -> None:
         self.cfg, self.meta, self.device = cfg, meta, device
         self.crops = MultiCrop(cfg.augment, meta.channels, meta.mean, meta.std)
+        self.limits = Limits.of(cfg.data)  # an image past them is skipped like an undecodable one
         self.skipped = 0
 
     def __call__(self, batch: dict) -> list[torch.Tensor] | None:
         """The views of the batch's decodable images, or None when none decoded."""
         if self.cfg.data.decode_on == "worker":
-            images, ok = decode_batch(batch["image"], self.meta.channels, self.meta.image_size)
+            images, ok = decode_batch(batch["image"], self.meta.channels, self.meta.image_size, self.limits)
         else:
             ok = batch["ok"]
         self.skipped += int((~ok).sum())

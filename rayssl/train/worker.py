@@ -38,7 +38,10 @@ class Worker:
       rank 0 keeps it as a checkpoint, and raises ``DiskFull`` when its disk cannot take it;
     - ``restore(say)``: the newest intact checkpoint's state, or None for a new run;
     - ``knn_sets()``: fresh ``(bank, queries)`` iterables of this worker's labelled batches, or
-      None when the data has no labels (no k-NN);
+      None when the data has no labels (no k-NN); the query batches carry ``id`` for the
+      end-of-run gallery (``rayssl.train.gallery``);
+    - ``online_knn_sets()``: the same, smaller (``eval.online_train_limit`` / ``online_eval_limit``),
+      for the online k-NN points; None: they use ``knn_sets``;
     - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default;
     - ``say(line)``, ``progress(line, Progress)``: rank 0's console lines and logged steps (the
       driver's ``rayssl.console`` draws a bar from the latter);
@@ -59,6 +62,7 @@ class Worker:
     report: Callable[[dict, dict | None], None] = lambda metrics, state: None
     restore: Callable[[Callable[[str], None]], dict | None] = lambda say: None
     knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
+    online_knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model
     say: Callable[[str], None] = say
     progress: Callable[[str, Progress], None] = lambda line, progress: say(line)
