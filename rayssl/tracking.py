@@ -12,6 +12,13 @@
 Nothing else in rayssl imports MLflow but ``rayssl.tracking_backlog``. Every value passes
 through ``Config.redacted``, so secrets never reach params, tags, artifacts or the backlog.
 Logging failures after the start only warn: tracking never stops training.
+
+A server with authentication (MLflow's basic-auth app, or a proxy) gets the client's
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, which MLflow reads from the
+environment. ``check_access`` stops a job whose credentials the server refuses before Ray
+starts, in one line that names the URI and the user, never the password; ``start`` hands the
+driver's credentials to rank 0 inside its ``MlflowRun`` (a worker on a cluster started without
+them does not inherit them), never through a runtime env, which Ray shows on its dashboard.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,7 @@ from rayssl.tracking_backlog import Backlog, RunFolder, Target, deliver, keep_te
 
 DEFAULT_STORE = "~/rayssl_results"
 RUN_FILE = "tracking.json"  # beside checkpoint.pt in every checkpoint: {"run_id": ...}
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # read by MLflow's client
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,47 @@ class MlflowRun:
     experiment_id: str | None = None  # None when only a checkpoint's record names the run
     log_model: bool = False  # tracking.log_model: log the teacher's backbone at the end
     register_as: str | None = None  # tracking.register_as: the registered model's name
+    # the driver's CREDENTIALS, for rank 0's process: never in a repr, a log or MLflow
+    credentials: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+def credentials() -> dict[str, str]:
+    """This process's ``CREDENTIALS`` that are set."""
+    return {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
+
+
+def use_credentials(mlflow_run: MlflowRun) -> None:
+    """Rank 0's process takes the driver's credentials (those the driver's check passed)."""
+    os.environ.update(mlflow_run.credentials)
+
+
+def refused(err: Exception, uri: str) -> str | None:
+    """The one line for an MLflow error that refuses this client (HTTP 401 or 403), naming the
+    URI (password masked) and the user, never the password; None for any other error."""
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    if status not in (401, 403):
+        return None
+    where, user = f"tracking.uri: MLflow at {mask_uri(uri)}", os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        return f"{where} asks for credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    if status == 401:
+        return f"{where} refused the credentials (MLFLOW_TRACKING_USERNAME={user}): check MLFLOW_TRACKING_PASSWORD"
+    return f"{where} denied MLFLOW_TRACKING_USERNAME={user} access: ask its admin for a permission on the experiment"
+
+
+def check_access(cfg: Config) -> None:
+    """Before Ray starts: a tracking server that refuses this client's credentials stops the job
+    with ``refused``'s line as a ``ConfigError``, even with ``tracking.required=false`` (wrong
+    credentials are to fix, not an outage to ride out). Any other failure is ``start``'s to judge."""
+    uri = tracking_uri(cfg)
+    if not cfg.tracking.enabled or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with quick_http():
+            mlflow_client(uri).get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
+        if line := refused(err, uri):
+            raise ConfigError(line) from None
 
 
 def default_uri(storage_path: str = DEFAULT_STORE) -> str:
@@ -164,19 +213,22 @@ def start(cfg: Config, run_path: str, filesystem=None, parent_run_id: str | None
         client.log_batch(run.info.run_id, tags=[RunTag(f"resumed.{k}", v) for k, v in changed.items()])
         client.update_run(run.info.run_id, status="RUNNING")
     _log_params(client, run.info.run_id, new)
-    return MlflowRun(uri, run.info.run_id, experiment_id, cfg.tracking.log_model, cfg.tracking.register_as)
+    return MlflowRun(uri, run.info.run_id, experiment_id, cfg.tracking.log_model, cfg.tracking.register_as,
+                     credentials())
 
 
 def _open(cfg: Config, uri: str, work: Callable, activity: str):
     """``(client, experiment_id, work(client, experiment_id))`` against the store at ``uri``,
     failing fast; when that fails: a one-line ``ConfigError`` naming ``tracking.uri``, or with
-    ``tracking.required=false`` a warning and None."""
+    ``tracking.required=false`` a warning and None (refused credentials: ``refused``'s line, always)."""
     try:
         with quick_http():
             client = mlflow_client(uri)
             experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
             return client, experiment_id, work(client, experiment_id)
     except Exception as err:  # MLflow raises many kinds: connection, auth, bad URI
+        if line := refused(err, uri):
+            raise ConfigError(line) from None
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         message = f"tracking.uri: cannot use MLflow at {mask_uri(uri)}: {mask_uri(detail)}"
         if cfg.tracking.required:
@@ -316,6 +368,7 @@ class RunLogger:
         # a dead server must cost seconds per call, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        use_credentials(mlflow_run)
         self.mlflow_run, self.run_id, self.say = mlflow_run, mlflow_run.run_id, say
         self.run_folder, self.model_config = run_folder, model_config
         self.retry_seconds, self.retry_at = retry_seconds, 0.0

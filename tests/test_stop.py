@@ -1,5 +1,7 @@
 """A stopped job stops cleanly (``rayssl.train.stop``): the driver's signal handling without Ray,
-then a real ``ray job submit`` / ``ray job stop`` against a ``ray start --head`` of its own.
+then a real ``ray job submit`` / ``ray job stop`` against a ``ray start --head`` of its own, with
+token authentication (``RAY_AUTH_MODE=token``, its own token file): a submit without the token is
+refused, and the job (``jobs/pretrain.py`` joining the cluster from inside it) runs with it.
 
 The head runs in the multi-node tier's pytest process (``make test``: never beside the session's
 Ray cluster), on loopback, on free ports, in its own temporary folder, and its process group is
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -102,7 +106,8 @@ def test_a_signal_becomes_a_stop_request_within_a_bounded_wait() -> None:
 class Head:
     address: str  # the dashboard, for `ray job`
     logs: Path
-    env: dict
+    env: dict  # the head's, and a client's that has its token
+    token: str  # Ray's token authentication: RAY_AUTH_TOKEN_PATH in env names its file
 
 
 def _free_ports(n: int) -> list[int]:
@@ -115,20 +120,23 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A ``ray start --head --block`` of this test: loopback, free ports, its own temp folder (short:
-    Ray's socket paths), 4 logical CPUs; ended with its process group."""
+    """A ``ray start --head --block`` of this module's tests: loopback, free ports, its own temp folder
+    (short: Ray's socket paths) with its own auth token, 4 logical CPUs; ended with its process group."""
     import ray
 
     if ray.is_initialized():  # a plain ``pytest``: the session's cluster is done by now (multinode runs last)
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="rs-stop-", dir="/tmp")
     gcs, dashboard, client, agent = _free_ports(4)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    token, token_file = secrets.token_hex(32), Path(temp) / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # Ray Train's controller takes one report per health check (2 s by default): every step is reported here
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", f"--object-store-memory={256 * 2**20}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -139,13 +147,13 @@ def ray_head():
         deadline = time.monotonic() + 90
         while True:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                urllib.request.urlopen(authorized(f"{address}/api/version", token), timeout=2).read()
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"ray start --head did not serve {address} within 90 s")
                 time.sleep(0.5)
-        yield Head(address, Path(temp) / "session_latest" / "logs", env)
+        yield Head(address, Path(temp) / "session_latest" / "logs", env, token)
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
@@ -157,6 +165,10 @@ def ray_head():
         except ProcessLookupError:
             pass
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def authorized(url: str, token: str) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
 
 
 def tiny_job(small_fashion_mnist: str, root: Path, name: str) -> list[str]:
@@ -182,6 +194,24 @@ def logged_steps(log: Path) -> list[int]:
         return []
     return [int(line.split()[2].split("/")[0]) for line in log.read_text(errors="replace").splitlines()
             if line.startswith("[rayssl] step ")]
+
+
+@pytest.mark.multinode  # a Ray cluster of its own: never beside the session's
+def test_the_head_refuses_ray_job_submit_without_its_token(ray_head) -> None:
+    """A client that sends no token (as the docs' ``RAY_AUTH_MODE=disabled`` had it) and one with
+    another token: refused by the head, and nothing submitted. (The next test's submits carry the
+    token, and its jobs run.)"""
+    clients = {"Missing authentication token": {"RAY_AUTH_MODE": "disabled"},
+               "Invalid authentication token": {"RAY_AUTH_TOKEN": secrets.token_hex(32)}}
+    for refusal, client in clients.items():
+        env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN_PATH"} | client
+        submit = subprocess.run([RAY, "job", "submit", "--address", ray_head.address, "--submission-id=refused",
+                                 "--", "python", "-c", "pass"], env=env, capture_output=True, text=True, timeout=120)
+        said = submit.stdout + submit.stderr
+        assert submit.returncode != 0 and refusal in said and ray_head.token not in said, said
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(authorized(f"{ray_head.address}/api/jobs/refused", ray_head.token), timeout=10)
+    assert err.value.code == 404
 
 
 @pytest.mark.multinode  # a Ray cluster of its own: never beside the session's

@@ -9,14 +9,12 @@ v2 preprocessing that matches what it saw in training.
 
 from __future__ import annotations
 
-import io
-
 import pyarrow.fs
 import torch
 from torch import nn
 
 from rayssl import checkpoint as checkpoints
-from rayssl.checkpoint import CHECKPOINT_FILE, CheckpointError
+from rayssl.checkpoint import CHECKPOINT_FILE, CheckpointError, UnsafeCheckpoint
 from rayssl.config import Config, ConfigError
 from rayssl.data import storage
 from rayssl.data.meta import DataMeta
@@ -26,7 +24,8 @@ from rayssl.transforms import EvalPreprocess
 
 def _read(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> dict:
     """The state at ``path``: a ``checkpoint.pt`` file as it is, or the newest intact checkpoint
-    of a checkpoint folder or a run folder (see ``rayssl.checkpoint``)."""
+    of a checkpoint folder or a run folder (see ``rayssl.checkpoint``); tensors and plain values
+    only (``UnsafeCheckpoint`` for a state file holding pickled objects)."""
     info = fs.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise storage.StorageError(f"{uri}: not found")
@@ -34,7 +33,9 @@ def _read(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> dict:
         with fs.open_input_stream(path) as f:
             raw = f.read()
         try:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+            return checkpoints.load(raw, uri)
+        except UnsafeCheckpoint:
+            raise
         except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
             raise ConfigError(f"{uri}: not a rayssl checkpoint ({type(err).__name__})") from None
     if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
@@ -52,7 +53,8 @@ def _read(fs: pyarrow.fs.FileSystem, path: str, uri: str) -> dict:
 def read_checkpoint(uri: str, s3: storage.S3Options | None = None) -> dict:
     """The state saved by training, from a ``checkpoint.pt``, a checkpoint folder or a run folder
     (its newest intact checkpoint). Raises ``StorageError`` / ``ConfigError`` /
-    ``CheckpointError`` (one line naming ``uri``)."""
+    ``CheckpointError`` (one line naming ``uri``), ``UnsafeCheckpoint`` (naming the state file)
+    for one that holds pickled objects: never loaded."""
     fs, path = storage.resolve(uri, s3)
     try:
         state = _read(fs, path, uri)

@@ -182,12 +182,13 @@ class Launch:
 
 
 def check_inputs(cfg: Config, min_cpus: float = 0, started: float | None = None) -> Launch:
-    """Every input check, before Ray starts: storage writable, data found, the batch fits the
-    data. Each failure is one line naming the field. Only a first Fashion-MNIST run starts Ray
-    here (``init_ray(scaling.address, min_cpus)``), after its checks, to build the shards.
-    ``started``: when the job started (default: now)."""
+    """Every input check, before Ray starts: storage writable, the tracking server takes the
+    credentials, data found, the batch fits the data. Each failure is one line naming the field.
+    Only a first Fashion-MNIST run starts Ray here (``init_ray(scaling.address, min_cpus)``),
+    after its checks, to build the shards. ``started``: when the job started (default: now)."""
     started = time.time() if started is None else started
     path, filesystem = storage(cfg)
+    tracking.check_access(cfg)
     data = plan_data(cfg, start_ray=lambda: init_ray(cfg.scaling.address, min_cpus, cfg.run.verbose))
     return Launch(cfg, path, filesystem, data, steps_per_epoch(cfg, data.meta.num_train), started)
 
