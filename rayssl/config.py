@@ -169,17 +169,18 @@ class DataConfig(_Section):
         "resumed after a failure ends bitwise equal to one that never stopped (CPU). Slower; for "
         "debugging and audits."))
     max_image_pixels: PositiveInt = Field(89_478_485, description=(
-        "Largest image, in pixels (width x height, read from its header before any pixel is decoded), that "
-        "make_shards keeps (--max-image-pixels) and that training decodes: a larger one (a decompression "
-        "bomb: a few KB on disk, gigabytes decoded) is skipped like a corrupt image, with its reason in the "
-        "manifest or counted in data/skipped_images, and the rest goes on. Default: Pillow's own warning "
-        "threshold (256 MiB as 8-bit RGB), which this explicit cap replaces. A decode holds a few bytes a "
-        "pixel: keep it a few times your largest real image; raise it only for scans or satellite tiles."))
+        "Largest image, in pixels (width x height, read from its header before any pixel is decoded), "
+        "that make_shards keeps (--max-image-pixels) and that training and jobs/evaluate.py decode: a "
+        "larger one (a decompression bomb: a few KB on disk, gigabytes decoded) is skipped like a corrupt "
+        "image, with its reason in the manifest or counted in data/skipped_images, and the rest goes on. "
+        "Default: Pillow's own warning threshold (256 MiB as 8-bit RGB), which this explicit cap replaces. "
+        "A decode holds a few bytes a pixel: keep it a few times your largest real image; raise it only "
+        "for scans or satellite tiles."))
     max_item_bytes: PositiveInt = Field(64 * 2**20, description=(
         "Largest encoded image, in bytes, that make_shards reads (--max-item-bytes; at most this plus one "
-        "byte of each file) and that training decodes; a larger one is skipped like a corrupt image and "
-        "the rest goes on. Each image is held whole in memory and in one Parquet cell: raise it only for "
-        "uncompressed TIFF/BMP (3 bytes a pixel), and shard those with --reencode jpeg."))
+        "byte of each file) and that training and jobs/evaluate.py decode; a larger one is skipped like a "
+        "corrupt image and the rest goes on. Each image is held whole in memory and in one Parquet cell: "
+        "raise it only for uncompressed TIFF/BMP (3 bytes a pixel), and shard those with --reencode jpeg."))
 
 
 class AugmentConfig(_Section):

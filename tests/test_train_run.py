@@ -498,3 +498,25 @@ def test_a_failed_run_keeps_what_mlflow_did_not_take(data, tmp_path) -> None:
     entries = [json.loads(line) for line in kept[0].read_text().splitlines()[1:]]
     assert {e.get("step") for e in entries if e["kind"] == "metrics"} == set(range(4, 40, 4))  # the stop came at step 40
     assert not any(e["kind"] == "status" for e in entries)
+
+
+def test_a_refused_checkpoint_ends_the_run_before_its_first_step(data) -> None:
+    """A checkpoint holding pickled objects (``UnsafeCheckpoint`` from ``Worker.restore``) stops
+    the run FAILED with the refusal's line, before any step, baseline or report of a state: the
+    driver raises it as one line instead of Ray restarting the workers into it again."""
+    from rayssl.checkpoint import UnsafeCheckpoint
+    from rayssl.train.saves import FAILED_STOPS
+
+    line = "/runs/r/checkpoint_1/checkpoint.pt: refused, not loaded: it holds pickled objects (posix.system)"
+
+    def refuse(say):
+        raise UnsafeCheckpoint(line)
+
+    reports: list = []
+    w = worker(data, reports)
+    w.restore, w.mlflow = refuse, FakeLogger()
+    out = TrainRun(config(), META, STEPS_PER_EPOCH, w).run()
+    assert out["stopped"] == "unsafe_checkpoint" in FAILED_STOPS and out["stop_reason"] == line
+    assert out["history"] == [] and "knn/raw_pixels" not in out and "knn/teacher" not in out
+    assert [state for _, state in reports] == [None]
+    assert w.mlflow.names() == ["tag", "end"] and w.mlflow.calls[0][1] == ("rayssl.stopped", line)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from rayssl.config import Config, ConfigError, mask_uri
 from rayssl.data.datasets import decode_stage, read, sources
+from rayssl.data.images import Limits
 from rayssl.data.storage import S3Options
 from rayssl.eval import metrics
 from rayssl.eval.backbone import preprocessing, random_init, read_checkpoint, teacher_from_state
@@ -74,12 +75,14 @@ def backbones(cfg: Config, teacher, meta) -> dict:
 
 
 def decoded(uri: str, manifest: dict, cfg: Config, limit: int | None) -> ray.data.Dataset:
-    """The first ``limit`` rows of the shards at ``uri``, decoded (``decode_stage``)."""
+    """The first ``limit`` rows of the shards at ``uri``, decoded (``decode_stage``; an image past
+    ``data.max_image_pixels`` or ``data.max_item_bytes`` is not ok, as in training)."""
     d = cfg.data
     size = d.image_size or min(manifest.get("image_size") or [cfg.augment.global_crop_size])
     return (read(uri, manifest, d, ["id", "image", "label"], limit)
             .map_batches(decode_stage, batch_size=256, batch_format="numpy",
-                         fn_kwargs={"channels": d.channels or manifest["channels"], "size": size}))
+                         fn_kwargs={"channels": d.channels or manifest["channels"], "size": size,
+                                    "limits": Limits.of(d)}))
 
 
 def batchnorm_buffers(uri: str, manifest: dict, cfg: Config, nets: dict, preprocess) -> dict[str, dict]:

@@ -70,7 +70,8 @@ class RunGallery:
         names = list(class_names) if class_names and labels is not None and labels.max() < len(class_names) else None
         picks = {part: select(clusters, found["max_prob"], labels, top=self.clusters, tail=part == "tail",
                               num_classes=len(names) if names else None) for part in ("top", "tail")}
-        self.chosen = {part: [(p.cluster, list(found["id"][p.members])) for p in chosen] for part, chosen in picks.items()}
+        self.chosen = {part: [(p.cluster, list(found["id"][p.members])) for p in chosen]
+                       for part, chosen in picks.items()}
         members = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
         wanted = set(found["id"][members])
         images = {}

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from rayssl import dist
+from rayssl.checkpoint import UnsafeCheckpoint
 from rayssl.config import Config
 from rayssl.console import Progress
 from rayssl.data.meta import DataMeta
@@ -98,9 +99,15 @@ class TrainRun:
         Weights, optimizer, objective state (prior/center: all-reduced sums and counts, valid at
         any world size) and the step always carry over. Each rank's RNG state and data position
         carry over only at the checkpoint's world size: after an elastic resize every rank
-        reseeds from (seed, rank, step) and starts the epoch's rows afresh.
+        reseeds from (seed, rank, step) and starts the epoch's rows afresh. A checkpoint holding
+        pickled objects stops the run before its first step (``unsafe_checkpoint``: the job exits
+        with the refusal's line instead of Ray restarting the workers into it again).
         """
-        state = self.worker.restore(self.say)
+        try:
+            state = self.worker.restore(self.say)
+        except UnsafeCheckpoint as err:  # the run ends FAILED with its line: Ray restarting it would meet it again
+            self._stop("unsafe_checkpoint", str(err))
+            return
         if state is None:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank)  # different crops on every worker
             return
@@ -299,9 +306,10 @@ class TrainRun:
     def run(self) -> dict:
         """Restore, baselines, every interval logged, finish: the whole run."""
         self.restore()
-        if self.step < self.total_steps:  # Ray Data reads ahead while the baselines run, not in the first steps
+        if self.stopped is None and self.step < self.total_steps:  # Ray Data reads ahead during the baselines
             self.cursor.open(self.step)
-        self.baselines()
+        if self.stopped is None:
+            self.baselines()
         self.window.restart()  # train_seconds, the ETA and the first window count training only
         while (metrics := self.train_interval()) is not None:
             self.log(metrics)

@@ -14,7 +14,9 @@ from rayssl import dist
 from rayssl.checkpoint import DiskFull
 from rayssl.train.worker import Worker
 
-FAILED_STOPS = ("nonfinite", "budget", "disk_full")  # stops that end the run FAILED, without the final k-NN
+# stops that end the run FAILED, without the final k-NN; "unsafe_checkpoint": the checkpoint to resume from
+# holds pickled objects (rayssl.checkpoint.UnsafeCheckpoint), so a restart would meet it again
+FAILED_STOPS = ("nonfinite", "budget", "disk_full", "unsafe_checkpoint")
 SIGNALLED = "signal"  # the driver's stop request (rayssl.train.stop): a checkpoint, no final k-NN, KILLED
 DISK_FULL = "disk_full"  # a checkpoint its disk could not take (rayssl.checkpoint.DiskFull): no more checkpoints
 
