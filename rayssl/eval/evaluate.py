@@ -169,13 +169,11 @@ def member_images(uri: str, manifest: dict, cfg: Config, limit: int | None, ids)
     """``{id: uint8 (H, W, C) image}`` of the rows among the first ``limit`` at ``uri`` whose id
     (as ``str``) is in ``ids`` and that decoded: one more pass over the shards, since
     ``FeatureActor`` keeps no image."""
-    wanted, found, ds = {str(i) for i in ids}, {}, decoded(uri, manifest, cfg, limit)
+    from rayssl.eval.gallery import images_by_id
+
+    ds = decoded(uri, manifest, cfg, limit)
     ds.context.execution_options.preserve_order = True  # the same first ``limit`` rows as ``stream_features``
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        for i in np.flatnonzero(batch["ok"]):
-            if (key := str(batch["id"][i])) in wanted:
-                found[key] = np.asarray(batch["image"][i])
-    return found
+    return images_by_id(ds.iter_batches(batch_size=256, batch_format="numpy"), {str(i) for i in ids})
 
 
 def write_gallery(out: Path, uri: str, manifest: dict, cfg: Config, eval_set: dict, clusters: np.ndarray,

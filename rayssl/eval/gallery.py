@@ -96,6 +96,17 @@ def select(clusters, max_prob, labels=None, *, top: int = 32, images: int = 12, 
     return picks
 
 
+def images_by_id(batches, wanted: set[str]) -> dict[str, np.ndarray]:
+    """``{id: uint8 (H, W, C) image}`` of the decodable rows of ``batches`` (``id``, ``image``,
+    ``ok``) whose id (as ``str``) is in ``wanted``."""
+    found = {}
+    for batch in batches:
+        for i in np.flatnonzero(batch["ok"]):
+            if (key := str(batch["id"][i])) in wanted:
+                found[key] = np.array(batch["image"][i])
+    return found
+
+
 def _thumbnails(images, index: np.ndarray) -> np.ndarray:
     """uint8 RGB (n, h, w, 3) of ``images[index]`` (uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3);
     floats are read as [0, 1]): larger than ``MAX_THUMB_PX`` subsampled, then upscaled by pixel

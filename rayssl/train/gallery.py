@@ -58,7 +58,7 @@ class RunGallery:
         """The figures (rank 0; ``{}`` on the others): every rank calls it after the final k-NN,
         with ``queries()`` a fresh pass over its share of the evaluation split. ``chosen`` then
         holds each gallery's clusters and the ids of their images, on every rank."""
-        from rayssl.eval.gallery import cluster_class_map, gallery_figure, select
+        from rayssl.eval.gallery import cluster_class_map, gallery_figure, images_by_id, select
 
         mine = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.parts.items()}
         every = dist.gather_objects(mine)
@@ -75,7 +75,7 @@ class RunGallery:
         members = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
         wanted = set(found["id"][members])
         images = {}
-        for part in dist.gather_objects(_images_of(queries(), wanted)):
+        for part in dist.gather_objects(images_by_id(queries(), wanted)):
             images.update(part)
         if self.rank != 0:
             return {}
@@ -93,12 +93,3 @@ class RunGallery:
             out["cluster_class_map.png"] = cluster_class_map(clusters, labels, num_clusters, names)
         return out
 
-
-def _images_of(batches: Iterable[dict], wanted: set[str]) -> dict[str, np.ndarray]:
-    """``{id: uint8 (H, W, C) image}`` of the decodable rows of ``batches`` whose id is ``wanted``."""
-    found = {}
-    for batch in batches:
-        for i in np.flatnonzero(batch["ok"]):
-            if (key := str(batch["id"][i])) in wanted:
-                found[key] = np.array(batch["image"][i])
-    return found
