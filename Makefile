@@ -1,7 +1,7 @@
 # Quick start (fresh Debian machine, fresh clone):
 #   make run    # pretrain on Fashion-MNIST with a local Ray (creates .venv, installs the data)
 #   make test   # the whole test suite
-#   make test-fast  # the tests that need no Ray cluster: the inner loop while you work
+#   make test-fast  # the quick tests that need no Ray cluster: the inner loop while you work
 # Extra arguments for the job: make run ARGS="objective.mode=center train.epochs=3"
 
 PYTHON ?= python3
@@ -26,10 +26,11 @@ test: env-peers data
 	wait $$fast; fast=$$?; echo "--- the tests that need no Ray cluster:"; cat .test-fast.log; \
 	ok() { [ $$1 = 0 -o $$1 = 5 ]; }; ok $$ray && ok $$nodes && ok $$fast && [ $$ray$$nodes$$fast != 555 ]
 
-# The inner loop: every test that needs no Ray cluster (objective, models, TrainRun, config, k8s...),
-# on two processes (pytest-xdist; PYTEST_ARGS="-n 0" for one).
+# The inner loop: the tests that need no Ray cluster (objective, models, TrainRun, config, k8s...) but
+# those marked slow (a real server, a fault window, process groups: `make test` runs them), on two
+# processes (pytest-xdist; PYTEST_ARGS="-n 0" for one).
 test-fast: env-peers data
-	$(PY) -m pytest -q -n 2 -m "not ray and not multinode" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not ray and not multinode and not slow" $(PYTEST_ARGS)
 
 env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

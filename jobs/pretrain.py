@@ -40,7 +40,7 @@ def final_report(cfg, results: dict, wall_seconds: float) -> str:
     from rayssl.tracking_backlog import RunFolder, pending
     from rayssl.train.launch import run_uri
 
-    folder = RunFolder.of(run_uri(cfg, results["run_path"]), S3Options.of(cfg.data))
+    folder = RunFolder.of(run_uri(cfg, results["run_path"]), S3Options.for_runs(cfg.data))
     left = "mlflow_run_id" in results and pending(folder)
     text = report.render(results, cfg.redacted(), wall_seconds, folder.uri, results.get("mlflow"),
                          folder.uri if left else None)

@@ -126,15 +126,18 @@ class DataConfig(_Section):
     endpoint_url: str | None = Field(None, description=(
         "S3-compatible endpoint (MinIO, Ceph); default AWS_ENDPOINT_URL. Credentials come from the AWS "
         "chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, role) unless data.access_key_id "
-        "and data.secret_access_key are set."))
+        "and data.secret_access_key are set (the data's: see data.access_key_id)."))
     region: str | None = Field(None, description="S3 region; default AWS_REGION / AWS_DEFAULT_REGION.")
     outage_limit_s: PositiveFloat = Field(120.0, description=(
         "Seconds an object-storage outage (refused or cut connections, timeouts, 5xx answers) is ridden out "
         "during a run, while shards are read or a checkpoint is uploaded or read, retrying with backoff; "
         "past it the run stops with one line naming the bucket (the newest intact checkpoint is kept)."))
     access_key_id: SecretStr | None = Field(None, description=(
-        "S3 access key; default: the AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, role), which is safer. "
-        "Never logged: masked in MLflow params, artifacts and checkpoints."))
+        "S3 access key for the data and the runs; default: the AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+        "role), which is safer, with the data (data.source, data.eval_source) read with "
+        "RAYSSL_DATA_ACCESS_KEY_ID / RAYSSL_DATA_SECRET_ACCESS_KEY (+ RAYSSL_DATA_SESSION_TOKEN) when "
+        "both are set in the environment: a read-only key for the data prefix, the chain's read-write "
+        "one for run.storage_path. Never logged: masked in MLflow params, artifacts and checkpoints."))
     secret_access_key: SecretStr | None = Field(None, description="S3 secret key (see data.access_key_id).")
     image_size: PositiveInt | None = Field(None, description=(
         "Decoded square size in pixels (shorter side resized, centre crop) before multi-crop; default: the "
@@ -489,11 +492,16 @@ class EvalConfig(_Section):
     online_eval_limit: PositiveInt = Field(1_000, description=(
         "Evaluation images (queries) of the online k-NN points (eval.every_epochs)."))
     gallery_clusters: int = Field(32, ge=0, description=(
-        "At the end of a run with labelled data, log what the clusters hold to MLflow "
-        "(plots/clusters/): gallery_top.png (this many most-used clusters of the evaluation split, "
-        "each with its most confident images, share and class histogram), gallery_tail.png (the "
-        "least-used clusters still used: where partial collapse hides) and cluster_class_map.png; "
-        "0 turns them off. jobs/evaluate.py --gallery draws the same for any checkpoint."))
+        "At the end of a run, log what the clusters hold to MLflow (plots/clusters/): "
+        "gallery_top.png (this many most-used clusters of the evaluation split, each with its most "
+        "confident images, share and, with labels, class histogram), gallery_tail.png (the "
+        "least-used clusters still used: where partial collapse hides) and, with labels, "
+        "cluster_class_map.png; 0 turns them off. jobs/evaluate.py --gallery draws the same for any "
+        "checkpoint."))
+    gallery_images: PositiveInt = Field(10_000, description=(
+        "Without a k-NN (no labels, or no labelled data.eval_source) to draw them from, the end-of-run "
+        "galleries come from a pass of their own over the first this-many images of data.eval_source, "
+        "else of data.source."))
 
 
 class MonitorConfig(_Section):

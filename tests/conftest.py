@@ -24,9 +24,10 @@ RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends 
 
 def pytest_collection_modifyitems(items) -> None:
     """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture).
-    ``make test-fast`` runs ``-m "not ray and not multinode"``, the inner loop; ``make test`` runs
-    ``-m ray`` and, beside it at a lower CPU priority, the fast tier (two processes, one Ray
-    cluster), then ``-m multinode`` (tests/test_multinode.py, a multi-node cluster of its own)."""
+    ``make test-fast`` runs ``-m "not ray and not multinode and not slow"``, the inner loop (``slow``:
+    marked by hand, see CONTRIBUTING.md); ``make test`` runs ``-m ray`` and, beside it at a lower CPU
+    priority, the fast tier with its slow tests (two processes, one Ray cluster), then ``-m multinode``
+    (tests/test_multinode.py, a multi-node cluster of its own)."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)

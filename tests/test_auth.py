@@ -42,6 +42,7 @@ def config(server: MlflowServer, tmp_path: Path, *overrides: str):
     return load_config(None, [f"tracking.uri={server.uri}", f"run.storage_path={tmp_path}", *overrides])
 
 
+@pytest.mark.slow  # a real mlflow server with its auth app
 def test_right_credentials_pass_the_check_and_reach_rank_0_but_never_the_run(
         auth_server, tmp_path, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
@@ -87,6 +88,7 @@ def test_refusals_name_the_uri_and_the_user_never_the_password(auth_server, tmp_
             assert str(err.value) == f"{where} {said}"
 
 
+@pytest.mark.slow  # a real mlflow server with its auth app
 def test_a_wrong_password_stops_pretrain_in_one_line_before_ray_starts(auth_server, tmp_path, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -80,16 +80,18 @@ def test_help_carries_tuning_advice() -> None:
 
 @pytest.mark.parametrize("given, missing", [("access_key_id", "secret_access_key"),
                                             ("secret_access_key", "access_key_id")])
-def test_one_s3_key_alone_names_the_missing_one(given: str, missing: str) -> None:
+@pytest.mark.parametrize("options", ["for_data", "for_runs"])
+def test_one_s3_key_alone_names_the_missing_one(given: str, missing: str, options: str) -> None:
     from rayssl.data.storage import S3Options
 
+    build = getattr(S3Options, options)
     cfg = load_config(None, [f"data.{given}=s3cr3t-value"])
     with pytest.raises(ConfigError) as err:
-        S3Options.of(cfg.data)
+        build(cfg.data)
     message = str(err.value)
     assert message.startswith(f"data.{missing}: not set while data.{given} is")
     assert "\n" not in message and "s3cr3t" not in message
-    assert not S3Options.of(load_config(None, []).data).has_keys  # neither: the AWS chain
+    assert not build(load_config(None, []).data).has_keys  # neither: the AWS chain
 
 
 def test_invalid_secret_is_not_echoed() -> None:

@@ -106,6 +106,7 @@ def images(data):
     return data["train"]
 
 
+@pytest.mark.slow  # three gloo process groups
 def test_two_worker_checkpoint_resumes_on_one_and_on_three_workers(images, tmp_path) -> None:
     (tmp_path / "w2").mkdir(), (tmp_path / "w3").mkdir()
     two = run_world(2, images, None, tmp_path / "w2")

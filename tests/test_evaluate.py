@@ -141,7 +141,7 @@ def _check_gallery(out: Path, saved: dict, table) -> None:
     sizes = {name: Image.open(out / name).size for name in
              ("gallery_top.png", "gallery_tail.png", "cluster_class_map.png", "embedding_map.png")}
     assert all(Image.open(out / name).format == "PNG" for name in sizes)
-    assert sizes["gallery_top.png"][0] >= 1000 and sizes["gallery_top.png"][1] >= 40 + 84 * len(saved["gallery"]["top"])
+    assert sizes["gallery_top.png"][0] >= 1000 and sizes["gallery_top.png"][1] >= 44 + 84 * len(saved["gallery"]["top"])
     assert all(w >= 500 and h >= 100 for w, h in sizes.values())  # the tiny run's eval argmax may use 1 cluster
     clusters, prob = np.array(table["cluster"].to_pylist()), np.array(table["max_prob"].to_pylist())
     counts = np.bincount(clusters, minlength=32)
@@ -154,7 +154,7 @@ def _check_gallery(out: Path, saved: dict, table) -> None:
     images, _ = load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test", 256)
     expected = images[_row_index(table["id"][int(first)].as_py())].astype(int)
     png = np.asarray(Image.open(out / "gallery_top.png").convert("L")).astype(int)
-    shown = png[44 + 1:44 + 84:3, 200 + 1:200 + 84:3]  # title 40 px + gap 4, margin + label 200 px
+    shown = png[48 + 1:48 + 84:3, 240 + 1:240 + 84:3]  # title 44 px + gap 4, margin 10 + label 230 px
     assert shown.shape == (28, 28) and np.abs(shown - expected).max() <= 2
 
 

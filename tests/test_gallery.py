@@ -16,13 +16,15 @@ sizes: cluster 0: 5, 2: 3, 1: 2, 3: 1, 4: 1, 5: 0. Members by confidence: cluste
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import normalized_mutual_info_score
 
-from rayssl.eval.gallery import MIN_THUMB_PX, _thumbnails, cluster_class_map, embedding_map, gallery_figure, select
+from rayssl.eval.gallery import (MIN_THUMB_PX, _thumbnails, cluster_class_map, embedding_map, galleries, gallery_figure,
+                                 select, shown_ids)
 
 CLUSTERS = np.array([2, 0, 1, 0, 3, 0, 2, 4, 0, 1, 2, 0])
 MAX_PROB = np.array([.5, .9, .6, .3, .8, .95, .7, .4, .6, .65, .9, .6])
@@ -125,6 +127,21 @@ def test_gallery_png_shows_every_thumbnail_at_its_full_pixel_size() -> None:
     expected = x[5].repeat(3, axis=0).repeat(3, axis=1).astype(int)
     assert np.abs(shown - expected).mean() < 2, np.abs(shown - expected).mean()
     assert np.abs(shown - x[1].repeat(3, axis=0).repeat(3, axis=1)).mean() > 20  # not just any image
+
+
+def test_pages_by_id_draw_each_member_and_leave_out_a_missing_one() -> None:
+    x, ids = images(), np.array([f"img{i}" for i in range(12)])
+    picks = {part: select(CLUSTERS, MAX_PROB, LABELS, top=2, images=4, tail=part == "tail") for part in ("top", "tail")}
+    wanted = shown_ids(picks, ids)
+    assert sorted(wanted) == sorted({f"img{i}" for chosen in picks.values() for p in chosen for i in p.members})
+    found = {key: x[int(key[3:])] for key in wanted if key != "img5"}  # image 5 (cluster 0's first) not found
+    pages = galleries(picks, ids, found, num_clusters=5, class_names=NAMES)
+    assert sorted(pages) == ["gallery_tail.png", "gallery_top.png"]
+    assert "the 2 most-used of 5 clusters" in pages["gallery_top.png"].texts[0].get_text()
+    shown = png(pages["gallery_top.png"])
+    alone = png(gallery_figure(x, [replace(picks["top"][0], members=np.array([1, 8, 11])), picks["top"][1]], NAMES,
+                               pages["gallery_top.png"].texts[0].get_text()))
+    assert shown.shape == alone.shape and np.array_equal(shown, alone)  # image 5 left out, the rest in order
 
 
 def map_title(clusters, labels, num_clusters: int) -> str:

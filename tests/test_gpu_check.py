@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("cuda", "tests", "step", "pipeline", "objective")
 
@@ -20,6 +22,7 @@ def dry_run(tmp_path: Path, overrides: str = "", *steps: str) -> subprocess.Comp
                           capture_output=True, text=True, timeout=400)
 
 
+@pytest.mark.slow  # every step of the script, each in its own interpreter
 def test_dry_run_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     out = dry_run(tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -30,6 +33,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     assert out.stdout.rstrip().endswith("[gpu_check] all steps passed")
 
 
+@pytest.mark.slow  # the script's steps, each in its own interpreter
 def test_a_broken_step_stops_the_check_and_is_named(tmp_path: Path) -> None:
     """A misspelt override breaks the first rayssl step (the step rate): the check exits 1 there."""
     out = dry_run(tmp_path, "objective.tempreature=0.1")

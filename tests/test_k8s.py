@@ -571,8 +571,11 @@ def test_no_literal_secrets_and_settings_on_head_and_workers():
                 if d["kind"] in ("RayJob", "RayCluster") and label != "submitter":
                     # S3 credentials, the MLflow URI and the MLflow login on head and workers alike
                     assert {"name": "rayssl-env"} in [s.get("configMapRef") for s in c["envFrom"]], (name, label)
-                    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the runs' key: the AWS chain
                         assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "rayssl-s3-train", (name, label, var)
+                    for var in ("RAYSSL_DATA_ACCESS_KEY_ID", "RAYSSL_DATA_SECRET_ACCESS_KEY"):  # the data's read-only key
+                        ref = env[var]["valueFrom"]["secretKeyRef"]
+                        assert ref == {"name": "rayssl-s3-data", "key": var}, (name, label, var)  # not optional
                     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
                         ref = env[var]["valueFrom"]["secretKeyRef"]
                         assert ref == {"name": "rayssl-mlflow-auth", "key": var}, (name, label, var)  # not optional
@@ -723,6 +726,7 @@ def _cmdlines(session: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # a real mlflow server with its auth app
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_mlflow_deployment_runs_basic_auth_for_real(tmp_path, monkeypatch):
     """The rendered MLflow container (its command, args, environment and mounted auth config, with
@@ -1059,6 +1063,7 @@ def pod_role(d: dict, label: str) -> str:
 SECRET_READERS = {
     "rayssl-ray-token": {"submitter"},  # and KubeRay, through authOptions.secretName
     "rayssl-s3-train": {"ray"},
+    "rayssl-s3-data": {"ray"},
     "rayssl-s3-mlflow": {"mlflow"},
     "rayssl-mlflow-db": {"mlflow", "postgres"},
     "rayssl-mlflow-admin": {"mlflow", "mlflow-create-user"},
@@ -1087,8 +1092,10 @@ def test_each_secret_is_read_only_by_its_role():
         readers = secret_readers(rendered(name))
         for secret, roles in readers.items():
             assert roles <= SECRET_READERS[secret], (name, secret, roles - SECRET_READERS[secret])
-        # the two S3 roles use two Secrets: the Ray pods never hold MLflow's key, MLflow never the training key
+        # the three S3 roles use three Secrets: the Ray pods never hold MLflow's key, MLflow never the
+        # training keys (the runs' read-write one, the data's read-only one)
         assert readers["rayssl-s3-train"] == {"ray"} and readers["rayssl-s3-mlflow"] == {"mlflow"}, name
+        assert readers["rayssl-s3-data"] == {"ray"}, name
         assert "ray" not in readers["rayssl-mlflow-admin"], name
     # a Ray pod reading the admin Secret is caught
     docs = rendered("base")

@@ -16,6 +16,7 @@ import time
 import uuid
 
 import boto3
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs
@@ -107,6 +108,7 @@ def shard(fs: pyarrow.fs.FileSystem, path: str) -> tuple[list[bytes], list[int]]
     return images, starts
 
 
+@pytest.mark.slow  # backoff through the fault proxy
 def test_a_shard_read_cut_in_the_middle_resumes_without_losing_or_repeating_a_row(proxy, bucket) -> None:
     """The ranged GET of the third row group is held (the first two are read and given), then
     refused for 2 s: the read opens the shard again and goes on after the rows it gave."""
@@ -202,8 +204,6 @@ def outage_config(tmp_path, s3_shards, proxy: FaultProxy, name: str, *extra: str
 
 
 def mlflow_run(tmp_path, name: str):
-    import mlflow
-
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("rayssl").experiment_id],
                              f"tags.mlflow.runName = '{name}'")[0]
@@ -221,7 +221,8 @@ def test_outages_during_shard_reads_and_a_checkpoint_upload_are_ridden_out(ray_c
                                                                           tmp_path) -> None:
     """503s from the first shard read on, then refused connections from the upload of step 6's
     checkpoint on, each for ``WINDOW`` s: the run finishes as if nothing happened, nothing
-    recomputed, every checkpoint intact, every MLflow point there."""
+    recomputed, every checkpoint intact, every MLflow point there. (Its data has no evaluation
+    split, so no k-NN: it also shows the end-of-run figures drawn from a pass of their own.)"""
     from rayssl.train.launch import pretrain
 
     bucket, _ = s3_shards
@@ -239,6 +240,11 @@ def test_outages_during_shard_reads_and_a_checkpoint_upload_are_ridden_out(ray_c
     assert intact_steps(bucket, name)[2] == [6, 12]  # the struck checkpoint too
     run, loss_steps = mlflow_run(tmp_path, name)
     assert run.info.status == "FINISHED" and loss_steps == list(range(2, 13, 2))
+    # no data.eval_source, so no k-NN: the figures come from their own pass over the (labelled) training shards
+    drawn = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(run.info.run_id, "plots/clusters")
+    assert "knn/teacher" not in results and results["eval_seconds"] > 0
+    assert sorted(a.path for a in drawn) == [f"plots/clusters/{name}.png" for name in
+                                             ("cluster_class_map", "gallery_tail", "gallery_top")]
 
 
 def test_an_outage_past_the_limit_stops_the_run_and_keeps_the_previous_checkpoint(ray_cluster, s3_shards, proxy,
@@ -278,6 +284,7 @@ def test_an_outage_past_the_limit_stops_the_run_and_keeps_the_previous_checkpoin
     assert mlrun.info.status == "FAILED" and loss_steps[:5] == [2, 4, 6, 8, 10]
 
 
+@pytest.mark.slow  # backoff through the fault proxy
 def test_the_run_folder_filesystem_rides_out_outages_on_every_call(proxy, bucket) -> None:
     """``storage.riding_out``: what Ray Train is given for the run folder (its checkpoint
     registry, old checkpoints' deletion); pickled to Ray's processes, equal to itself."""

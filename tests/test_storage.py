@@ -91,13 +91,13 @@ def test_config_keys_override_the_aws_chain(strict_s3_server, iam_user, monkeypa
 
     cfg = load_config(None, [f"data.endpoint_url={strict_s3_server}", f"data.access_key_id={key_id}",
                              f"data.secret_access_key={secret}"])
-    s3 = storage.S3Options.of(cfg.data)
-    assert secret not in repr(s3) and key_id not in repr(s3)
-    storage.check_readable(uri, s3)
-    storage.check_writable(f"s3://{bucket}/out", s3)
-    fs, path = storage.resolve(f"{uri}/x", s3)
-    with fs.open_input_stream(path) as f:
-        assert f.read() == b"hello"
+    for s3 in (storage.S3Options.for_data(cfg.data), storage.S3Options.for_runs(cfg.data)):
+        assert secret not in repr(s3) and key_id not in repr(s3)
+        storage.check_readable(uri, s3)
+        storage.check_writable(f"s3://{bucket}/out", s3)
+        fs, path = storage.resolve(f"{uri}/x", s3)
+        with fs.open_input_stream(path) as f:
+            assert f.read() == b"hello"
 
     wrong = "wrong" + secret[5:]
     for bad in (storage.S3Options(strict_s3_server, None, key_id, wrong),

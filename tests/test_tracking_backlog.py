@@ -72,6 +72,7 @@ def artifacts(client: MlflowClient, run_id: str, folder: str | None = None) -> l
     return sorted(out)
 
 
+@pytest.mark.slow  # a real mlflow server, stopped and started
 def test_an_outage_mid_run_loses_nothing_and_every_step_arrives_once(server, tmp_path) -> None:
     mlflow_run = new_run(server, "outage")
     run = tmp_path / "run"
@@ -126,6 +127,7 @@ def test_an_outage_mid_run_loses_nothing_and_every_step_arrives_once(server, tmp
     assert not (run / DIR).exists()  # delivered: nothing kept
 
 
+@pytest.mark.slow  # real mlflow servers, stopped and started
 def test_a_server_down_at_the_end_leaves_a_backlog_that_sync_replays_once(server, tmp_path) -> None:
     plain = new_run(server, "down-at-end")
     secret = plain.uri.replace("http://", "http://alice:pw0rd@")  # recorded masked, never in clear

@@ -142,6 +142,32 @@ def test_online_points_use_the_small_sets_and_the_final_one_the_full_sets(data) 
     assert "figures" not in w.mlflow.names()
 
 
+def test_unlabelled_data_gets_both_galleries_from_a_pass_of_their_own(data) -> None:
+    """No labels, so no k-NN: ``Worker.gallery_images`` gives the end-of-run galleries (each image
+    read once for the clusters and once more only if picked), without class histograms and
+    without the cluster x class map; ``eval.gallery_clusters=0`` reads nothing."""
+    x = data["bank"][0]
+    reads: list[int] = []
+
+    def images():
+        reads.append(0)
+        return [{"id": np.array([f"u{j}" for j in range(i, i + 64)]), "image": x[i:i + 64, :, :, None],
+                 "label": np.full(64, -1), "ok": np.ones(64, bool)} for i in range(0, 192, 64)]
+
+    w = worker(data, [], knn=False)
+    w.gallery_images, w.mlflow = images, FakeLogger()
+    out = TrainRun(config("eval.baselines=false", "eval.gallery_clusters=4"), META, STEPS_PER_EPOCH, w).run()
+    assert "knn/teacher" not in out and out["eval_seconds"] > 0 and len(reads) == 2
+    (figures, folder), = [args for name, args, _ in w.mlflow.calls if name == "figures"]
+    assert folder == "plots/clusters" and sorted(figures) == ["gallery_tail.png", "gallery_top.png"]
+    top = figures["gallery_top.png"]
+    assert [ax.get_label() for ax in top.axes] == ["gallery"]  # no class histogram
+    assert "most-used of 32 clusters" in top.texts[0].get_text()
+    w.mlflow, reads[:] = FakeLogger(), []
+    TrainRun(config("eval.baselines=false", "eval.gallery_clusters=0"), META, STEPS_PER_EPOCH, w).run()
+    assert reads == [] and "figures" not in w.mlflow.names()
+
+
 def test_resume_is_bitwise(data) -> None:
     """Stopped after the first epoch's checkpoint and restored from it, the run ends with the
     same weights, bit for bit, as the run that never stopped (data.deterministic)."""
@@ -471,6 +497,7 @@ def test_job_budget_spent_before_training_is_one_line(data) -> None:
                     out["stop_reason"])
 
 
+@pytest.mark.slow  # a real mlflow server, stopped mid-run
 def test_a_failed_run_keeps_what_mlflow_did_not_take(data, tmp_path) -> None:
     """A run that stops FAILED (here: a budget too short) while its MLflow server does not answer
     leaves its undelivered points in the run folder for ``jobs/sync_tracking.py``, without a

@@ -68,7 +68,7 @@ def _field(name: str):
 
 def _manifest(name: str, uri: str, data_cfg) -> dict:
     with _field(name):
-        s3 = storage.S3Options.of(data_cfg)
+        s3 = storage.S3Options.for_data(data_cfg)
         storage.check_readable(uri, s3)
         return load_manifest(uri, s3)
 
@@ -158,7 +158,7 @@ def train_stream(uri: str, manifest: dict, data_cfg, block_rows: int, epochs: in
     minimum input, so one task took every shard and the crops used one core of two
     (docs/benchmarks.md, [4/5]).
     """
-    fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
+    fs, root = storage.resolve(uri, storage.S3Options.for_data(data_cfg))
     pieces = shard_pieces(manifest, root, data_cfg.train_limit)
     run = [pieces[i] for i in run_order(len(pieces), epochs, seed)]
     kwargs = {"pieces": run, "fs": fs, "block_rows": block_rows, "stage": stage, "stage_kwargs": stage_kwargs,
@@ -197,11 +197,14 @@ def read(uri: str, manifest: dict, data_cfg, columns: list[str], limit: int | No
     Uses Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for every
     pass, several times the V1 reader's cost per epoch on small machines (docs/benchmarks.md).
     """
-    fs, root = storage.resolve(uri, storage.S3Options.of(data_cfg))
+    options = storage.S3Options.for_data(data_cfg)
+    fs, root = storage.resolve(uri, options)
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]], filesystem=fs, num_cpus=cpus)
+    try:  # read_parquet reads a footer now: an outage then is ridden out like the run's own reads
+        ds = storage.ride_out(lambda: ray.data.read_parquet([f"{root}/{s['path']}" for s in manifest["shards"]],
+                                                            filesystem=fs, num_cpus=cpus),
+                              uri, options, "reading the shards' schema")
     finally:
         ctx.use_datasource_v2 = v2
     ds = ds.select_columns(columns)
@@ -290,7 +293,9 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``eval`` (the evaluation split), and with ``eval.every_epochs`` the online
-    k-NN points' ``online_bank`` and ``online_eval`` (their first rows)."""
+    k-NN points' ``online_bank`` and ``online_eval`` (their first rows); without them (no k-NN),
+    with ``eval.gallery_clusters``, ``gallery`` (the first ``eval.gallery_images`` of the evaluation
+    split, else of the training data)."""
     d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
     limits = Limits.of(d)  # data.max_image_pixels, data.max_item_bytes: past them an image is not ok
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size,
@@ -308,10 +313,8 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         stream.context.target_max_block_size = rows * stage_bytes_per_row(cfg.augment, meta.channels)
     else:
         stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed, cpus=cpus)
-    datasets = {"train": stream}
+    datasets, sets = {"train": stream}, {}
     if meta.num_eval > 0:
-        decode = {"fn_kwargs": {"channels": meta.channels, "size": meta.image_size, "limits": limits},
-                  "batch_format": "numpy", "batch_size": 512, "num_cpus": cpus}
         bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
         e = cfg.eval
         sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit),
@@ -319,7 +322,12 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         if e.every_epochs:  # the online k-NN points' smaller sets
             sets.update(online_bank=(plan.train_uri, plan.train, min(bank_limit, e.online_train_limit)),
                         online_eval=(plan.eval_uri, plan.eval_manifest, min(meta.num_eval, e.online_eval_limit)))
-        for name, (uri, manifest, limit) in sets.items():  # ``id``: the end-of-run gallery finds its images again
-            datasets[name] = read(uri, manifest, d, ["id", "image", "label"], limit, cpus).map_batches(
-                decode_stage, **decode)
+    elif cfg.eval.gallery_clusters:  # no k-NN: the end-of-run gallery's own images (rayssl.train.gallery)
+        most = cfg.eval.gallery_images
+        sets = {"gallery": (plan.eval_uri, plan.eval_manifest, min(most, d.eval_limit or most)) if plan.eval_manifest
+                else (plan.train_uri, plan.train, min(most, meta.num_train))}
+    for name, (uri, manifest, limit) in sets.items():  # ``id``: the end-of-run gallery finds its images again
+        datasets[name] = read(uri, manifest, d, ["id", "image", "label"], limit, cpus).map_batches(
+            decode_stage, fn_kwargs={"channels": meta.channels, "size": meta.image_size, "limits": limits},
+            batch_format="numpy", batch_size=512, num_cpus=cpus)
     return datasets

@@ -1,14 +1,25 @@
 """Object storage at the edge: a local path or ``s3://bucket/prefix`` as a pyarrow filesystem.
 
-One set of settings, ``S3Options`` (``S3Options.of(cfg.data)``), serves the training data, the
-shards written by ``jobs/make_shards.py`` and the checkpoints (``run.storage_path``): credentials
-from ``data.access_key_id``/``data.secret_access_key`` when both are set, else from the standard AWS
-chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance role), an
-endpoint for MinIO / Ceph / other S3-compatible stores (``data.endpoint_url`` or
-``AWS_ENDPOINT_URL``), a region (``data.region``, ``AWS_REGION``, ``AWS_DEFAULT_REGION``) and
-retries with exponential backoff for transient errors. Failures become a ``StorageError``:
-one line naming the URI and saying what to fix, raised before any training starts; it never
-contains a secret.
+``S3Options`` says how to reach S3, with two sets of credentials, so that the data prefix can be
+read with a read-only key and the runs written with a read-write one:
+
+- the data (``data.source``, ``data.eval_source``: their manifests and shards),
+  ``S3Options.for_data(cfg.data)``: ``data.access_key_id``/``data.secret_access_key`` when set,
+  else ``RAYSSL_DATA_ACCESS_KEY_ID``/``RAYSSL_DATA_SECRET_ACCESS_KEY`` (and
+  ``RAYSSL_DATA_SESSION_TOKEN``, if any) from the environment of the process that builds the
+  options (the driver: Ray's tasks get the keys inside the filesystem), else the standard AWS chain;
+- the runs (``run.storage_path``: checkpoints, the run folder, Ray Train's storage filesystem),
+  ``S3Options.for_runs(cfg.data)``: ``data.access_key_id``/``data.secret_access_key`` when set,
+  else the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
+  instance role), never the ``RAYSSL_DATA_*`` pair.
+
+Without any ``RAYSSL_DATA_*`` variable both are the same. Both take an endpoint for MinIO / Ceph /
+other S3-compatible stores (``data.endpoint_url`` or ``AWS_ENDPOINT_URL``), a region
+(``data.region``, ``AWS_REGION``, ``AWS_DEFAULT_REGION``) and retries with exponential backoff for
+transient errors. The shards written by ``jobs/make_shards.py`` use the AWS chain. Failures become
+a ``StorageError``: one line naming the URI and saying what to fix (refused keys: the settings
+they came from), raised before any training starts; it never contains a secret. A key pair
+given half (one of the two variables) is a ``ConfigError`` naming the missing one.
 
 During a run, an outage (refused or cut connections, timeouts, 5xx answers) is ridden out:
 ``ride_out`` (or ``Outage`` for a read that resumes where it stopped) retries with backoff from
@@ -40,6 +51,10 @@ from rayssl.errors import find_cause
 RETRIES = 5  # attempts of the AWS SDK for one request (its own backoff: a few seconds in all)
 BACKOFF = (0.5, 4.0)  # seconds between tries through an outage: the first wait, the longest
 OUTAGE_LIMIT_S = 120.0  # data.outage_limit_s's default
+CONFIG_KEYS = ("data.access_key_id", "data.secret_access_key")
+DATA_KEYS = ("RAYSSL_DATA_ACCESS_KEY_ID", "RAYSSL_DATA_SECRET_ACCESS_KEY")  # the data's own pair (env)
+DATA_TOKEN = "RAYSSL_DATA_SESSION_TOKEN"  # with DATA_KEYS: temporary credentials (STS)
+AWS_CHAIN = "the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +70,13 @@ class StorageOutage(StorageError):
 
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach S3: endpoint, region and, optionally, a static key pair.
+    """How to reach S3: endpoint, region and, optionally, a static key pair (and session token).
 
     Without keys the AWS SDK's default chain applies on each node. The keys are held as
     ``SecretStr`` and left out of ``repr``; they only leave this object inside a pyarrow
-    ``S3FileSystem`` (which Ray pickles to its tasks). Both keys or neither (``ConfigError``).
+    ``S3FileSystem`` (which Ray pickles to its tasks). Both keys or neither (``ConfigError``
+    naming the missing one of ``keys_from``, the settings they were read from). Build them with
+    ``for_data`` or ``for_runs``.
     """
 
     endpoint_url: str | None = None
@@ -67,22 +84,39 @@ class S3Options:
     access_key_id: SecretStr | None = field(default=None, repr=False)
     secret_access_key: SecretStr | None = field(default=None, repr=False)
     outage_limit_s: float = OUTAGE_LIMIT_S  # how long an outage is ridden out during a run
+    session_token: SecretStr | None = field(default=None, repr=False)
+    keys_from: tuple[str, str] = field(default=CONFIG_KEYS, repr=False)  # where the keys were set, for messages
 
     def __post_init__(self) -> None:
-        for name in ("access_key_id", "secret_access_key"):
+        for name in ("access_key_id", "secret_access_key", "session_token"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, SecretStr(value))
-        given = {name: bool(getattr(self, name) and getattr(self, name).get_secret_value())
-                 for name in ("access_key_id", "secret_access_key")}
-        if given["access_key_id"] != given["secret_access_key"]:
+        given = dict(zip(self.keys_from, (bool(self.access_key_id), bool(self.secret_access_key))))
+        if len(set(given.values())) > 1:
             missing, present = sorted(given, key=given.get)
-            raise ConfigError(f"data.{missing}: not set while data.{present} is; set both, or neither "
+            raise ConfigError(f"{missing}: not set while {present} is; set both, or neither "
                               "to use the AWS credential chain")
 
     @classmethod
-    def of(cls, data: DataConfig) -> S3Options:
-        """The options of a config's ``data`` section (``ConfigError`` if only one key is set)."""
+    def for_data(cls, data: DataConfig) -> S3Options:
+        """The options for reading ``data.source`` and ``data.eval_source``: the config's keys when
+        set, else the ``RAYSSL_DATA_*`` pair of this process's environment when set (``DATA_KEYS``,
+        ``DATA_TOKEN``), else the AWS chain: without ``RAYSSL_DATA_*``, the options of ``for_runs``.
+        ``ConfigError`` naming the missing one of a half pair."""
+        key_id, secret, token = (os.environ.get(name) or None for name in (*DATA_KEYS, DATA_TOKEN))
+        if data.access_key_id or data.secret_access_key or not (key_id or secret or token):
+            return cls.for_runs(data)
+        if not (key_id or secret):
+            raise ConfigError(f"{DATA_TOKEN}: set without {DATA_KEYS[0]} / {DATA_KEYS[1]}; set them too, "
+                              "or unset it to use the AWS credential chain")
+        return cls(data.endpoint_url, data.region, key_id, secret, data.outage_limit_s, token, DATA_KEYS)
+
+    @classmethod
+    def for_runs(cls, data: DataConfig) -> S3Options:
+        """The options for ``run.storage_path`` (checkpoints, the run folder, Ray Train's storage
+        filesystem): the config's keys when set, else the AWS chain; never the ``RAYSSL_DATA_*``
+        pair (``ConfigError`` if only one config key is set)."""
         return cls(data.endpoint_url, data.region, data.access_key_id, data.secret_access_key,
                    data.outage_limit_s)
 
@@ -90,10 +124,15 @@ class S3Options:
     def has_keys(self) -> bool:
         return self.access_key_id is not None and bool(self.access_key_id.get_secret_value())
 
+    @property
+    def credentials(self) -> str:
+        """The credentials to check when S3 refuses these options: the keys' settings, else the AWS chain."""
+        return " / ".join(self.keys_from) if self.has_keys else AWS_CHAIN
+
     def scrub(self, text: str) -> str:
-        """``text`` with the keys (and any ``user:password@`` in URIs) replaced by ``***``."""
-        if self.has_keys:
-            for secret in (self.secret_access_key, self.access_key_id):
+        """``text`` with the keys and token (and any ``user:password@`` in URIs) replaced by ``***``."""
+        for secret in (self.session_token, self.secret_access_key, self.access_key_id):
+            if secret:
                 text = text.replace(secret.get_secret_value(), MASK)
         return mask_uri(text)
 
@@ -112,6 +151,8 @@ def s3_filesystem(options: S3Options | None = None) -> pyarrow.fs.S3FileSystem:
     url = endpoint(o.endpoint_url)
     keys = ({"access_key": o.access_key_id.get_secret_value(), "secret_key": o.secret_access_key.get_secret_value()}
             if o.has_keys else {})
+    if o.has_keys and o.session_token:
+        keys["session_token"] = o.session_token.get_secret_value()
     return pyarrow.fs.S3FileSystem(
         **keys, endpoint_override=url,
         scheme="http" if url and url.startswith("http://") else "https",
@@ -153,8 +194,7 @@ def explain(uri: str, err: BaseException, options: S3Options | None = None) -> S
                 reason = (f"the endpoint {where} answers 'service unavailable' "
                           "(check data.endpoint_url / AWS_ENDPOINT_URL)")
             elif reason == "access denied":
-                reason += (": check data.access_key_id / data.secret_access_key" if o.has_keys else
-                           ": check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
+                reason += f": check {o.credentials}"
             return StorageError(o.scrub(f"{uri}: {reason}"))
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return StorageError(o.scrub(f"{uri}: {first}"))

@@ -121,7 +121,7 @@ def stream_features(uri: str, manifest: dict, cfg: Config, checkpoint: str, limi
     ds = (decoded(uri, manifest, cfg, limit)
           .map_batches(FeatureActor, batch_size=256, batch_format="numpy",
                        fn_constructor_kwargs={"checkpoint": checkpoint, "config": cfg.model_dump(),
-                                              "s3": S3Options.of(cfg.data), "bn": bn},
+                                              "s3": S3Options.for_runs(cfg.data), "bn": bn},
                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0))
     ds.context.execution_options.preserve_order = True  # the first ``limit`` rows, as in training
     parts, total = [], min(manifest["num_images"], limit or manifest["num_images"])
@@ -185,9 +185,7 @@ def write_gallery(out: Path, uri: str, manifest: dict, cfg: Config, eval_set: di
     a label). Only the images shown are read again (``member_images``). Returns the cluster ids
     of both galleries, ``{"top": [...], "tail": [...]}``. Purity and NMI are already
     ``cluster/majority_accuracy`` and ``cluster/nmi`` (``metrics.clustering_metrics``)."""
-    from dataclasses import replace
-
-    from rayssl.eval.gallery import cluster_class_map, embedding_map, gallery_figure, select
+    from rayssl.eval.gallery import cluster_class_map, embedding_map, galleries, select, shown_ids
 
     labels = eval_set["label"] if (eval_set["label"] >= 0).any() else None
     names = list(manifest.get("classes") or []) or None
@@ -196,19 +194,12 @@ def write_gallery(out: Path, uri: str, manifest: dict, cfg: Config, eval_set: di
     num_classes = len(names) if names else None
     picks = {part: select(clusters, max_prob, labels, top=top, tail=part == "tail", num_classes=num_classes)
              for part in ("top", "tail")}
-    members = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
-    keys = [str(i) for i in eval_set["id"][members]]
+    keys = shown_ids(picks, eval_set["id"])
     images = member_images(uri, manifest, cfg, cfg.data.eval_limit, keys)
     if missing := [key for key in keys if key not in images]:
         raise RuntimeError(f"{uri}: {len(missing)} gallery images not found again (id {missing[0]})")
-    stack = np.stack([images[key] for key in keys])
-    where = np.full(len(clusters), -1, np.int64)  # evaluation row -> row of ``stack``
-    where[members] = np.arange(len(members))
-    titles = {"top": f"the {len(picks['top'])} most-used of {num_clusters} clusters: their most confident images",
-              "tail": f"the {len(picks['tail'])} least-used clusters still used: their most confident images"}
-    for part, chosen in picks.items():
-        renumbered = [replace(p, members=where[p.members]) for p in chosen]
-        gallery_figure(stack, renumbered, names, titles[part]).savefig(out / f"gallery_{part}.png")
+    for name, figure in galleries(picks, eval_set["id"], images, num_clusters, names).items():
+        figure.savefig(out / name)
     feats = eval_set["feature"]
     if labels is None:
         colour, colour_names, by = clusters, None, "cluster"
@@ -249,7 +240,7 @@ def evaluate(checkpoint: str, cfg: Config | None = None, output: str | Path = "e
     its ``gallery_clusters`` most-used and least-used clusters; their ids in ``results["gallery"]``)
     under ``output``.
     """
-    state = read_checkpoint(checkpoint, S3Options.of(cfg.data) if cfg else None)
+    state = read_checkpoint(checkpoint, S3Options.for_runs(cfg.data) if cfg else None)
     teacher, cfg, meta = teacher_from_state(state, cfg)
     train_uri, train_manifest, eval_uri, eval_manifest = sources(cfg.data)
     if eval_manifest is None or not eval_manifest["classes"] or not train_manifest["classes"]:

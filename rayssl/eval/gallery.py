@@ -4,6 +4,7 @@ matplotlib, scikit-learn; no Ray, no MLflow).
 - ``select``: the most-used clusters (or the tail: the least-used ones still alive), each with its
   most confident members, its share of the images and, with labels, its class histogram;
 - ``gallery_figure``: one row per selected cluster, its top images as the user knows them;
+  ``galleries``: the top and tail pages of ``select``'s picks from images found by id;
 - ``cluster_class_map``: how clusters and classes meet, a heatmap titled with purity and NMI;
 - ``embedding_map``: the features in 2-D (PCA, then t-SNE), coloured by class or by cluster.
 
@@ -145,7 +146,7 @@ def gallery_figure(images, picks: Sequence[ClusterPick], class_names: Sequence[s
         raise ValueError("gallery_figure: no cluster to draw")
     thumbs = [_thumbnails(images, p.members) for p in picks]
     th, tw = max(t.shape[1] for t in thumbs), max(t.shape[2] for t in thumbs)
-    gap, label_w, hist_w, margin, title_h = 4, 190, 180, 10, 40
+    gap, label_w, hist_w, margin, title_h = 4, 230, 180, 10, 44
     pitch, cols = max(th, 72) + 2 * gap, max(len(t) for t in thumbs)
     labelled = any(p.histogram is not None for p in picks)
     mosaic = np.full((len(picks) * pitch, cols * (tw + gap) - gap, 3), 255, np.uint8)
@@ -160,13 +161,13 @@ def gallery_figure(images, picks: Sequence[ClusterPick], class_names: Sequence[s
                       label="gallery")
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_axis_off()
-    fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=13)
+    fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=15)
     if labelled:
         fig.text(1 - (margin + hist_w / 2) / width, 1 - 26 / height, "classes (majority in orange)",
-                 ha="center", va="top", fontsize=9)
+                 ha="center", va="top", fontsize=10)
     for r, pick in enumerate(picks):
         top = height - title_h - r * pitch  # pixels from the bottom
-        fig.text(margin / width, (top - gap) / height, _row_text(pick, class_names), va="top", fontsize=10)
+        fig.text(margin / width, (top - gap) / height, _row_text(pick, class_names), va="top", fontsize=12)
         if pick.histogram is not None:
             h = fig.add_axes((1 - (margin + hist_w) / width, (top - pitch + 3 * gap) / height, hist_w / width,
                               (pitch - 4 * gap) / height), label="class histogram")
@@ -174,6 +175,33 @@ def gallery_figure(images, picks: Sequence[ClusterPick], class_names: Sequence[s
             h.bar(np.arange(pick.histogram.size), pick.histogram, width=0.8, color=colours)
             h.set(xlim=(-0.5, pick.histogram.size - 0.5), xticks=[], yticks=[])
     return fig
+
+
+def shown_ids(picks: dict[str, Sequence[ClusterPick]], ids) -> list[str]:
+    """The ids (``str``) of every member of ``picks`` (``{"top": [...], "tail": [...]}``), once each,
+    ``ids[row]`` being the id of evaluation row ``row``: the images ``galleries`` draws."""
+    rows = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
+    return [str(i) for i in np.asarray(ids)[rows]]
+
+
+def galleries(picks: dict[str, Sequence[ClusterPick]], ids, images: dict[str, np.ndarray], num_clusters: int,
+              class_names: Sequence[str] | None = None) -> dict[str, Figure]:
+    """``{"gallery_top.png": ..., "gallery_tail.png": ...}``: ``gallery_figure`` of each part of
+    ``picks`` (``select(..., tail=False)`` and ``tail=True``), a member of evaluation row ``row``
+    drawn from ``images[str(ids[row])]`` (``images_by_id``); members whose image is missing are left
+    out of their row."""
+    ids = np.asarray(ids).astype(str)
+    rows = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
+    rows = rows[np.isin(ids[rows], list(images))]
+    where = np.full(len(ids), -1, np.int64)  # evaluation row -> row of ``stack``
+    where[rows] = np.arange(len(rows))
+    stack = np.stack([images[key] for key in ids[rows]])
+    titles = {"top": f"the {len(picks['top'])} most-used of {num_clusters} clusters: their most confident images",
+              "tail": f"the {len(picks['tail'])} least-used clusters still used: their most confident images"}
+    return {f"gallery_{part}.png": gallery_figure(
+                stack, [replace(p, members=where[p.members][where[p.members] >= 0]) for p in chosen],
+                class_names, titles[part])
+            for part, chosen in picks.items()}
 
 
 def cluster_class_map(clusters, labels, num_clusters: int, class_names: Sequence[str] | None = None,

@@ -1,4 +1,5 @@
-"""``RunGallery``: what the clusters hold at the end of a run, drawn from the final k-NN's pass.
+"""``RunGallery``: what the clusters hold at the end of a run, drawn from the final k-NN's pass
+(labelled data) or from a pass of its own (``GalleryPass``: data without labels).
 
 The final k-NN (``rayssl.train.knn.RunKnn``) extracts the teacher's features of this worker's
 share of the evaluation split; ``seen`` takes the teacher's cluster of each image from them,
@@ -12,14 +13,21 @@ share of the evaluation split; ``seen`` takes the teacher's cluster of each imag
 3. draws, on rank 0, ``gallery_top.png``, ``gallery_tail.png`` and, with labels,
    ``cluster_class_map.png`` (the figures of ``jobs/evaluate.py --gallery`` but its embedding map).
 
-Ray-free: the batches come from ``Worker.knn_sets`` (Ray Data shards in the job, lists in tests)
-and must carry an ``id`` column (``rayssl.data.datasets.decode_stage`` passes it).
+Without a k-NN (no labels, or no labelled evaluation split) there is no pass to ride on:
+``GalleryPass`` reads ``Worker.gallery_images`` (the first ``eval.gallery_images`` of
+``data.eval_source``, else of ``data.source``) once for the clusters and once more for the picked
+images; class histograms and the cluster x class map only where those images have labels.
+
+Ray-free: the batches come from ``Worker.knn_sets`` or ``Worker.gallery_images`` (Ray Data shards
+in the job, lists in tests) and must carry an ``id`` column (``rayssl.data.datasets.decode_stage``
+passes it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +35,10 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from rayssl import dist
+from rayssl.config import Config
+from rayssl.eval.online import batch_images
+from rayssl.models import unwrap
+from rayssl.transforms import MultiCrop
 
 
 @dataclass
@@ -58,7 +70,7 @@ class RunGallery:
         """The figures (rank 0; ``{}`` on the others): every rank calls it after the final k-NN,
         with ``queries()`` a fresh pass over its share of the evaluation split. ``chosen`` then
         holds each gallery's clusters and the ids of their images, on every rank."""
-        from rayssl.eval.gallery import cluster_class_map, gallery_figure, images_by_id, select
+        from rayssl.eval.gallery import cluster_class_map, galleries, images_by_id, select, shown_ids
 
         mine = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.parts.items()}
         every = dist.gather_objects(mine)
@@ -72,24 +84,41 @@ class RunGallery:
                               num_classes=len(names) if names else None) for part in ("top", "tail")}
         self.chosen = {part: [(p.cluster, list(found["id"][p.members])) for p in chosen]
                        for part, chosen in picks.items()}
-        members = np.unique(np.concatenate([p.members for chosen in picks.values() for p in chosen]))
-        wanted = set(found["id"][members])
         images = {}
-        for part in dist.gather_objects(images_by_id(queries(), wanted)):
+        for part in dist.gather_objects(images_by_id(queries(), set(shown_ids(picks, found["id"])))):
             images.update(part)
         if self.rank != 0:
             return {}
-        keys = [key for key in found["id"][members] if key in images]
-        stack = np.stack([images[key] for key in keys])
-        where = np.full(len(clusters), -1, np.int64)  # evaluation row -> row of ``stack``
-        where[members[np.isin(found["id"][members], keys)]] = np.arange(len(keys))
-        titles = {"top": f"the {len(picks['top'])} most-used of {num_clusters} clusters: their most confident images",
-                  "tail": f"the {len(picks['tail'])} least-used clusters still used: their most confident images"}
-        out = {}
-        for part, chosen in picks.items():
-            shown = [replace(p, members=where[p.members][where[p.members] >= 0]) for p in chosen]
-            out[f"gallery_{part}.png"] = gallery_figure(stack, shown, names, titles[part])
+        out = galleries(picks, found["id"], images, num_clusters, names)
         if labels is not None:
             out["cluster_class_map.png"] = cluster_class_map(clusters, labels, num_clusters, names)
         return out
 
+
+
+@dataclass(frozen=True)
+class GalleryPass:
+    """The end-of-run gallery of a run without a k-NN (data without labels, or with no labelled
+    evaluation split; every rank calls ``figures`` together): the teacher's cluster of each of this
+    worker's ``images()`` (``Worker.gallery_images``), from its backbone features of the evaluation
+    crop (``MultiCrop.eval_transform``), as the k-NN pass gives them; then ``RunGallery.figures``
+    (class histograms and the cluster x class map only where the images have labels)."""
+
+    cfg: Config
+    crops: MultiCrop  # the run's eval transform (rayssl.train.views.Views.crops)
+    images: Callable[[], Iterable[dict]]
+    device: torch.device
+    autocast: AbstractContextManager  # the training step's (rayssl.train.step.Stepper.autocast)
+
+    @torch.no_grad()
+    def figures(self, teacher: nn.Module, rank: int, class_names: Sequence[str]) -> dict[str, Figure]:
+        gallery = RunGallery(unwrap(teacher).head, self.cfg.objective.teacher_temperature,
+                             self.cfg.eval.gallery_clusters, rank)
+        backbone, size = unwrap(teacher).backbone.eval(), self.cfg.augment.global_crop_size
+        for batch in self.images():
+            if batch["ok"].any():
+                with self.autocast:
+                    x = self.crops.eval_transform(batch_images(batch, self.device), size)
+                    feats = backbone(x.contiguous(memory_format=torch.channels_last)).float()
+                gallery.seen(batch, [feats])
+        return gallery.figures(self.images, self.cfg.objective.num_clusters, class_names)

@@ -98,11 +98,12 @@ def storage(cfg: Config) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig, checked writable.
 
     Local paths become absolute (Ray requires it); ``s3://`` gets the explicit pyarrow S3
-    filesystem of ``rayssl.data.storage`` (``data.access_key_id``/``data.secret_access_key`` or the
-    AWS chain, ``data.endpoint_url``, region, retries).
+    filesystem of ``rayssl.data.storage`` with the runs' credentials (``S3Options.for_runs``:
+    ``data.access_key_id``/``data.secret_access_key`` or the AWS chain, never the data's read-only
+    ``RAYSSL_DATA_*`` pair; ``data.endpoint_url``, region, retries).
     """
     path = cfg.run.storage_path
-    s3 = data_storage.S3Options.of(cfg.data)
+    s3 = data_storage.S3Options.for_runs(cfg.data)
     try:
         data_storage.check_writable(path, s3)
     except data_storage.StorageError as err:
@@ -121,7 +122,7 @@ def build_trainer(launch: Launch, mlflow_run: tracking.MlflowRun | None, callbac
     cfg, path, filesystem = launch.cfg, launch.path, launch.filesystem
     s = cfg.scaling
     datasets, run_path = build_datasets(cfg, launch.data), f"{path}/{run_name(cfg)}"
-    ordered = ("knn_bank", "eval", "online_bank", "online_eval") + (("train",) if cfg.data.deterministic else ())
+    ordered = ("knn_bank", "eval", "online_bank", "online_eval", "gallery") + (("train",) if cfg.data.deterministic else ())
     payload = WorkerPayload(config=cfg.model_dump(), meta=launch.data.meta, mlflow_run=mlflow_run,
                             steps_per_epoch=launch.steps_per_epoch, run_path=run_path,
                             run_uri=run_uri(cfg, run_path), filesystem=filesystem, job_started=launch.started,

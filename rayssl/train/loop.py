@@ -63,6 +63,8 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
                     restore=lambda say: restore(payload, say),
                     knn_sets=(lambda: sets("knn_bank", "eval")) if payload.meta.num_eval > 0 else None,  # labelled
                     online_knn_sets=(lambda: sets("online_bank", "online_eval")) if cfg.eval.every_epochs else None,
+                    gallery_images=(lambda: sets("gallery")[0]) if payload.meta.num_eval == 0 and cfg.eval.gallery_clusters
+                    else None,  # no k-NN: the gallery reads its own
                     prepare_model=ray.train.torch.prepare_model,
                     mlflow=run_logger(payload, cfg, channel.say) if rank == 0 else None,
                     job_started=payload.job_started,
@@ -126,8 +128,9 @@ def write(state: dict, folder: Path) -> Path:
 
 
 def s3_options(config: dict) -> storage.S3Options:
-    """What an outage needs of a config dict (``Config.model_dump`` or a checkpoint's redacted one):
-    the endpoint, the region and ``data.outage_limit_s``; the keys stay in Ray's filesystem."""
+    """What an outage of the run folder needs of a config dict (``Config.model_dump`` or a
+    checkpoint's redacted one): the endpoint, the region and ``data.outage_limit_s``; the runs' keys
+    (``S3Options.for_runs``, built on the driver) stay in Ray's storage filesystem."""
     data = config.get("data", {})
     return storage.S3Options(data.get("endpoint_url"), data.get("region"),
                              outage_limit_s=data.get("outage_limit_s", storage.OUTAGE_LIMIT_S))

@@ -46,6 +46,7 @@ from rayssl.train.batching import batch_plan
 from rayssl.train.budget import BudgetError
 from rayssl.train.clock import BudgetClock
 from rayssl.train.cursor import DataCursor
+from rayssl.train.gallery import GalleryPass
 from rayssl.train.knn import RunKnn
 from rayssl.train.saves import DISK_FULL, FAILED_STOPS, SIGNALLED, Saves
 from rayssl.train.step import NonFiniteError, Stepper, build_optimizer, use_bf16
@@ -85,6 +86,8 @@ class TrainRun:
         self.knn = RunKnn(cfg, meta.num_classes, views.crops, worker.knn_sets, worker.world, device,
                           self.stepper.autocast, worker.online_knn_sets) if worker.knn_sets else None
         self.online_every = online_knn_every(cfg, steps_per_epoch) if worker.knn_sets else 0
+        self.gallery = (GalleryPass(cfg, views.crops, worker.gallery_images, device, self.stepper.autocast)
+                        if worker.gallery_images and not worker.knn_sets and cfg.eval.gallery_clusters else None)
         self.results: dict = {}
         self.history: list[dict] = []  # this launch's reported metrics, returned to the driver
         self.stopped: str | None = None
@@ -271,7 +274,7 @@ class TrainRun:
         """The final k-NN, MLflow's results and model, and the last report; the run's results
         (with this launch's ``history``, the collapse alarm's text if it fired, and this launch's
         ``train_seconds`` (training, ``online_knn_seconds`` of online k-NN included) and
-        ``eval_seconds`` (baselines and final k-NN))."""
+        ``eval_seconds`` (baselines, final k-NN and gallery))."""
         self.cursor.close()
         if self.alarm.raised:
             self.results["collapse"] = self.alarm.raised
@@ -288,11 +291,15 @@ class TrainRun:
                 self.mlflow.tag("rayssl.stopped", self.results["stop_reason"])
         if self.stopped not in (*FAILED_STOPS, SIGNALLED):  # the driver marks the MLflow run FAILED / KILLED
             self.results["train_seconds"], started = time.time() - self.window.started, time.time()
+            figures = {}
             if self.knn is not None:
                 self.results["knn/teacher"], figures = self.knn.final(self.teacher, self.rank, self.meta.classes)
                 self.say(f"[rayssl] teacher k-NN {self.results['knn/teacher']:.2%}")
-                if self.mlflow and figures:  # what the clusters hold (eval.gallery_clusters)
-                    self.mlflow.figures(figures, "plots/clusters")
+            elif self.gallery is not None:  # no k-NN: the gallery's own pass
+                figures = self.gallery.figures(self.teacher, self.rank, self.meta.classes)
+            if self.mlflow and figures:  # what the clusters hold (eval.gallery_clusters)
+                self.mlflow.figures(figures, "plots/clusters")
+            if self.knn is not None or self.gallery is not None:
                 self.results["eval_seconds"] = self.results.get("eval_seconds", 0.0) + time.time() - started
             if self.mlflow:
                 if self.budget.plan:  # the final total, once (a restart logs the same value)

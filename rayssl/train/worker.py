@@ -42,6 +42,9 @@ class Worker:
       end-of-run gallery (``rayssl.train.gallery``);
     - ``online_knn_sets()``: the same, smaller (``eval.online_train_limit`` / ``online_eval_limit``),
       for the online k-NN points; None: they use ``knn_sets``;
+    - ``gallery_images()``: without a k-NN (no ``knn_sets``), a fresh iterable of this worker's
+      share of the images the end-of-run gallery is drawn from (``rayssl.train.gallery.GalleryPass``),
+      with ``id``; None: no gallery;
     - ``prepare_model``: wraps the student for data parallelism (DDP), identity by default;
     - ``say(line)``, ``progress(line, Progress)``: rank 0's console lines and logged steps (the
       driver's ``rayssl.console`` draws a bar from the latter);
@@ -63,6 +66,7 @@ class Worker:
     restore: Callable[[Callable[[str], None]], dict | None] = lambda say: None
     knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
     online_knn_sets: Callable[[], tuple[Iterable[dict], Iterable[dict]]] | None = None
+    gallery_images: Callable[[], Iterable[dict]] | None = None
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model
     say: Callable[[str], None] = say
     progress: Callable[[str, Progress], None] = lambda line, progress: say(line)
