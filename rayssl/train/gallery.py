@@ -1,5 +1,5 @@
 """``RunGallery``: what the clusters hold at the end of a run, drawn from the final k-NN's pass
-(labelled data) or from a pass of its own (``GalleryPass``: data without labels).
+or, in a run without one, from a pass of its own (``GalleryPass``).
 
 The final k-NN (``rayssl.train.knn.RunKnn``) extracts the teacher's features of this worker's
 share of the evaluation split; ``seen`` takes the teacher's cluster of each image from them,
@@ -95,13 +95,13 @@ class RunGallery:
         return out
 
 
-
 @dataclass(frozen=True)
 class GalleryPass:
     """The end-of-run gallery of a run without a k-NN (data without labels, or with no labelled
     evaluation split; every rank calls ``figures`` together): the teacher's cluster of each of this
     worker's ``images()`` (``Worker.gallery_images``), from its backbone features of the evaluation
-    crop (``MultiCrop.eval_transform``), as the k-NN pass gives them; then ``RunGallery.figures``
+    crop (``MultiCrop.eval_transform``) with the teacher's own BatchNorm statistics (the k-NN pass
+    recomputes them on clean bank images; here there is no bank); then ``RunGallery.figures``
     (class histograms and the cluster x class map only where the images have labels)."""
 
     cfg: Config
