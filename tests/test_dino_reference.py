@@ -168,3 +168,38 @@ def test_training_step_in_center_mode_is_dino():
         torch.testing.assert_close(stepper.objective.center.double(), ref.center[0], **TOL,
                                    msg=lambda m: f"step {step} centre: {m}")
     assert float(ref.center.abs().max()) > 1e-3  # the centre moved, so the later steps test it
+
+
+class LightlyReference:
+    """lightly's published ``DINOLoss`` (the peers extra) behind ``DinoReference``'s interface:
+    the loss of benchmarks/peers.py's ``lightly_loss_in_rayssl`` arm, in its own float32."""
+
+    def __init__(self, num_clusters: int, student_temperature: float, center_momentum: float):
+        from lightly.loss import DINOLoss
+
+        self.loss_fn = DINOLoss(num_clusters, warmup_teacher_temp_epochs=0, student_temp=student_temperature,
+                                center_momentum=center_momentum)
+
+    @property
+    def center(self) -> torch.Tensor:
+        return self.loss_fn.center.double().flatten(0, 1)  # (1, K), as DinoReference's
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, tau_t: float, num_crops: int) -> torch.Tensor:
+        return self.loss_fn(list(teacher.chunk(2)), list(student.chunk(num_crops)), teacher_temp=tau_t).double()
+
+
+@pytest.mark.parametrize("num_crops", [2, 4, 8])
+def test_center_mode_equals_lightly_dino_loss_step_by_step(num_crops):
+    """The peers benchmark's control: rayssl's ``center`` and lightly's ``DINOLoss`` give the same
+    loss and the same centre at every step, to float32 rounding; so the gap between the
+    ``rayssl_center`` and ``lightly_loss_in_rayssl`` arms is the run-to-run spread, not the equation."""
+    pytest.importorskip("lightly", reason="lightly is the peers extra: pip install -e '.[peers]' (make test has it)")
+    k, batch, tau_s, tau_t = 64, 16, 0.1, 0.04
+    spec = ObjectiveConfig(mode="center", num_clusters=k, student_temperature=tau_s, center_momentum=0.9)
+    steps = run_both(spec, LightlyReference(k, tau_s, 0.9), 5, num_crops, batch, tau_t)
+    for step, (loss, expected, center, ref_center) in enumerate(steps):
+        torch.testing.assert_close(loss, expected, **TOL, msg=lambda m: f"step {step} loss: {m}")
+        torch.testing.assert_close(center, ref_center, **TOL, msg=lambda m: f"step {step} centre: {m}")
+    assert float(steps[-1][3].abs().max()) > 1e-3  # the centre moved, so the later steps test it
+    wrong = run_both(spec, LightlyReference(k, tau_s, 0.8), 3, num_crops, batch, tau_t)  # it can fail
+    assert max(float((c - r).abs().max()) for _, _, c, r in wrong) > 1e-4

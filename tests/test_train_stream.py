@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayssl.config import load_config
-from rayssl.data.datasets import byte_rows, read_pieces, run_order, shard_pieces, train_stream
+from rayssl.data.datasets import byte_rows, online_limits, read_pieces, run_order, shard_pieces, train_stream
+from rayssl.data.meta import DataMeta
 
 SHARD_ROWS = (5, 7, 3)
 
@@ -62,6 +63,21 @@ def test_byte_blocks_hold_about_16_mib() -> None:
     assert rows(514) == 4096  # Fashion-MNIST PNGs: the row cap
     assert rows(110_000) == 152  # ~500 x 375 JPEGs: 16 MiB
     assert rows(50_000_000) == 16  # the row floor
+
+
+@pytest.mark.parametrize("overrides, num_train, num_eval, expected", [
+    ([], 60_000, 10_000, (5_000, 1_000)),                                   # the default: smaller sets
+    (["eval.knn_train_limit=2000"], 60_000, 10_000, (2_000, 1_000)),       # the bank's limit bounds both
+    ([], 4_000, 10_000, (4_000, 1_000)),                                    # the queries alone are cut
+    ([], 1_024, 256, None),                                                 # nothing cut: the final sets
+    (["eval.online_train_limit=1024", "eval.online_eval_limit=256"], 1_024, 256, None),
+    (["eval.every_epochs=null"], 60_000, 10_000, None),                     # no online points
+    ([], 60_000, 0, None),                                                  # no labelled evaluation split
+])
+def test_online_sets_exist_only_where_their_limits_cut_the_final_ones(overrides, num_train, num_eval, expected):
+    cfg = load_config(None, ["eval.every_epochs=1", *overrides])
+    meta = DataMeta(num_train, num_eval, 1, 28, ("a", "b"), (0.5,), (0.25,))
+    assert online_limits(cfg, meta) == expected
 
 
 def rows_of(stream) -> list[bytes]:

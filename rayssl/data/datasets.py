@@ -290,10 +290,23 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
     return DataPlan(train_uri, train, eval_uri, eval_manifest, meta)
 
 
+def online_limits(cfg, meta: DataMeta) -> tuple[int, int] | None:
+    """``(bank, queries)`` sizes of the online k-NN points' sets (``eval.online_train_limit`` /
+    ``online_eval_limit``), or None: no ``eval.every_epochs``, no labelled evaluation split, or limits
+    that cut neither set, so the online points read the final k-NN's sets (two datasets fewer to start)."""
+    e = cfg.eval
+    if not e.every_epochs or meta.num_eval == 0:
+        return None
+    bank = min(meta.num_train, e.knn_train_limit or meta.num_train)
+    online = (min(bank, e.online_train_limit), min(meta.num_eval, e.online_eval_limit))
+    return online if online != (bank, meta.num_eval) else None
+
+
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``eval`` (the evaluation split), and with ``eval.every_epochs`` the online
-    k-NN points' ``online_bank`` and ``online_eval`` (their first rows); without them (no k-NN),
+    k-NN points' ``online_bank`` and ``online_eval`` (their first rows; ``online_limits``); without
+    them (no k-NN),
     with ``eval.gallery_clusters``, ``gallery`` (the first ``eval.gallery_images`` of the evaluation
     split, else of the training data)."""
     d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
@@ -319,9 +332,9 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         e = cfg.eval
         sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit),
                 "eval": (plan.eval_uri, plan.eval_manifest, d.eval_limit)}
-        if e.every_epochs:  # the online k-NN points' smaller sets
-            sets.update(online_bank=(plan.train_uri, plan.train, min(bank_limit, e.online_train_limit)),
-                        online_eval=(plan.eval_uri, plan.eval_manifest, min(meta.num_eval, e.online_eval_limit)))
+        if online := online_limits(cfg, meta):  # the online k-NN points' smaller sets
+            sets.update(online_bank=(plan.train_uri, plan.train, online[0]),
+                        online_eval=(plan.eval_uri, plan.eval_manifest, online[1]))
     elif cfg.eval.gallery_clusters:  # no k-NN: the end-of-run gallery's own images (rayssl.train.gallery)
         most = cfg.eval.gallery_images
         sets = {"gallery": (plan.eval_uri, plan.eval_manifest, min(most, d.eval_limit or most)) if plan.eval_manifest

@@ -26,6 +26,7 @@ from rayssl import checkpoint as checkpoints
 from rayssl.config import Config
 from rayssl.console import Channel
 from rayssl.data import storage
+from rayssl.data.datasets import online_limits
 from rayssl.tracking import RUN_FILE, RunFolder, RunLogger
 from rayssl.train.payload import WorkerPayload
 from rayssl.train.run import TrainRun
@@ -62,7 +63,7 @@ def train_loop_per_worker(payload: WorkerPayload) -> dict:
                     progress=channel.progress,
                     restore=lambda say: restore(payload, say),
                     knn_sets=(lambda: sets("knn_bank", "eval")) if payload.meta.num_eval > 0 else None,  # labelled
-                    online_knn_sets=(lambda: sets("online_bank", "online_eval")) if cfg.eval.every_epochs else None,
+                    online_knn_sets=(lambda: sets("online_bank", "online_eval")) if online_limits(cfg, payload.meta) else None,
                     gallery_images=(lambda: sets("gallery")[0]) if payload.meta.num_eval == 0 and cfg.eval.gallery_clusters
                     else None,  # no k-NN: the gallery reads its own
                     prepare_model=ray.train.torch.prepare_model,
