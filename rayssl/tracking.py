@@ -246,7 +246,9 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
 
 
 def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id: str | None) -> MlflowRun | None:
-    """The parent run of a sweep (``previous_run_id``'s, when a restored sweep had one)."""
+    """The parent run of a sweep (``previous_run_id``'s, when a restored sweep had one), with the
+    driver's credentials for the trials (``rayssl.tune.run_trial``), which may run on nodes started
+    without them."""
     if not cfg.tracking.enabled:
         return None
     uri = tracking_uri(cfg)
@@ -264,7 +266,7 @@ def start_parent(cfg: Config, name: str, params: dict[str, Any], previous_run_id
     if opened is None:
         return None
     _, experiment_id, run_id = opened
-    return MlflowRun(uri, run_id, experiment_id)
+    return MlflowRun(uri, run_id, experiment_id, credentials=credentials())  # for the trials, as ``start``'s
 
 
 def finish_parent(parent_run: MlflowRun | None, summary: dict, files: list[Path]) -> None:

@@ -193,8 +193,11 @@ def run_trial(params: dict, *, base: dict, sweep: dict, metric: str, parent_run:
     """The Tune function trainable: one full pretraining run (TorchTrainer) for ``params``."""
     from ray import tune
 
+    from rayssl import tracking
     from rayssl.train.launch import check_inputs, fit
 
+    if parent_run is not None:  # the driver's MLflow credentials: this node may have been started without them
+        tracking.use_credentials(parent_run)
     settings = SweepConfig.model_validate(sweep)
     context = tune.get_context()
     cfg = trial_config(Config.model_validate(base), params, f"{settings.name}-{context.get_trial_id()}",

@@ -105,3 +105,25 @@ def test_a_wrong_password_stops_pretrain_in_one_line_before_ray_starts(auth_serv
     assert not (tmp_path / "ray").exists()  # Ray never started
     login(monkeypatch, *ADMIN)
     assert MlflowClient(auth_server.uri).get_experiment_by_name("auth-wrong") is None  # no run, nor its experiment
+
+
+@pytest.mark.slow  # a real mlflow server with its auth app
+def test_a_sweep_s_trials_get_the_driver_s_credentials_through_the_parent_run(auth_server, tmp_path, monkeypatch) -> None:
+    """A Tune trial may run on a node started without MLFLOW_TRACKING_*: the sweep's parent run
+    carries the driver's, as ``start``'s run does for rank 0 (pickled into the trial, never in a
+    runtime env). ``run_trial`` without them stops at its MLflow check; with the parent's alone
+    that check passes, and the trial stops at the next one (its data is missing here: no Ray)."""
+    from rayssl.tune import run_trial
+
+    login(monkeypatch, *ADMIN)
+    base = config(auth_server, tmp_path, "tracking.experiment=auth-sweep", "data.fashion_mnist_dir=/nonexistent")
+    parent = tracking.start_parent(base, "auth-sweep", {"model.width": 8}, None)
+    assert parent.credentials == dict(zip(tracking.CREDENTIALS, ADMIN)) and ADMIN[1] not in repr(parent)
+
+    login(monkeypatch, None, None)  # the trial's process, on a node started without them
+    sweep = {"name": "auth-sweep", "storage_path": str(tmp_path / "sweeps")}
+    trial = dict(base=base.model_dump(), sweep=sweep, metric="loss")
+    with pytest.raises(ConfigError, match=r"^tracking.uri: .* asks for credentials"):
+        run_trial({}, **trial, parent_run=None)
+    with pytest.raises(ConfigError, match=r"^data.fashion_mnist_dir: "):
+        run_trial({}, **trial, parent_run=pickle.loads(pickle.dumps(parent)))
