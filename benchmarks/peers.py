@@ -501,18 +501,20 @@ def load_results(args) -> dict:
 
 
 def read(path: Path) -> dict:
-    """A results JSON, in today's layout (the first one kept ``arms`` -> seed -> run, by old names)."""
+    """A results JSON, in today's layout (the first one kept ``arms`` -> seed -> run, by old names),
+    its ``arms`` summarised afresh from its runs."""
     results = json.loads(path.read_text())
     if isinstance(results["arms"], dict):
         results["runs"] = {RENAMED.get(arm, arm): seeds for arm, seeds in results.pop("arms").items()}
         results["budget_s"] = parse_duration(results["budget"])
-        results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
+    results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
     return results
 
 
 def summary(arm: str, seeds: dict) -> dict:
     """One arm over its seeds: per-seed k-NN, mean and sample sd (None for one seed), linear probe
-    mean, img/s, training wall seconds and peak RSS (the process and its DataLoader workers)."""
+    mean, img/s, training wall seconds, peak RSS (the process and its DataLoader workers), and the
+    harness arms' I(X;K) and effective clusters at the end (means; None for the other arms)."""
     runs = [seeds[s] for s in sorted(seeds, key=int)]
     knn = [r["knn"] for r in runs]
 
@@ -522,7 +524,8 @@ def summary(arm: str, seeds: dict) -> dict:
     return {"name": arm, "seeds": [int(s) for s in sorted(seeds, key=int)], "knn": knn,
             "knn_mean": round(float(np.mean(knn)), 4), "knn_sd": round(float(np.std(knn, ddof=1)), 4) if len(knn) > 1 else None,
             "linear_mean": mean("linear"), "img_s": mean("images_per_second"), "wall_s": mean("train_seconds"),
-            "steps": mean("steps"), "peak_rss_mb": max(r.get("peak_rss_mb", 0) + r.get("loader_peak_rss_mb", 0) for r in runs)}
+            "steps": mean("steps"), "peak_rss_mb": max(r.get("peak_rss_mb", 0) + r.get("loader_peak_rss_mb", 0) for r in runs),
+            "mutual_information": mean("I(X;K)"), "effective_clusters": mean("effective_clusters")}
 
 
 def save(results: dict, path: str) -> None:
@@ -643,6 +646,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def modes_table(results: dict) -> str:
+    """Markdown: the harness arms of ``objective.mode`` (and lightly's ``DINOLoss``, ``center``'s
+    control): k-NN (mean ± sd), linear probe, I(X;K) in nats and effective clusters (of
+    ``objective.num_clusters``) at the end, means over seeds. Empty when no such arm ran."""
+    arms = {a["name"]: a for a in results["arms"]}
+    names = [n for n in (*(f"rayssl_{m}" for m in MODES), "lightly_loss_in_rayssl") if n in arms]
+    if not names:
+        return ""
+    lines = [f"{results['dataset']}, {results['split']} split, {results['budget']} of training per arm", "",
+             "| arm | seeds | k-NN % | linear % | I(X;K) nats | effective clusters |", "|---|---|---|---|---|---|"]
+    for a in (arms[n] for n in names):
+        info = "-" if a.get("mutual_information") is None else f"{a['mutual_information']:.2f}"
+        eff = "-" if a.get("effective_clusters") is None else f"{a['effective_clusters']:.0f}"
+        lines.append(f"| {a['name']} | {len(a['seeds'])} | {_pct(a['knn_mean'], a['knn_sd'])} | "
+                     f"{_pct(a['linear_mean'])} | {info} | {eff} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: str) -> None:
     """The cheap k-NN over training seconds, one line per arm (mean over seeds, point by point)."""
     import matplotlib
@@ -702,7 +723,8 @@ def main() -> None:
         return
     args.out = args.out or str(ROOT / f"docs/benchmarks/peers-{args.dataset}.json")
     if args.table:
-        print(table(read(Path(args.out))))
+        results = read(Path(args.out))
+        print("\n\n".join(t for t in (table(results), modes_table(results)) if t))
         return
     parse_duration(args.budget)
     tuned_knobs(args.tuned)
@@ -713,7 +735,7 @@ def main() -> None:
         return
     results = drive(args)
     plot(results, str(Path(args.out).with_suffix(".png")))
-    print(table(results))
+    print("\n\n".join(t for t in (table(results), modes_table(results)) if t))
 
 
 if __name__ == "__main__":

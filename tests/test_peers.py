@@ -80,6 +80,24 @@ def test_a_first_layout_json_reads_as_today_s_with_its_arms_renamed_and_summaris
     assert arm["knn_mean"] == 0.85 and abs(arm["knn_sd"] - 0.0707) < 1e-4 and arm["peak_rss_mb"] == 600.0
 
 
+def test_the_modes_table_gives_each_mode_s_information_and_clusters_over_its_seeds(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    run = {"knn": 0.8, "linear": 0.85, "steps": 10, "images_per_second": 100.0, "train_seconds": 60.0,
+           "peak_rss_mb": 500.0, "I(X;K)": 2.0, "effective_clusters": 100.0}
+    results = {"dataset": "scenes", "split": "val", "budget": "6m", "cpu": {"model": "x", "avx512_bf16": True},
+               "runs": {"lightly_dino": {"0": run}, "rayssl_prior": {"0": run, "1": {**run, "I(X;K)": 3.0}},
+                        "rayssl_none": {"0": {**run, "knn": 0.5, "I(X;K)": 0.1, "effective_clusters": 2.4}}},
+               "arms": []}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(results))
+    rows = [line for line in peers.modes_table(peers.read(path)).splitlines() if line.startswith("| rayssl_")]
+    assert rows == ["| rayssl_none | 1 | 50.0 | 85.0 | 0.10 | 2 |",     # MODES' order, not the runs'
+                    "| rayssl_prior | 2 | 80.0 ± 0.0 | 85.0 | 2.50 | 100 |"]
+    assert peers.modes_table({**results, "arms": [peers.summary("lightly_dino", {"0": run})]}) == ""
+
+
 def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, monkeypatch, capsys):
     """The greedy walk, with each probe's k-NN given: a step is kept when it beats the best so far,
     and the next step starts from the knobs kept; a second run re-runs nothing. (The probes'
