@@ -305,10 +305,9 @@ def online_limits(cfg, meta: DataMeta) -> tuple[int, int] | None:
 def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of a checked plan: ``train`` plus, when both splits are labelled,
     ``knn_bank`` and ``eval`` (the evaluation split), and with ``eval.every_epochs`` the online
-    k-NN points' ``online_bank`` and ``online_eval`` (their first rows; ``online_limits``); without
-    them (no k-NN),
-    with ``eval.gallery_clusters``, ``gallery`` (the first ``eval.gallery_images`` of the evaluation
-    split, else of the training data)."""
+    k-NN points' ``online_bank`` and ``online_eval`` (their first rows, where ``online_limits``
+    cuts the sets); without them (no k-NN), with ``eval.gallery_clusters``, ``gallery`` (the first
+    ``eval.gallery_images`` of the evaluation split, else of the training data)."""
     d, meta, cpus = cfg.data, plan.meta, cfg.data_cpus  # every task in the workers' CPU units
     limits = Limits.of(d)  # data.max_image_pixels, data.max_item_bytes: past them an image is not ok
     crop = {"augment": cfg.augment.model_dump(), "channels": meta.channels, "size": meta.image_size,
@@ -329,7 +328,6 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
     datasets, sets = {"train": stream}, {}
     if meta.num_eval > 0:
         bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
-        e = cfg.eval
         sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit),
                 "eval": (plan.eval_uri, plan.eval_manifest, d.eval_limit)}
         if online := online_limits(cfg, meta):  # the online k-NN points' smaller sets
