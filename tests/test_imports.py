@@ -56,3 +56,12 @@ print(json.dumps({{"named": named, "loaded": edges(), "shape": list(features.sha
     with torch.no_grad():
         dim = teacher.backbone.eval()(torch.zeros(1, 1, 28, 28)).shape[1]
     assert out == {"named": [], "loaded": [], "shape": [1, dim]}
+
+
+def test_the_data_tasks_module_imports_no_torch() -> None:
+    """Ray Data's read and decode tasks run ``rayssl.data.datasets``' functions: each of their
+    processes imports that module, and torch with torchvision would add seconds of CPU and
+    hundreds of MB to each (only the crop stage, ``data.decode_on=data``, imports them)."""
+    out = run("import rayssl.data.datasets\n"
+              "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'mlflow') if m in sys.modules)))")
+    assert out == []

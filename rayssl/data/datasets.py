@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
-import torch
 from ray.data._internal.datasource.range_datasource import RangeDatasource
 
 from rayssl.config import AugmentConfig, ConfigError
@@ -30,7 +29,6 @@ from rayssl.data import scenes, storage
 from rayssl.data.images import Limits, decode_batch
 from rayssl.data.meta import DataMeta
 from rayssl.data.shards import load_manifest, make_shards
-from rayssl.transforms import MultiCrop
 
 
 def _fashion_mnist(data_cfg, start_ray) -> tuple[str, str]:
@@ -226,7 +224,13 @@ def multicrop_stage(batch: dict, augment: dict, channels: int, size: int, limits
 
     Views are augmented in [0, 1] and stored as uint8 (a quarter of float32 in the object
     store); the worker normalises them. Each batch draws fresh random parameters.
+    torch and torchvision are imported here, not with the module: the tasks that only read and
+    decode (``read_pieces``, ``decode_stage``) start without them (seconds less per process).
     """
+    import torch
+
+    from rayssl.transforms import MultiCrop
+
     torch.set_num_threads(1)
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     images, ok = decode_batch(batch["image"], channels, size, limits)
