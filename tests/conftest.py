@@ -17,9 +17,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # Every test cluster (started by this process) inherits this shorter period; user runs keep Ray's.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray ends a worker process idle for 1 s once more than num_cpus of them are idle, so each launch of
-# a test started its Ray Data tasks' processes afresh, torch and rayssl imported again. Tests launch
-# back to back: their clusters keep idle workers for 2 min (a tiny launch 26 s instead of 36 s; the
-# figures are in CONTRIBUTING.md). User clusters keep Ray's defaults.
+# a test started its Ray Data tasks' processes afresh. Tests launch back to back: their clusters keep
+# idle workers for 2 min (a tiny launch 17 s instead of 20 s: docs/benchmarks.md, "[4/6] What a
+# launch costs"). User clusters keep Ray's defaults.
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "120000")
 os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
