@@ -294,6 +294,11 @@ def plan_data(cfg, start_ray=None) -> DataPlan:
     return DataPlan(train_uri, train, eval_uri, eval_manifest, meta)
 
 
+def bank_limit(cfg, meta: DataMeta) -> int:
+    """Training images in the final k-NN's bank: ``eval.knn_train_limit``, at most the training set."""
+    return min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
+
+
 def online_limits(cfg, meta: DataMeta) -> tuple[int, int] | None:
     """``(bank, queries)`` sizes of the online k-NN points' sets (``eval.online_train_limit`` /
     ``online_eval_limit``), or None: no ``eval.every_epochs``, no labelled evaluation split, or limits
@@ -301,7 +306,7 @@ def online_limits(cfg, meta: DataMeta) -> tuple[int, int] | None:
     e = cfg.eval
     if not e.every_epochs or meta.num_eval == 0:
         return None
-    bank = min(meta.num_train, e.knn_train_limit or meta.num_train)
+    bank = bank_limit(cfg, meta)
     online = (min(bank, e.online_train_limit), min(meta.num_eval, e.online_eval_limit))
     return online if online != (bank, meta.num_eval) else None
 
@@ -331,8 +336,7 @@ def build_datasets(cfg, plan: DataPlan) -> dict[str, ray.data.Dataset]:
         stream = train_stream(plan.train_uri, plan.train, d, byte_rows(plan.train), epochs, seed, cpus=cpus)
     datasets, sets = {"train": stream}, {}
     if meta.num_eval > 0:
-        bank_limit = min(meta.num_train, cfg.eval.knn_train_limit or meta.num_train)
-        sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit),
+        sets = {"knn_bank": (plan.train_uri, plan.train, bank_limit(cfg, meta)),
                 "eval": (plan.eval_uri, plan.eval_manifest, d.eval_limit)}
         if online := online_limits(cfg, meta):  # the online k-NN points' smaller sets
             sets.update(online_bank=(plan.train_uri, plan.train, online[0]),
