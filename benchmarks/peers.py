@@ -229,14 +229,31 @@ class Budget:
         self.fixed_at, self.fit_clock = step, now
 
 
-def train_loop(budget: Budget, step_fn, backbone, data: Data, k: int) -> dict:
+class Steps:
+    """``--steps``: a fixed step count instead of a time budget (the objective's control: two arms
+    with the same seed then see the same initial network, batches and crops at every step). Its
+    schedules span the steps from step 0; the curve's points are at the same fractions of the steps."""
+
+    def __init__(self, steps: int, build) -> None:
+        self.total, self.seconds, self.how, self.refits = steps, float(steps), "steps", 0
+        self.schedules = build(steps, 0)
+        self.elapsed, self.started = 0.0, time.perf_counter()
+
+    clock, paused = Budget.clock, Budget.paused
+
+    def after(self, step: int) -> None:
+        pass
+
+
+def train_loop(budget: Budget | Steps, step_fn, backbone, data: Data, k: int) -> dict:
     """Steps until the budget's total, the cheap k-NN at the ``CURVE_AT`` fractions and the end."""
     curve, marks, step = [], list(CURVE_AT), 0
+    fixed = isinstance(budget, Steps)  # the marks at fractions of its steps, else of the budget's seconds
     while step < budget.total:
         step_fn(step)
         step += 1
         budget.after(step)
-        if marks and budget.clock() >= marks[0] * budget.seconds * MARGIN:
+        if marks and (step if fixed else budget.clock()) >= marks[0] * budget.seconds * (1 if fixed else MARGIN):
             marks.pop(0)
             with budget.paused():
                 curve.append([round(budget.clock(), 1), cheap_knn(backbone, data, k)])
@@ -279,16 +296,19 @@ class LightlyLossStepper(Stepper):
         return super().diagnostics()
 
 
-def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int) -> tuple[dict, torch.nn.Module]:
-    """levers.py's training for a time budget: one process, the global batch in one step."""
+def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int, steps: int | None = None
+                ) -> tuple[dict, torch.nn.Module]:
+    """levers.py's training for a time budget (or exactly ``steps``): one process, the global batch in one step."""
     spe = TRAIN // BATCH  # steps per epoch of the 50k, also under --limit
     student = build_encoder(cfg.model, data.channels, data.size, cfg.objective.num_clusters)
     student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     obj = cfg.objective
     spec = obj.model_copy(update={"mode": "center"}) if arm.startswith("lightly") else obj
-    budget = Budget(budget_s, max(round(cfg.optim.warmup_epochs * spe), round(obj.teacher_temperature_warmup_epochs * spe)),
-                    round(cfg.train.epochs * spe), lambda total, hold: build_schedules(cfg, spe, BATCH, total, hold))
+    build = lambda total, hold: build_schedules(cfg, spe, BATCH, total, hold)  # noqa: E731
+    budget = Steps(steps, build) if steps else Budget(
+        budget_s, max(round(cfg.optim.warmup_epochs * spe), round(obj.teacher_temperature_warmup_epochs * spe)),
+        round(cfg.train.epochs * spe), build)
     bf16 = use_bf16(cfg.train.precision, torch.device("cpu"))
     args = (student, teacher, ClusterObjective(spec), build_optimizer(student, cfg.optim), budget.schedules, cfg, spe,
             torch.device("cpu"), bf16)
@@ -457,7 +477,7 @@ def run_one(args, arm: str, seed: int) -> dict:
         out, backbone = run_lightly(knobs, cfg, data, budget_s, k, args.loader_workers)
         out["knobs"] = knobs
     else:
-        out, backbone = run_harness(arm, cfg, data, budget_s, k)
+        out, backbone = run_harness(arm, cfg, data, budget_s, k, args.steps)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the final evaluation
     out.update(evaluate(backbone, data, k, prep))
     return out
@@ -490,11 +510,11 @@ def load_results(args) -> dict:
     ``runs`` holds every arm x seed as it ran; ``arms`` is their summary, rebuilt at each save."""
     path = Path(args.out)
     if not path.exists():
-        return {"dataset": args.dataset, "split": args.split, "budget": args.budget,
+        return {"dataset": args.dataset, "split": args.split, "budget": args.budget, "steps": args.steps,
                 "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
                 "runs": {}, "arms": []}
     results = read(path)
-    for key in ("dataset", "split", "budget", "limit"):
+    for key in ("dataset", "split", "budget", "limit", "steps"):
         if results.get(key) != getattr(args, key):
             raise SystemExit(f"{path}: {key} is {results.get(key)!r}, not {getattr(args, key)!r}; use another --out")
     return results
@@ -546,7 +566,7 @@ def launch(args, arm: str, seed: int) -> dict:
         return run_one(args, arm, seed)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--one", arm, str(seed), "--result", f.name, "--dataset", args.dataset,
-               "--budget", args.budget, "--split", args.split, "--threads", str(args.threads),
+               "--budget", args.budget, *(["--steps", str(args.steps)] if args.steps else []), "--split", args.split, "--threads", str(args.threads),
                "--loader-workers", str(args.loader_workers), *(["--limit", str(args.limit)] if args.limit else []),
                *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else [])]
         subprocess.run(cmd, check=True)
@@ -629,9 +649,14 @@ def _pct(mean: float | None, sd: float | None = None) -> str:
     return f"{100 * mean:.1f} ± {100 * sd:.1f}" if sd is not None else f"{100 * mean:.1f}"
 
 
+def per_arm(results: dict) -> str:
+    """What each arm got: the budget's training time, or ``--steps``."""
+    return f"{results['steps']} steps" if results.get("steps") else f"{results['budget']} of training"
+
+
 def table(results: dict) -> str:
     """Markdown: arm, seeds, k-NN and linear probe (mean ± sd over seeds, %), steps, img/s, wall."""
-    lines = [f"{results['dataset']}, {results['split']} split, {results['budget']} of training per arm, "
+    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)} per arm, "
              f"{results['cpu']['model']} (avx512_bf16: {results['cpu']['avx512_bf16']})", "",
              "| arm | seeds | k-NN % | linear % | steps | img/s | training wall s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -654,14 +679,26 @@ def modes_table(results: dict) -> str:
     names = [n for n in (*(f"rayssl_{m}" for m in MODES), "lightly_loss_in_rayssl") if n in arms]
     if not names:
         return ""
-    lines = [f"{results['dataset']}, {results['split']} split, {results['budget']} of training per arm", "",
+    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)} per arm", "",
              "| arm | seeds | k-NN % | linear % | I(X;K) nats | effective clusters |", "|---|---|---|---|---|---|"]
     for a in (arms[n] for n in names):
         info = "-" if a.get("mutual_information") is None else f"{a['mutual_information']:.2f}"
         eff = "-" if a.get("effective_clusters") is None else f"{a['effective_clusters']:.0f}"
         lines.append(f"| {a['name']} | {len(a['seeds'])} | {_pct(a['knn_mean'], a['knn_sd'])} | "
                      f"{_pct(a['linear_mean'])} | {info} | {eff} |")
-    return "\n".join(lines)
+    return "\n".join(lines + paired(results, "rayssl_center", "lightly_loss_in_rayssl"))
+
+
+def paired(results: dict, a: str, b: str) -> list[str]:
+    """``a`` minus ``b``, k-NN points seed by seed over the seeds both ran, and their mean (a line
+    of markdown; none without a common seed)."""
+    runs = results["runs"]
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})), key=int)
+    if not seeds:
+        return []
+    diffs = [100 * (runs[a][s]["knn"] - runs[b][s]["knn"]) for s in seeds]
+    said = ", ".join(f"{d:+.1f} (seed {s})" for s, d in zip(seeds, diffs))
+    return ["", f"{a} - {b}, k-NN points, same seed: {said}; mean {np.mean(diffs):+.2f}"]
 
 
 def plot(results: dict, path: str) -> None:
@@ -679,7 +716,7 @@ def plot(results: dict, path: str) -> None:
             pts = np.array([c[:n] for c in curves]).mean(axis=0)
             ax.plot(pts[:, 0], 100 * pts[:, 1], marker="o", label=f"{arm} ({len(curves)})")
     ax.set(xlabel="training seconds", ylabel="teacher k-NN % (running BN, 10k bank)",
-           title=f"{results['dataset']}: {results['budget']} per arm, {results['split']} split")
+           title=f"{results['dataset']}: {per_arm(results)} per arm, {results['split']} split")
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
@@ -695,6 +732,9 @@ def main() -> None:
                                        "(autocast: on CPUs with native bf16, ~1.4x the steps of fp32 channels-last).")
     p.add_argument("--dataset", choices=sorted(CONFIGS), default="fashion-mnist")
     p.add_argument("--budget", default="6m", help="training time per arm (6m, 90s): every arm gets the same")
+    p.add_argument("--steps", type=int, help="the harness arms train exactly this many steps, not for --budget "
+                   "(the objective's control: lightly_loss_in_rayssl beside rayssl_center, seed by seed; "
+                   "write it to its own --out)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:-1]),
                    help="default: all but rayssl_default (Ray; name it to run it)")
@@ -728,6 +768,8 @@ def main() -> None:
         return
     parse_duration(args.budget)
     tuned_knobs(args.tuned)
+    if args.steps and not set(args.arms) <= {"lightly_loss_in_rayssl", *(f"rayssl_{m}" for m in MODES)}:
+        p.error("--steps: only the harness arms (lightly_loss_in_rayssl, rayssl_<mode>) train a fixed step count")
     if args.tune:
         if args.split != "val":
             raise SystemExit("--tune reads the validation split only (--split val)")

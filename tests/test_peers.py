@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ["lightly_dino", "lightly_dino_tuned", "lightly_loss_in_rayssl",
         "rayssl_none", "rayssl_center", "rayssl_prior", "rayssl_sinkhorn"]
@@ -155,3 +157,30 @@ def test_tune_resumes_a_log_written_before_a_knob_was_added(tmp_path, monkeypatc
     assert [p["name"] for p in result["probes"]] == ["the example", "channels-last", "adamw, weight decay 0.04",
                                                      "lr 0.002"]
     assert result["best"]["channels_last"] is True and result["best_knn"] == 0.72
+
+
+def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_with_lightly_s_loss(
+        tmp_path, fashion_mnist_dir, monkeypatch, capsys):
+    """``--steps``: the objective's control. Same seed, same steps: ``rayssl_center`` and lightly's
+    ``DINOLoss`` in the harness (the same equation) end with the same k-NN, and the modes table
+    pairs them seed by seed. A non-harness arm is refused (it has no fixed step count)."""
+    out = tmp_path / "steps.json"
+    cli = ["--dataset", "fashion-mnist", "--steps", "6", "--seeds", "0", "--limit", "300", "--inline",
+           "--data-dir", fashion_mnist_dir, "--out", str(out), "--arms", "rayssl_center", "lightly_loss_in_rayssl"]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    monkeypatch.setattr(sys, "argv", ["peers.py", *cli])
+    peers.main()
+    results = json.loads(out.read_text())
+    center, lightly = (results["runs"][arm]["0"] for arm in ("rayssl_center", "lightly_loss_in_rayssl"))
+    assert results["steps"] == 6 and center["steps"] == lightly["steps"] == 6 and center["budget_fixed_by"] == "steps"
+    assert center["curve"][-1][1] == lightly["curve"][-1][1] and center["knn"] == lightly["knn"], (center, lightly)
+    said = capsys.readouterr().out
+    assert "fashion-mnist, val split, 6 steps per arm" in said, said
+    assert "rayssl_center - lightly_loss_in_rayssl, k-NN points, same seed: +0.0 (seed 0); mean +0.00" in said, said
+    monkeypatch.setattr(sys, "argv", ["peers.py", *cli[:-2], "lightly_dino"])
+    with pytest.raises(SystemExit) as stop:
+        peers.main()
+    assert stop.value.code == 2
+    assert "--steps: only the harness arms" in capsys.readouterr().err
