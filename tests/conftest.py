@@ -31,15 +31,33 @@ RAY_FIXTURES = {"ray_cluster", "shard_cache"}  # and every fixture that depends 
 def pytest_collection_modifyitems(items) -> None:
     """Mark ``ray`` every test that needs the Ray cluster (directly or through a fixture).
     ``make test-fast`` runs ``-m "not ray and not multinode and not slow"``, the inner loop (``slow``:
-    marked by hand, see CONTRIBUTING.md); ``make test`` runs ``-m ray`` and, beside it at a lower CPU
-    priority, the fast tier with its slow tests (two processes, one Ray cluster), then ``-m multinode``
-    (tests/test_multinode.py, a multi-node cluster of its own)."""
+    marked by hand, see CONTRIBUTING.md); ``make test`` runs ``-m "ray or multinode"`` (the multi-node
+    tests last, in a cluster of their own once the session's is shut down) and, beside it at a lower
+    CPU priority, the fast tier with its slow tests."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
         if "ray_nodes" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.multinode)
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)  # their own cluster: last
+
+
+_TIER_SECONDS: dict[str, list[float]] = {}  # tier -> [tests, seconds of setup + call + teardown]
+
+
+def pytest_runtest_logreport(report) -> None:
+    tier = "multinode" if "multinode" in report.keywords else "ray" if "ray" in report.keywords else "fast"
+    tally = _TIER_SECONDS.setdefault(tier, [0, 0.0])
+    tally[0] += report.when == "call"
+    tally[1] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line per tier that ran: its tests and their seconds (setup, call and teardown: a
+    module's cluster start counts in its tier). ``make test`` runs the Ray and multi-node tiers in one
+    process; this line gives each its share (CONTRIBUTING.md's figures)."""
+    for tier, (tests, seconds) in sorted(_TIER_SECONDS.items()):
+        terminalreporter.write_line(f"[tiers] {tier}: {tests} tests, {seconds:.1f} s")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ two worker nodes with 1 CPU and one ``trainer`` resource each, plus a resource n
 node. Runs here take training workers onto trainer nodes only (``scaling.worker_resources``),
 except the SPREAD run, which shows that the placement strategy alone spreads them.
 
-These tests run last and in their own Ray cluster (``make test`` gives them their own pytest
-process; in a plain ``pytest`` the session's single-node cluster is shut down first).
+These tests run last and in their own Ray cluster: the session's single-node cluster is shut down
+first (``make test`` runs both tiers in one process).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def ray_nodes(s3_server, small_fashion_mnist):
 
     if ray.is_initialized():  # a plain ``pytest``: the single-node session cluster is done by now
         ray.shutdown()
-    # An elastic group first retries its old size and waits this long for it (Ray's default: 60 s)
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+    # An elastic group first retries its old size and waits this long for its placement group (Ray's
+    # default: 60 s); here a group that can be placed is placed within a second
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "object_store_memory": 256 * 1024**2, "include_dashboard": True,
         "dashboard_host": "127.0.0.1",

@@ -250,7 +250,8 @@ def test_ray_job_stop_checkpoints_the_step_marks_the_run_killed_and_the_relaunch
     assert run.data.tags["rayssl.stopped"].startswith(f"stopped by SIGTERM at step {step}: checkpoint of step {step}")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, step + 1))
 
-    again = ray_job(ray_head, "submit", f"--submission-id={name}-2", "--", *job)
+    fast = json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})  # 0.5 s: time to stop the first mid-run
+    again = ray_job(ray_head, "submit", f"--submission-id={name}-2", f"--runtime-env-json={fast}", "--", *job)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"[rayssl] resumed from step {step}/16" in again.stdout, again.stdout[-3000:]
     assert "WARNING run.stop_timeout: `ray job stop` kills this job 3 s after" in again.stdout  # Ray's default
