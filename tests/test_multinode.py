@@ -67,7 +67,7 @@ def node_config(bucket: str, name: str, mlflow_uri: str, *extra: str):
     return load_config(ROOT / "configs/fashion_mnist.yaml", [
         f"data.source=s3://{bucket}/fm/train", f"data.eval_source=s3://{bucket}/fm/test", "data.decode_on=data",
         "data.train_limit=1024", "data.eval_limit=256", "eval.baselines=false", "tracking.log_model=false",
-        "train.time_budget=null", "eval.every_epochs=null",
+        "train.time_budget=null", "eval.every_epochs=null", "eval.gallery_clusters=0",
         "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "objective.num_clusters=32",
         "train.batch_size=32", "optim.warmup_epochs=0", "scaling.cpus_per_worker=0.5",
         f"run.storage_path=s3://{bucket}/runs", f"run.name={name}", f"tracking.uri={mlflow_uri}",

@@ -180,6 +180,7 @@ def tiny_job(small_fashion_mnist: str, root: Path, name: str) -> list[str]:
             "train.checkpoint_every=1000", "optim.warmup_epochs=0", "model.width=8", "model.head_hidden_dim=64",
             "model.head_bottleneck_dim=32", "objective.num_clusters=32", "scaling.num_workers=2",
             "scaling.cpus_per_worker=1", "eval.baselines=false", "eval.precise_bn_images=0", "tracking.log_model=false",
+            "eval.every_epochs=null", "eval.gallery_clusters=0",  # no online k-NN or galleries: nothing reads them
             f"run.storage_path={root / 'runs'}", f"run.name={name}"]
 
 

@@ -103,6 +103,7 @@ def test_shards_in_s3_train_checkpoint_in_s3_and_resume(ray_cluster, s3_server, 
                  "model.width=8", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
                  "objective.num_clusters=32", "objective.prior_momentum=0.9", "train.batch_size=32",
                  "train.log_every=5", "train.checkpoint_every=10", "optim.warmup_epochs=0", "eval.every_epochs=null",
+                 "eval.gallery_clusters=0",  # the galleries: tests/test_evaluate.py, tests/test_s3_outage.py
                  "scaling.num_workers=2", "scaling.cpus_per_worker=1", f"run.storage_path=s3://{bucket}/runs",
                  f"run.name={name}", f"tracking.uri={uri}", "tracking.experiment=resume-test",
                  "tracking.register_as=resume-test", f"data.access_key_id={FAKE_KEY}",

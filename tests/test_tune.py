@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.train_limit": 1024, "data.eval_limit": 256, "eval.knn_train_limit": 1024, "eval.baselines": False,
         "model.width": 8, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
         "objective.num_clusters": 32, "train.batch_size": 32, "train.steps_per_epoch": 6, "train.epochs": 3,
-        "train.log_every": 2, "train.checkpoint_every": 6, "optim.warmup_epochs": 0,
+        "train.log_every": 2, "train.checkpoint_every": 6, "optim.warmup_epochs": 0, "eval.gallery_clusters": 0,
         "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5}
 
 
