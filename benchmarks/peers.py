@@ -228,6 +228,10 @@ class Budget:
         self.total = budget_total(self.seconds, now, step, seconds_per_step, self.cap)
         self.fixed_at, self.fit_clock = step, now
 
+    def progress(self, step: int) -> float:
+        """The fraction of the budget spent (the curve's points are at ``CURVE_AT`` of it)."""
+        return self.clock() / (MARGIN * self.seconds)
+
 
 class Steps:
     """``--steps``: a fixed step count instead of a time budget (the objective's control: two arms
@@ -235,7 +239,7 @@ class Steps:
     schedules span the steps from step 0; the curve's points are at the same fractions of the steps."""
 
     def __init__(self, steps: int, build) -> None:
-        self.total, self.seconds, self.how, self.refits = steps, float(steps), "steps", 0
+        self.total, self.how, self.refits = steps, "steps", 0
         self.schedules = build(steps, 0)
         self.elapsed, self.started = 0.0, time.perf_counter()
 
@@ -244,16 +248,18 @@ class Steps:
     def after(self, step: int) -> None:
         pass
 
+    def progress(self, step: int) -> float:
+        return step / self.total
+
 
 def train_loop(budget: Budget | Steps, step_fn, backbone, data: Data, k: int) -> dict:
     """Steps until the budget's total, the cheap k-NN at the ``CURVE_AT`` fractions and the end."""
     curve, marks, step = [], list(CURVE_AT), 0
-    fixed = isinstance(budget, Steps)  # the marks at fractions of its steps, else of the budget's seconds
     while step < budget.total:
         step_fn(step)
         step += 1
         budget.after(step)
-        if marks and (step if fixed else budget.clock()) >= marks[0] * budget.seconds * (1 if fixed else MARGIN):
+        if marks and budget.progress(step) >= marks[0]:
             marks.pop(0)
             with budget.paused():
                 curve.append([round(budget.clock(), 1), cheap_knn(backbone, data, k)])
@@ -566,7 +572,8 @@ def launch(args, arm: str, seed: int) -> dict:
         return run_one(args, arm, seed)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--one", arm, str(seed), "--result", f.name, "--dataset", args.dataset,
-               "--budget", args.budget, *(["--steps", str(args.steps)] if args.steps else []), "--split", args.split, "--threads", str(args.threads),
+               "--budget", args.budget, *(["--steps", str(args.steps)] if args.steps else []),
+               "--split", args.split, "--threads", str(args.threads),
                "--loader-workers", str(args.loader_workers), *(["--limit", str(args.limit)] if args.limit else []),
                *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else [])]
         subprocess.run(cmd, check=True)
