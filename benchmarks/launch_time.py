@@ -23,19 +23,19 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_CLUSTER = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_idle_worker_killing_time_threshold_ms": "120000",
-                "RAY_num_workers_soft_limit": "10"}  # tests/conftest.py's, for its clusters only
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster_settings import SMALL, TEST_CLUSTER_ENV  # noqa: E402  (tests/conftest.py's, for its clusters only)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--launches", type=int, default=3)
-    p.add_argument("--test-cluster", action="store_true", help=f"set {', '.join(TEST_CLUSTER)} as conftest does")
+    p.add_argument("--test-cluster", action="store_true", help=f"set {', '.join(TEST_CLUSTER_ENV)} as conftest does")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     args = p.parse_args()
     if args.test_cluster:
-        os.environ.update(TEST_CLUSTER)
-    sys.path.insert(0, str(ROOT / "tests"))
+        os.environ.update(TEST_CLUSTER_ENV)
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -55,7 +55,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="launch-time-"))
     small, cache = tmp / "small" / "fashion-mnist", tmp / "cache"
     small.mkdir(parents=True)
-    for split, n in {"train": 2048, "test": 512}.items():
+    for split, n in SMALL.items():
         for stem, array in zip(_FILES[split], load_fashion_mnist(args.data_dir, split, n)):
             write_idx(small / f"{stem}.gz", array)
         make_shards(str(small), str(cache / "fashion-mnist" / split), split=split, min_shards=8, progress=lambda line: None)

@@ -182,21 +182,11 @@ def baselines(data: Data, cfg, k: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- equal time
-class Budget:
-    """``--budget`` training seconds by ``rayssl.train.budget``'s rule (module docstring).
+class TrainingClock:
+    """Training seconds: ``clock()`` counts from construction, ``paused`` keeps evaluations out."""
 
-    ``build(total, hold_until)`` gives the schedules (per-step arrays); ``schedules`` is held at
-    their warm-up/start values until the total is fixed, then built over it and stretched at each
-    re-fit. ``clock()`` counts training seconds only (``paused`` keeps evaluations out of it).
-    """
-
-    def __init__(self, seconds: float, warmup_steps: int, cap: int, build) -> None:
-        self.seconds, self.build, self.cap, self.total = seconds, build, cap, cap
-        self.first, self.last = measure_window(0, warmup_steps)
-        self.schedules = build(cap, self.last)
+    def __init__(self) -> None:
         self.elapsed, self.started = 0.0, time.perf_counter()
-        self.timed_from = self.fit_clock = None
-        self.fixed_at, self.refits, self.how = 0, 0, "clock"
 
     def clock(self) -> float:
         return self.elapsed + (0.0 if self.started is None else time.perf_counter() - self.started)
@@ -208,6 +198,23 @@ class Budget:
             yield
         finally:
             self.started = time.perf_counter()
+
+
+class Budget(TrainingClock):
+    """``--budget`` training seconds by ``rayssl.train.budget``'s rule (module docstring).
+
+    ``build(total, hold_until)`` gives the schedules (per-step arrays); ``schedules`` is held at
+    their warm-up/start values until the total is fixed, then built over it and stretched at each
+    re-fit.
+    """
+
+    def __init__(self, seconds: float, warmup_steps: int, cap: int, build) -> None:
+        super().__init__()
+        self.seconds, self.build, self.cap, self.total = seconds, build, cap, cap
+        self.first, self.last = measure_window(0, warmup_steps)
+        self.schedules = build(cap, self.last)
+        self.timed_from = self.fit_clock = None
+        self.fixed_at, self.refits, self.how = 0, 0, "clock"
 
     def after(self, step: int) -> None:
         """After ``step`` steps: time, fix, re-fit, or (before the fix) stop when the clock runs out."""
@@ -233,17 +240,15 @@ class Budget:
         return self.clock() / (MARGIN * self.seconds)
 
 
-class Steps:
+class Steps(TrainingClock):
     """``--steps``: a fixed step count instead of a time budget (the objective's control: two arms
     with the same seed then see the same initial network, batches and crops at every step). Its
     schedules span the steps from step 0; the curve's points are at the same fractions of the steps."""
 
     def __init__(self, steps: int, build) -> None:
+        super().__init__()
         self.total, self.how, self.refits = steps, "steps", 0
         self.schedules = build(steps, 0)
-        self.elapsed, self.started = 0.0, time.perf_counter()
-
-    clock, paused = Budget.clock, Budget.paused
 
     def after(self, step: int) -> None:
         pass

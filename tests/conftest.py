@@ -7,21 +7,16 @@ import tempfile
 
 import pytest
 
+from cluster_settings import SMALL, TEST_CLUSTER_ENV
+
 _TMP = tempfile.mkdtemp(prefix="rayssl-tests-")
 os.environ.setdefault("RAY_TMPDIR", os.path.join(_TMP, "ray"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-# Ray Train's controller takes the workers' reports at each health check (2 s by Ray's default) and a
-# worker's next report waits for it: a tiny run that reports every 0.1 s would wait 2 s a report.
-# Every test cluster (started by this process) inherits this shorter period; user runs keep Ray's.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Ray ends a worker process idle for 1 s once more than num_cpus of them are idle, so each launch of
-# a test started its Ray Data tasks' processes afresh. Tests launch back to back: their clusters keep
-# idle workers for 2 min (a tiny launch 17 s instead of 20 s: docs/benchmarks.md, "[4/6] What a
-# launch costs"). User clusters keep Ray's defaults.
-os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "120000")
-os.environ.setdefault("RAY_num_workers_soft_limit", "10")
+# Every test cluster (started by this process) inherits these; user runs keep Ray's (cluster_settings.py)
+for _key, _value in TEST_CLUSTER_ENV.items():
+    os.environ.setdefault(_key, _value)
 os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -129,9 +124,6 @@ def strict_s3_server():
     yield f"http://127.0.0.1:{port}"
     proc.kill()
     proc.wait(timeout=10)
-
-
-SMALL = {"train": 2048, "test": 512}  # images of the small Fashion-MNIST (tests use at most 1,024 / 256)
 
 
 @pytest.fixture(scope="session")
