@@ -17,7 +17,8 @@ run: env data
 
 # The Ray tests, then the multi-node ones (one process: the session's single-node cluster, then a
 # multi-node cluster of the last tests' own, never two at once; "[tiers]" lines give each tier's
-# seconds) and, beside them at a lower CPU priority, the rest: the Ray tests mostly wait on Ray's
+# seconds) and, beside them at a lower CPU priority (nice 10; the test clusters' Ray workers run at
+# nice 5: tests/cluster_settings.py), the rest: the Ray tests mostly wait on Ray's
 # processes. The fast tier's report follows. (pytest's exit code 5, "no tests collected", is fine
 # for one tier when PYTEST_ARGS selects files.)
 test: env-peers data
