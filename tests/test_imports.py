@@ -4,9 +4,11 @@ checkpoint, import neither (checked in a fresh interpreter: this one may hold th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from rayssl import checkpoint
@@ -65,3 +67,48 @@ def test_the_data_tasks_module_imports_no_torch() -> None:
     out = run("import rayssl.data.datasets\n"
               "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'mlflow') if m in sys.modules)))")
     assert out == []
+
+
+CUT_IMPORT = """
+import os, sys
+from rayssl.data import datasets
+
+class Cut(BaseException):
+    pass
+
+class CutTorch:  # stops torch's import partway, after torch._C has registered its operators
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.functional":
+            sys.meta_path.remove(self)
+            raise self.error
+
+sys.meta_path.insert(0, CutTorch({error}))
+try:
+    datasets.crop_modules()
+except Cut:
+    print("first: cut", flush=True)
+try:
+    import torch
+except Exception as err:
+    print(f"torch again: {{type(err).__name__}}", flush=True)
+datasets.crop_modules()
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.slow  # two interpreters importing torch (seconds)
+def test_a_data_task_process_whose_torch_import_was_cut_short_exits_for_a_fresh_one() -> None:
+    """A Ray cancel (KeyboardInterrupt) inside the crop stage's torch import ends the process with
+    EX_TEMPFAIL, so Ray reruns its task in a fresh one. An import cut by anything else leaves a
+    process in which torch cannot be imported again (the control: a plain ``import torch`` fails);
+    the stage's next call there exits the same way instead of failing the batch."""
+    runs = {error: subprocess.run([sys.executable, "-c", CUT_IMPORT.format(error=error)], capture_output=True,
+                                  text=True, timeout=120) for error in ("KeyboardInterrupt", "Cut")}
+    cancel, other = runs["KeyboardInterrupt"], runs["Cut"]
+    assert cancel.returncode == os.EX_TEMPFAIL and cancel.stdout == "", (cancel.stdout, cancel.stderr[-2000:])
+    assert other.returncode == os.EX_TEMPFAIL, other.stderr[-2000:]
+    lines = other.stdout.splitlines()
+    assert lines[0] == "first: cut" and lines[1].startswith("torch again: ") and len(lines) == 2, other.stdout

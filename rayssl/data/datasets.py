@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,13 +225,10 @@ def multicrop_stage(batch: dict, augment: dict, channels: int, size: int, limits
 
     Views are augmented in [0, 1] and stored as uint8 (a quarter of float32 in the object
     store); the worker normalises them. Each batch draws fresh random parameters.
-    torch and torchvision are imported here, not with the module: the tasks that only read and
-    decode (``read_pieces``, ``decode_stage``) start without them (seconds less per process).
+    torch and torchvision are imported here (``crop_modules``), not with the module: the tasks that
+    only read and decode (``read_pieces``, ``decode_stage``) start without them (seconds less per process).
     """
-    import torch
-
-    from rayssl.transforms import MultiCrop
-
+    torch, MultiCrop = crop_modules()
     torch.set_num_threads(1)
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     images, ok = decode_batch(batch["image"], channels, size, limits)
@@ -239,6 +237,32 @@ def multicrop_stage(batch: dict, augment: dict, channels: int, size: int, limits
     views = crops(x, normalize=False)
     out = {f"view_{i}": (v * 255).round_().to(torch.uint8).numpy() for i, v in enumerate(views)}
     return {**out, "ok": ok}
+
+
+_crop_import_started = False  # this process has begun importing torch for the crop stage
+
+
+def crop_modules():
+    """``torch`` and ``MultiCrop`` for the crop stage, imported on its first batch in a Ray Data task's process.
+
+    Ray cancels the running tasks of a dataset whose execution ends (an elastic resize, a stop). A
+    cancel that lands inside this import (seconds of CPU) leaves torch half-registered, and every
+    later import in the process fails (``SystemError``, ``duplicate registrations``, ``partially
+    initialized module``); Ray would hand that failure to each task it gives the idle process. So a
+    process whose import was cut short exits (``os.EX_TEMPFAIL``) instead: Ray runs Ray Data's
+    tasks again when their process dies, in a fresh one. A real import error still raises, once.
+    """
+    global _crop_import_started
+    if _crop_import_started and "rayssl.transforms" not in sys.modules:  # an earlier import here did not finish
+        os._exit(os.EX_TEMPFAIL)
+    _crop_import_started = True
+    try:
+        import torch
+
+        from rayssl.transforms import MultiCrop
+    except KeyboardInterrupt:  # Ray's cancel, inside the import
+        os._exit(os.EX_TEMPFAIL)
+    return torch, MultiCrop
 
 
 def stage_bytes_per_row(augment, channels: int) -> int:
