@@ -29,9 +29,9 @@ test: env-peers data
 
 # The inner loop: the tests that need no Ray cluster (objective, models, TrainRun, config, k8s...) but
 # those marked slow (a real server, a fault window, process groups: `make test` runs them), on two
-# processes (pytest-xdist; PYTEST_ARGS="-n 0" for one).
+# processes (pytest-xdist; PYTEST_ARGS="-n 0" for one; tests of one xdist_group share a process and its fixtures).
 test-fast: env-peers data
-	$(PY) -m pytest -q -n 2 -m "not ray and not multinode and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not ray and not multinode and not slow" $(PYTEST_ARGS)
 
 env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

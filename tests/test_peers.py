@@ -33,6 +33,7 @@ def in_process(monkeypatch, cli: list[str], run_one) -> None:
     peers.main()
 
 
+@pytest.mark.slow  # benchmarks/peers.py in its own interpreter, 7 arms and their scoring: 20 s and more
 def test_peers_runs_every_arm_and_resumes(tmp_path, fashion_mnist_dir, monkeypatch, capsys):
     out = tmp_path / "peers.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/peers.py"), *peers_cli(out, fashion_mnist_dir)],

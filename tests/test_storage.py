@@ -132,7 +132,8 @@ def test_an_unavailable_endpoint_is_not_taken_for_refused_keys() -> None:
     assert "access denied" in str(storage.explain("s3://b/x", denied, s3)) and not storage.transient(denied)
 
 
-def test_unreachable_endpoint_named(s3_server) -> None:
+def test_unreachable_endpoint_named(s3_server, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "RETRIES", 1)  # the SDK's 5 attempts and backoff: 9 s more, the same line
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -407,6 +407,7 @@ def budgeted(data, tmp_path_factory):
                       mlflow_run=tracking.start(cfg, str(folder / "budget")))
 
 
+@pytest.mark.xdist_group("budgeted")  # one worker runs the shared 8-s run (make test-fast: --dist loadgroup)
 def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     """After the timed steps 10-40, the run fixes its total, says what the budget bought,
     checkpoints it there, re-times at its re-fit points (checkpointed too), and every schedule
@@ -452,6 +453,7 @@ def test_budget_fixes_the_total_and_every_schedule_spans_it(budgeted) -> None:
     assert mlflow.MlflowClient(mlflow_run.uri).get_run(mlflow_run.run_id).data.params["train.total_steps"] == str(total)
 
 
+@pytest.mark.xdist_group("budgeted")  # one worker runs the shared 8-s run (make test-fast: --dist loadgroup)
 def test_resumed_budget_run_keeps_the_recorded_total(data, budgeted) -> None:
     """Restored from the checkpoint where the total was fixed, the run keeps it and never times
     steps again, whatever budget it is relaunched with and however fast this launch runs (the
