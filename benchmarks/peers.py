@@ -29,6 +29,10 @@ Equal time: each arm trains for ``--budget`` of training seconds (evaluations ex
 ``rayssl.train.budget``'s rule: steps 50-150 are timed (schedules held at their warm-up/start values),
 the total is fixed from that rate (at most ``train.epochs``), every schedule is built over it and
 re-fitted 7 times on the way. A budget that ends before the timed steps stops at its clock.
+``--steps N`` trains the harness arms exactly N steps instead: with one seed, two arms then see the
+same initial network, batches and crops, and differ only in their arithmetic. ``--precision``
+sets that arithmetic for the harness arms (``fp32``, or ``fp64``: networks, objective state, crops
+and loss in float64, about 6x slower than bf16); every network is scored in float32.
 
 Honest protocol (as levers.py): training reads only the first 50k *train* images; the k-NN bank
 is those 50k, the queries the held-out last 10k of train (``--split val``); ``--split test``
@@ -71,7 +75,7 @@ from rayssl.eval.metrics import linear_probe  # noqa: E402
 from rayssl.eval.protocol import bank_mean, precise_bn  # noqa: E402
 from rayssl.knn import knn_accuracy  # noqa: E402
 from rayssl.models import build_encoder, make_teacher  # noqa: E402
-from rayssl.objective import ClusterObjective  # noqa: E402
+from rayssl.objective import ClusterObjective, at_least_fp32  # noqa: E402
 from rayssl.schedules import build_schedules, stretch  # noqa: E402
 from rayssl.train.budget import MARGIN, budget_total, measure_window, parse_duration, refit_due  # noqa: E402
 from rayssl.train.step import Stepper, build_optimizer, use_bf16  # noqa: E402
@@ -138,7 +142,8 @@ def _images(dataset: str, split: str, data_dir: str) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def features(backbone, images: torch.Tensor, prep) -> torch.Tensor:
     backbone.eval()
-    return torch.cat([backbone(prep(images[i:i + 1000]).contiguous(memory_format=torch.channels_last))
+    dtype = next(backbone.parameters()).dtype  # float64 under --precision fp64
+    return torch.cat([backbone(prep(images[i:i + 1000]).to(dtype).contiguous(memory_format=torch.channels_last))
                       for i in range(0, len(images), 1000)])
 
 
@@ -296,7 +301,7 @@ class LightlyLossStepper(Stepper):
             with torch.no_grad():
                 teacher_out = self.teacher(views[:2])
             student_out = self.student(views)
-        loss = self.loss(list(teacher_out.float()), list(student_out.float()), teacher_temp=tau_t)
+        loss = self.loss(list(at_least_fp32(teacher_out)), list(at_least_fp32(student_out)), teacher_temp=tau_t)
         (loss / self.accumulate).backward()
         self.last_outputs = (student_out.detach(), teacher_out, tau_t)
         self.step_losses.append(loss.detach())
@@ -307,12 +312,14 @@ class LightlyLossStepper(Stepper):
         return super().diagnostics()
 
 
-def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int, steps: int | None = None
-                ) -> tuple[dict, torch.nn.Module]:
-    """levers.py's training for a time budget (or exactly ``steps``): one process, the global batch in one step."""
+def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int, steps: int | None = None,
+                fp64: bool = False) -> tuple[dict, torch.nn.Module]:
+    """levers.py's training for a time budget (or exactly ``steps``): one process, the global batch in one step;
+    ``fp64``: networks, objective state, crops and loss in float64 (no autocast)."""
     spe = TRAIN // BATCH  # steps per epoch of the 50k, also under --limit
+    dtype = torch.float64 if fp64 else torch.float32
     student = build_encoder(cfg.model, data.channels, data.size, cfg.objective.num_clusters)
-    student = student.to(memory_format=torch.channels_last)
+    student = student.to(dtype=dtype, memory_format=torch.channels_last)
     teacher = make_teacher(student)
     obj = cfg.objective
     spec = obj.model_copy(update={"mode": "center"}) if arm.startswith("lightly") else obj
@@ -320,32 +327,34 @@ def run_harness(arm: str, cfg, data: Data, budget_s: float, k: int, steps: int |
     budget = Steps(steps, build) if steps else Budget(
         budget_s, max(round(cfg.optim.warmup_epochs * spe), round(obj.teacher_temperature_warmup_epochs * spe)),
         round(cfg.train.epochs * spe), build)
-    bf16 = use_bf16(cfg.train.precision, torch.device("cpu"))
-    args = (student, teacher, ClusterObjective(spec), build_optimizer(student, cfg.optim), budget.schedules, cfg, spe,
+    bf16 = not fp64 and use_bf16(cfg.train.precision, torch.device("cpu"))
+    args = (student, teacher, ClusterObjective(spec).to(dtype), build_optimizer(student, cfg.optim), budget.schedules, cfg, spe,
             torch.device("cpu"), bf16)
     if arm.startswith("lightly"):
         from lightly.loss import DINOLoss
 
         loss = DINOLoss(obj.num_clusters, warmup_teacher_temp=obj.teacher_temperature_warmup,
                         teacher_temp=obj.teacher_temperature, warmup_teacher_temp_epochs=0,
-                        student_temp=obj.student_temperature, center_momentum=obj.center_momentum)
+                        student_temp=obj.student_temperature, center_momentum=obj.center_momentum).to(dtype)
         stepper = LightlyLossStepper(*args, loss=loss)
     else:
         stepper = Stepper(*args)
     crops = MultiCrop(cfg.augment, data.channels, data.mean, data.std)
 
-    def step_fn(step: int) -> None:
+    def step_fn(step: int) -> None:  # under fp64 also float64 by default (lightly's tensor(teacher_temp), crops)
+        torch.set_default_dtype(dtype)
         idx = torch.randint(0, len(data.train), (BATCH,))
         student.train(), teacher.train()
         stepper.schedules = budget.schedules
-        stepper.micro_batch(crops(data.train[idx]), step, True)
+        stepper.micro_batch([v.to(dtype) for v in crops(data.train[idx])], step, True)
         stepper.finish(step)
+        torch.set_default_dtype(torch.float32)  # the curve's evaluations as every arm's
 
     out = train_loop(budget, step_fn, teacher.backbone, data, k)
     diag = stepper.diagnostics()
-    out.update({"precision": "bf16" if bf16 else "fp32", "I(X;K)": round(diag["norm/mutual_information"], 4),
+    out.update({"precision": "bf16" if bf16 else str(dtype).removeprefix("torch.").replace("float", "fp"), "I(X;K)": round(diag["norm/mutual_information"], 4),
                 "effective_clusters": round(diag["norm/effective_clusters"], 2)})
-    return out, teacher.backbone
+    return out, teacher.backbone.float()  # scored in float32 as every arm
 
 
 # ----------------------------------------------------------------------------- lightly as its users write it
@@ -474,7 +483,7 @@ def run_one(args, arm: str, seed: int) -> dict:
     """Train and score one arm (or ``baselines``) in this process."""
     torch.set_num_threads(args.threads)
     mode = [f"objective.mode={arm.removeprefix('rayssl_')}"] if arm.removeprefix("rayssl_") in MODES else []
-    cfg = load_config(str(CONFIGS[args.dataset]), [f"train.seed={seed}", *mode])
+    cfg = load_config(str(CONFIGS[args.dataset]), [f"train.seed={seed}", f"train.precision={args.precision.replace('fp64', 'fp32')}", *mode])
     data = Data(args.dataset, args.split, args.data_dir or cfg.data.fashion_mnist_dir, args.limit)
     k, budget_s = cfg.eval.knn_k, parse_duration(args.budget)
     if arm == "baselines":
@@ -488,7 +497,7 @@ def run_one(args, arm: str, seed: int) -> dict:
         out, backbone = run_lightly(knobs, cfg, data, budget_s, k, args.loader_workers)
         out["knobs"] = knobs
     else:
-        out, backbone = run_harness(arm, cfg, data, budget_s, k, args.steps)
+        out, backbone = run_harness(arm, cfg, data, budget_s, k, args.steps, args.precision == "fp64")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the final evaluation
     out.update(evaluate(backbone, data, k, prep))
     return out
@@ -522,11 +531,12 @@ def load_results(args) -> dict:
     path = Path(args.out)
     if not path.exists():
         return {"dataset": args.dataset, "split": args.split, "budget": args.budget, "steps": args.steps,
+                "precision": args.precision,
                 "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
                 "runs": {}, "arms": []}
     results = read(path)
-    for key in ("dataset", "split", "budget", "limit", "steps"):
-        if results.get(key) != getattr(args, key):
+    for key in ("dataset", "split", "budget", "limit", "steps", "precision"):
+        if results.get(key, "auto" if key == "precision" else None) != getattr(args, key):
             raise SystemExit(f"{path}: {key} is {results.get(key)!r}, not {getattr(args, key)!r}; use another --out")
     return results
 
@@ -578,7 +588,7 @@ def launch(args, arm: str, seed: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--one", arm, str(seed), "--result", f.name, "--dataset", args.dataset,
                "--budget", args.budget, *(["--steps", str(args.steps)] if args.steps else []),
-               "--split", args.split, "--threads", str(args.threads),
+               "--split", args.split, "--threads", str(args.threads), "--precision", args.precision,
                "--loader-workers", str(args.loader_workers), *(["--limit", str(args.limit)] if args.limit else []),
                *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else [])]
         subprocess.run(cmd, check=True)
@@ -755,6 +765,10 @@ def main() -> None:
     p.add_argument("--out", help="results JSON (default docs/benchmarks/peers-<dataset>.json; a PNG beside it)")
     p.add_argument("--tuned", nargs="*", default=[], metavar="KEY=VALUE", help="lightly_dino_tuned's knobs (below)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per arm")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp64"), default="auto",
+                   help="the harness arms' train.precision (auto: bf16 on CPUs with native bf16); fp64 trains "
+                        "in float64 (slow). With --steps, fp32 and fp64 show how far two arms' results move "
+                        "with float rounding alone")
     p.add_argument("--loader-workers", type=int, default=1,
                    help="DataLoader workers of the lightly arms (1: its PIL crops overlap the step)")
     p.add_argument("--limit", type=int, help="train and query on the first N images only (tests; "

@@ -40,6 +40,12 @@ from rayssl.config import ObjectiveConfig  # the one definition of the objective
 from rayssl.names import MODES, SCOPES, TARGET_PRIORS  # noqa: F401 - the objective's choices, by name
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it is: the objective's arithmetic under bf16 autocast, or in a
+    float64 run."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # --------------------------------------------------------------------------- global reductions
 def global_sum(x: Tensor, local: bool = False) -> Tensor:
     """Sum of ``x`` over all workers (a copy; the identity in a single process or if ``local``)."""
@@ -167,7 +173,7 @@ def normalize_teacher(
     over this worker's rows instead of the global batch: the ``objective.scope=local`` ablation.
     """
     with torch.no_grad():
-        z = logits.float()
+        z = at_least_fp32(logits)
         if mode == "none":
             return torch.softmax(z / temperature, dim=-1)
         if mode == "center":
@@ -196,7 +202,7 @@ def cross_entropy_loss(student_logits: Tensor, targets: Tensor, student_temperat
     teacher targets of the Vt global views. Since qt is constant, this equals the KL objective
     up to H(qt), and d L / d s = (p - qt) / tau_s per pair (docs/theory.md §1, §7.9).
     """
-    log_p = torch.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    log_p = torch.log_softmax(at_least_fp32(student_logits) / student_temperature, dim=-1)
     total, pairs = log_p.new_zeros(()), 0
     for t in range(targets.shape[0]):
         for v in range(log_p.shape[0]):
@@ -318,7 +324,7 @@ class ClusterObjective(nn.Module):
         ``c`` is the center before this step's update (it lags one step, as DINO's).
         """
         s = self.cfg
-        z = teacher_logits.float().flatten(0, 1)
+        z = at_least_fp32(teacher_logits).flatten(0, 1)
         stat = None
         if s.mode == "center":
             stat = global_mean(z, self._local)
@@ -374,11 +380,11 @@ class ClusterObjective(nn.Module):
         view against the other view's target, as in the loss).
         """
         vt = teacher_logits.shape[0]
-        z = teacher_logits.float().flatten(0, 1)
+        z = at_least_fp32(teacher_logits).flatten(0, 1)
         log_q = torch.log_softmax(z / teacher_temperature, dim=-1)
         qt = self.targets(teacher_logits, teacher_temperature).qt.flatten(0, 1)
         log_qt = torch.log(qt.clamp_min(torch.finfo(qt.dtype).tiny))
-        s = student_logits[:vt].flip(0).float().flatten(0, 1)
+        s = at_least_fp32(student_logits[:vt].flip(0)).flatten(0, 1)
         log_p = torch.log_softmax(s / self.cfg.student_temperature, dim=-1)
         out: dict[str, Tensor] = {}
         for name, lp in (("raw", log_q), ("norm", log_qt), ("student", log_p)):

@@ -80,13 +80,15 @@ def logits(seed: int, views: int, batch: int, k: int, scale: float) -> torch.Ten
     return (torch.randn(views, batch, k, generator=g) * scale + offset).float()
 
 
-def run_both(spec: ObjectiveConfig, ref: DinoReference, steps: int, num_crops: int, batch: int, tau_t: float):
-    """Losses and centres of rayssl and of the reference over ``steps`` steps on the same logits."""
-    obj = ClusterObjective(spec)
+def run_both(spec: ObjectiveConfig, ref: DinoReference, steps: int, num_crops: int, batch: int, tau_t: float,
+             dtype: torch.dtype = torch.float32):
+    """Losses and centres of rayssl and of the reference over ``steps`` steps on the same logits
+    (in ``dtype``: rayssl's objective, its state and the logits)."""
+    obj = ClusterObjective(spec).to(dtype)
     out = []
     for step in range(steps):
-        teacher = logits(100 + step, 2, batch, spec.num_clusters, scale=0.1)
-        student = logits(200 + step, num_crops, batch, spec.num_clusters, scale=0.3)
+        teacher = logits(100 + step, 2, batch, spec.num_clusters, scale=0.1).to(dtype)
+        student = logits(200 + step, num_crops, batch, spec.num_clusters, scale=0.3).to(dtype)
         loss, targets = obj(student, teacher, tau_t)             # the loss, with the step's centre ...
         obj.update_state([targets.stat])                         # ... then the EMA, as Stepper.finish
         expected = ref.loss(student.flatten(0, 1), teacher.flatten(0, 1), tau_t, num_crops)
@@ -203,3 +205,26 @@ def test_center_mode_equals_lightly_dino_loss_step_by_step(num_crops):
     assert float(steps[-1][3].abs().max()) > 1e-3  # the centre moved, so the later steps test it
     wrong = run_both(spec, LightlyReference(k, tau_s, 0.8), 3, num_crops, batch, tau_t)  # it can fail
     assert max(float((c - r).abs().max()) for _, _, c, r in wrong) > 1e-4
+
+
+@pytest.mark.parametrize("reference", ["paper", "lightly"])
+def test_in_float64_center_mode_equals_dino_to_float64_rounding(reference):
+    """Run in float64 (``peers.py --precision fp64``), rayssl's objective and its state stay in
+    float64, and the loss and centre equal DINO's (the paper's, and lightly's ``DINOLoss`` in
+    float64) to 1e-12: the two arms compute one equation, not two that agree to float32 only."""
+    if reference == "lightly":
+        pytest.importorskip("lightly", reason="lightly is the peers extra: pip install -e '.[peers]' (make test has it)")
+        torch.set_default_dtype(torch.float64)  # lightly makes tensor(teacher_temp) in the default dtype
+        ref = LightlyReference(64, 0.1, 0.9)
+        ref.loss_fn.double()
+    else:
+        ref = DinoReference(64, 0.1, 0.9)
+    try:  # the default dtype back to float32 whatever happens
+        spec = ObjectiveConfig(mode="center", num_clusters=64, student_temperature=0.1, center_momentum=0.9)
+        steps = run_both(spec, ref, 4, 4, 16, 0.04, torch.float64)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for step, (loss, expected, center, ref_center) in enumerate(steps):
+        assert loss.dtype == center.dtype == torch.float64
+        torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12, msg=lambda m: f"step {step} loss: {m}")
+        torch.testing.assert_close(center, ref_center, atol=1e-12, rtol=1e-12, msg=lambda m: f"step {step} centre: {m}")

@@ -195,7 +195,7 @@ def test_identical_rows_uniform_under_powerlaw_rho_is_rho():
     log_rho = target_log_prior(k, "powerlaw", 1.5)
     z = randn(11, 1, k).expand(5, k).clone()
     out = normalize_teacher(z, "prior", 0.1, log_rho=log_rho)
-    torch.testing.assert_close(out, log_rho.exp().expand(5, k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, log_rho.exp().expand(5, k).to(out.dtype), atol=1e-5, rtol=0)
 
 
 # ================================================================ 7.5 invariances
@@ -396,7 +396,8 @@ def test_log_domain_stays_finite_at_low_temperature(dtype):
     for mode in ("prior", "sinkhorn"):
         qt = normalize_teacher(z, mode, tau)
         assert torch.isfinite(qt).all()
-        torch.testing.assert_close(qt.sum(-1), torch.ones(6), atol=1e-5, rtol=0)
+        assert qt.dtype == dtype  # float32 or more: float64 stays float64
+        torch.testing.assert_close(qt.sum(-1), torch.ones(6, dtype=dtype), atol=1e-5, rtol=0)
 
 
 # ================================================================ target prior / errors

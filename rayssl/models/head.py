@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from rayssl.objective import at_least_fp32
+
 
 class ClusterHead(nn.Module):
     """MLP -> L2-normalise -> prototype layer, giving (N, num_clusters) logits.
@@ -53,6 +55,6 @@ class ClusterHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.mlp(x)
         # the cosine logits are divided by temperatures as small as 0.02: bf16's 8-bit mantissa
-        # would quantise them to ~0.1 logit, so the prototype layer always runs in float32
+        # would quantise them to ~0.1 logit, so the prototype layer always runs in float32 (or float64)
         with torch.autocast(z.device.type, enabled=False):
-            return self.prototypes(F.normalize(z.float(), dim=-1))
+            return self.prototypes(F.normalize(at_least_fp32(z), dim=-1))
