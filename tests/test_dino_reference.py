@@ -214,12 +214,13 @@ def test_in_float64_center_mode_equals_dino_to_float64_rounding(reference):
     float64) to 1e-12: the two arms compute one equation, not two that agree to float32 only."""
     if reference == "lightly":
         pytest.importorskip("lightly", reason="lightly is the peers extra: pip install -e '.[peers]' (make test has it)")
-        torch.set_default_dtype(torch.float64)  # lightly makes tensor(teacher_temp) in the default dtype
-        ref = LightlyReference(64, 0.1, 0.9)
-        ref.loss_fn.double()
-    else:
-        ref = DinoReference(64, 0.1, 0.9)
     try:  # the default dtype back to float32 whatever happens
+        if reference == "lightly":
+            torch.set_default_dtype(torch.float64)  # lightly makes tensor(teacher_temp) in the default dtype
+            ref = LightlyReference(64, 0.1, 0.9)
+            ref.loss_fn.double()
+        else:
+            ref = DinoReference(64, 0.1, 0.9)
         spec = ObjectiveConfig(mode="center", num_clusters=64, student_temperature=0.1, center_momentum=0.9)
         steps = run_both(spec, ref, 4, 4, 16, 0.04, torch.float64)
     finally:

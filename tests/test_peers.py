@@ -164,7 +164,7 @@ def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_
         tmp_path, fashion_mnist_dir, monkeypatch, capsys):
     """``--steps``: the objective's control. Same seed, same steps: ``rayssl_center`` and lightly's
     ``DINOLoss`` in the harness (the same equation) end with the same k-NN, and the modes table
-    pairs them seed by seed. A non-harness arm is refused (it has no fixed step count)."""
+    pairs them seed by seed. A non-harness arm is refused (it has no fixed step count, nor --precision)."""
     out = tmp_path / "steps.json"
     cli = ["--dataset", "fashion-mnist", "--steps", "6", "--seeds", "0", "--limit", "300", "--inline",
            "--data-dir", fashion_mnist_dir, "--out", str(out), "--arms", "rayssl_center", "lightly_loss_in_rayssl"]
@@ -185,3 +185,10 @@ def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_
         peers.main()
     assert stop.value.code == 2
     assert "--steps: only the harness arms" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--dataset", "fashion-mnist", "--budget", "1s", "--limit", "300", "--inline",
+                                      "--data-dir", fashion_mnist_dir, "--out", str(tmp_path / "precision.json"),
+                                      "--arms", "lightly_dino", "--precision", "fp64"])
+    with pytest.raises(SystemExit) as stop:
+        peers.main()
+    assert stop.value.code == 2
+    assert "--precision: only the harness arms" in capsys.readouterr().err
