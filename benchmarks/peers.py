@@ -47,12 +47,15 @@ and the end of the budget.
 
 Each arm x seed runs in its own process (so its peak RSS is its own) and is written to the JSON
 as soon as it ends; arms x seeds already there are skipped, so an interrupted table resumes.
+Several invocations may share one ``--out``: each save merges what the others wrote, so a pair runs
+side by side, one process per core with ``--threads 1``, which suits the slow ``fp64`` pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
 import resource
@@ -571,8 +574,23 @@ def summary(arm: str, seeds: dict) -> dict:
 
 
 def save(results: dict, path: str) -> None:
-    results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
-    save_json(results, path)
+    """Write ``results`` to ``path``, first merging in what another invocation with the same ``--out``
+    wrote since this one read it (its arms x seeds and baselines), under a lock on the folder: arms
+    run side by side (``--threads 1`` each, one process per core) add to one JSON, not over each other."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if Path(path).exists():
+            written = read(Path(path))
+            for arm, seeds in written["runs"].items():
+                for seed, run in seeds.items():
+                    results["runs"].setdefault(arm, {}).setdefault(seed, run)
+            results["baselines"] = results["baselines"] or written["baselines"]
+        results["arms"] = [summary(arm, seeds) for arm, seeds in results["runs"].items() if seeds]
+        save_json(results, path)
+    finally:
+        os.close(folder)
 
 
 def save_json(results: dict, path: str | Path) -> None:
@@ -765,7 +783,7 @@ def main() -> None:
                    help="val: the last 10k train images are the queries; test: final figures only, once")
     p.add_argument("--out", help="results JSON (default docs/benchmarks/peers-<dataset>.json; a PNG beside it)")
     p.add_argument("--tuned", nargs="*", default=[], metavar="KEY=VALUE", help="lightly_dino_tuned's knobs (below)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per arm")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per arm (1 for arms side by side: one invocation per core, the same --out)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp64"), default="auto",
                    help="the harness arms' train.precision (auto: bf16 on CPUs with native bf16); fp64 trains "
                         "in float64 (slow). With --steps, fp32 and fp64 show how far two arms' results move "

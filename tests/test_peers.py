@@ -101,6 +101,33 @@ def test_the_modes_table_gives_each_mode_s_information_and_clusters_over_its_see
     assert peers.modes_table({**results, "arms": [peers.summary("lightly_dino", {"0": run})]}) == ""
 
 
+def test_two_invocations_with_one_out_add_to_it_side_by_side(tmp_path, monkeypatch, capsys):
+    """Arms run side by side (one process each, ``--threads 1``) share one ``--out``: a run the other
+    invocation wrote while this one trained is kept when this one saves, and both are summarised."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    out = tmp_path / "pair.json"
+    cli = ["--dataset", "fashion-mnist", "--steps", "5", "--seeds", "1", "--inline", "--out", str(out), "--arms"]
+    run = {"knn": 0.5, "linear": 0.6, "steps": 5, "images_per_second": 9.0, "curve": [[1.0, 0.4], [2.0, 0.5]]}
+
+    def baselines_then(arm_run):
+        return lambda args, arm, seed: {"raw_pixels": {"knn": 0.3, "linear": 0.2}} if arm == "baselines" else arm_run(arm, seed)
+
+    def center_while_lightly_ends(arm, seed):  # the other invocation saves its arm while this one trains
+        other = peers.load_results(argparse.Namespace(out=str(out), dataset="fashion-mnist", split="val", budget="6m",
+                                                      steps=5, precision="auto", limit=None))
+        other["runs"]["lightly_loss_in_rayssl"] = {str(seed): {**run, "knn": 0.45}}
+        peers.save(other, str(out))
+        return run
+
+    in_process(monkeypatch, [*cli, "rayssl_center"], baselines_then(center_while_lightly_ends))
+    results = json.loads(out.read_text())
+    assert set(results["runs"]) == {"rayssl_center", "lightly_loss_in_rayssl"}, results["runs"]
+    assert [a["knn"] for a in results["arms"]] == [[0.5], [0.45]] and results["baselines"]["raw_pixels"]["knn"] == 0.3
+    assert "rayssl_center - lightly_loss_in_rayssl, k-NN points, same seed: +5.0 (seed 1)" in capsys.readouterr().out
+
+
 def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, monkeypatch, capsys):
     """The greedy walk, with each probe's k-NN given: a step is kept when it beats the best so far,
     and the next step starts from the knobs kept; a second run re-runs nothing. (The probes'
