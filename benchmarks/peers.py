@@ -529,9 +529,23 @@ RENAMED = {"lightly_dino_example": "lightly_dino", "lightly_loss_in_rayssl_harne
            "rayssl_default_job": "rayssl_default"}  # the arms' names before 2026-12-06
 
 
+SETTINGS = ("dataset", "split", "budget", "limit", "steps", "precision")  # one --out, one setting of each
+
+
+def setting(results: dict, key: str):
+    return results.get(key, "auto" if key == "precision" else None)  # JSONs from before --precision
+
+
+def check_settings(path: Path, written: dict, wanted: dict) -> None:
+    """Stop, naming the file and the key, when the JSON at ``path`` ran with other settings."""
+    for key in SETTINGS:
+        if setting(written, key) != wanted[key]:
+            raise SystemExit(f"{path}: {key} is {setting(written, key)!r}, not {wanted[key]!r}; use another --out")
+
+
 def load_results(args) -> dict:
-    """The JSON at ``--out`` (checked against this run's dataset, split, budget), or a new one.
-    ``runs`` holds every arm x seed as it ran; ``arms`` is their summary, rebuilt at each save."""
+    """The JSON at ``--out`` (checked against this run's dataset, split, budget, steps, precision), or a
+    new one. ``runs`` holds every arm x seed as it ran; ``arms`` is their summary, rebuilt at each save."""
     path = Path(args.out)
     if not path.exists():
         return {"dataset": args.dataset, "split": args.split, "budget": args.budget, "steps": args.steps,
@@ -539,9 +553,7 @@ def load_results(args) -> dict:
                 "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
                 "runs": {}, "arms": []}
     results = read(path)
-    for key in ("dataset", "split", "budget", "limit", "steps", "precision"):
-        if results.get(key, "auto" if key == "precision" else None) != getattr(args, key):
-            raise SystemExit(f"{path}: {key} is {results.get(key)!r}, not {getattr(args, key)!r}; use another --out")
+    check_settings(path, results, vars(args))
     return results
 
 
@@ -576,13 +588,15 @@ def summary(arm: str, seeds: dict) -> dict:
 def save(results: dict, path: str) -> None:
     """Write ``results`` to ``path``, first merging in what another invocation with the same ``--out``
     wrote since this one read it (its arms x seeds and baselines), under a lock on the folder: arms
-    run side by side (``--threads 1`` each, one process per core) add to one JSON, not over each other."""
+    run side by side (``--threads 1`` each, one process per core) add to one JSON, not over each other.
+    Two invocations that created ``path`` at once with other settings stop here, not merge."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(Path(path).parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
         if Path(path).exists():
             written = read(Path(path))
+            check_settings(Path(path), written, {key: setting(results, key) for key in SETTINGS})
             for arm, seeds in written["runs"].items():
                 for seed, run in seeds.items():
                     results["runs"].setdefault(arm, {}).setdefault(seed, run)
@@ -677,7 +691,7 @@ def drive(args) -> dict:
                                      f"({done[str(seed)]['knobs']}); use another --out")
                 print(f"[peers] {arm} seed {seed}: done, skipped", flush=True)
                 continue
-            print(f"[peers] {arm} seed {seed}: {args.budget} of training", flush=True)
+            print(f"[peers] {arm} seed {seed}: {per_arm(results)}", flush=True)
             done[str(seed)] = launch(args, arm, seed)
             save(results, args.out)
     return results

@@ -37,7 +37,7 @@ def in_process(monkeypatch, cli: list[str], run_one) -> None:
 def test_peers_runs_every_arm_and_resumes(tmp_path, fashion_mnist_dir, monkeypatch, capsys):
     out = tmp_path / "peers.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/peers.py"), *peers_cli(out, fashion_mnist_dir)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)  # 7 interpreters: minutes on a busy CPU
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert set(results["runs"]) == set(ARMS)
@@ -126,6 +126,28 @@ def test_two_invocations_with_one_out_add_to_it_side_by_side(tmp_path, monkeypat
     assert set(results["runs"]) == {"rayssl_center", "lightly_loss_in_rayssl"}, results["runs"]
     assert [a["knn"] for a in results["arms"]] == [[0.5], [0.45]] and results["baselines"]["raw_pixels"]["knn"] == 0.3
     assert "rayssl_center - lightly_loss_in_rayssl, k-NN points, same seed: +5.0 (seed 1)" in capsys.readouterr().out
+
+
+def test_an_invocation_with_other_settings_stops_at_save_and_the_json_is_kept(tmp_path, monkeypatch):
+    """Two invocations that created one ``--out`` at once with other settings (here fp64 and auto
+    precision) would mix incomparable runs in one arm: the second save stops, naming the file and
+    the key, and the JSON keeps what the first wrote."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    out = tmp_path / "pair.json"
+    run = {"knn": 0.5, "linear": 0.6, "steps": 5, "images_per_second": 9.0, "curve": [[1.0, 0.5]]}
+
+    def fresh(precision):
+        return peers.load_results(argparse.Namespace(out=str(out), dataset="scenes", split="val", budget="6m",
+                                                     steps=5, precision=precision, limit=None))
+    fp64, auto = fresh("fp64"), fresh("auto")  # both before either saved
+    fp64["runs"]["rayssl_center"] = {"1": run}
+    peers.save(fp64, str(out))
+    auto["runs"]["rayssl_center"] = {"2": {**run, "knn": 0.4}}
+    with pytest.raises(SystemExit, match=r"pair\.json: precision is 'fp64', not 'auto'"):
+        peers.save(auto, str(out))
+    assert json.loads(out.read_text())["runs"] == {"rayssl_center": {"1": run}}
 
 
 def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, monkeypatch, capsys):
