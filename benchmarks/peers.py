@@ -502,6 +502,7 @@ def run_one(args, arm: str, seed: int) -> dict:
         out["knobs"] = knobs
     else:
         out, backbone = run_harness(arm, cfg, data, budget_s, k, args.steps, args.precision == "fp64")
+    out["threads"] = args.threads  # the order of float sums: with --steps, a seed's arms pair only at one count
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the final evaluation
     out.update(evaluate(backbone, data, k, prep))
     return out

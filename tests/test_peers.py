@@ -215,7 +215,7 @@ def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_
     ``DINOLoss`` in the harness (the same equation) end with the same k-NN, and the modes table
     pairs them seed by seed. A non-harness arm is refused (it has no fixed step count, nor --precision)."""
     out = tmp_path / "steps.json"
-    cli = ["--dataset", "fashion-mnist", "--steps", "6", "--seeds", "0", "--limit", "300", "--inline",
+    cli = ["--dataset", "fashion-mnist", "--steps", "6", "--seeds", "0", "--limit", "300", "--inline", "--threads", "2",
            "--data-dir", fashion_mnist_dir, "--out", str(out), "--arms", "rayssl_center", "lightly_loss_in_rayssl"]
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import peers
@@ -225,9 +225,10 @@ def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_
     results = json.loads(out.read_text())
     center, lightly = (results["runs"][arm]["0"] for arm in ("rayssl_center", "lightly_loss_in_rayssl"))
     assert results["steps"] == 6 and center["steps"] == lightly["steps"] == 6 and center["budget_fixed_by"] == "steps"
+    assert center["threads"] == lightly["threads"] == 2
     assert center["curve"][-1][1] == lightly["curve"][-1][1] and center["knn"] == lightly["knn"], (center, lightly)
     said = capsys.readouterr().out
-    assert "fashion-mnist, val split, 6 steps per arm" in said, said
+    assert "fashion-mnist, val split, 6 steps per arm" in said and "[peers] rayssl_center seed 0: 6 steps\n" in said, said
     assert "rayssl_center - lightly_loss_in_rayssl, k-NN points, same seed: +0.0 (seed 0); mean +0.00" in said, said
     monkeypatch.setattr(sys, "argv", ["peers.py", *cli[:-2], "lightly_dino"])
     with pytest.raises(SystemExit) as stop:
