@@ -590,14 +590,20 @@ def save(results: dict, path: str) -> None:
     """Write ``results`` to ``path``, first merging in what another invocation with the same ``--out``
     wrote since this one read it (its arms x seeds and baselines), under a lock on the folder: arms
     run side by side (``--threads 1`` each, one process per core) add to one JSON, not over each other.
-    Two invocations that created ``path`` at once with other settings stop here, not merge."""
+    Two invocations that created ``path`` at once with other settings stop here, not merge: the
+    second writes its runs beside ``path`` (``<stem>-<pid>.json``) and names it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(Path(path).parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
         if Path(path).exists():
             written = read(Path(path))
-            check_settings(Path(path), written, {key: setting(results, key) for key in SETTINGS})
+            try:
+                check_settings(Path(path), written, {key: setting(results, key) for key in SETTINGS})
+            except SystemExit as stop:  # this invocation's runs are kept beside it, not lost
+                kept = Path(path).with_name(f"{Path(path).stem}-{os.getpid()}.json")
+                save_json(results, kept)
+                raise SystemExit(f"{stop}; this invocation's runs are in {kept}") from None
             for arm, seeds in written["runs"].items():
                 for seed, run in seeds.items():
                     results["runs"].setdefault(arm, {}).setdefault(seed, run)

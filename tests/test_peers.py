@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_two_invocations_with_one_out_add_to_it_side_by_side(tmp_path, monkeypat
 def test_an_invocation_with_other_settings_stops_at_save_and_the_json_is_kept(tmp_path, monkeypatch):
     """Two invocations that created one ``--out`` at once with other settings (here fp64 and auto
     precision) would mix incomparable runs in one arm: the second save stops, naming the file and
-    the key, and the JSON keeps what the first wrote."""
+    the key; the JSON keeps what the first wrote, and the second's runs go to a file beside it."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import peers
 
@@ -145,9 +146,11 @@ def test_an_invocation_with_other_settings_stops_at_save_and_the_json_is_kept(tm
     fp64["runs"]["rayssl_center"] = {"1": run}
     peers.save(fp64, str(out))
     auto["runs"]["rayssl_center"] = {"2": {**run, "knn": 0.4}}
-    with pytest.raises(SystemExit, match=r"pair\.json: precision is 'fp64', not 'auto'"):
+    with pytest.raises(SystemExit, match=r"pair\.json: precision is 'fp64', not 'auto'") as stop:
         peers.save(auto, str(out))
     assert json.loads(out.read_text())["runs"] == {"rayssl_center": {"1": run}}
+    kept = tmp_path / f"pair-{os.getpid()}.json"  # the second invocation's run is not lost either
+    assert str(kept) in str(stop.value) and json.loads(kept.read_text())["runs"]["rayssl_center"]["2"]["knn"] == 0.4
 
 
 def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, monkeypatch, capsys):
