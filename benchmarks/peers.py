@@ -537,15 +537,14 @@ def setting(results: dict, key: str):
     return results.get(key, "auto" if key == "precision" else None)  # JSONs from before --precision
 
 
-def check_settings(path: Path, written: dict, wanted: dict) -> None:
-    """Stop, naming the file and the key, when the JSON at ``path`` ran with other settings."""
-    for key in SETTINGS:
-        if setting(written, key) != wanted[key]:
-            raise SystemExit(f"{path}: {key} is {setting(written, key)!r}, not {wanted[key]!r}; use another --out")
+def other_settings(path: Path, written: dict, wanted: dict) -> str | None:
+    """One line naming the file and the key when the JSON at ``path`` ran with other settings."""
+    key = next((key for key in SETTINGS if setting(written, key) != wanted[key]), None)
+    return key and f"{path}: {key} is {setting(written, key)!r}, not {wanted[key]!r}; use another --out"
 
 
 def load_results(args) -> dict:
-    """The JSON at ``--out`` (checked against this run's dataset, split, budget, steps, precision), or a
+    """The JSON at ``--out`` (checked against this run's ``SETTINGS``), or a
     new one. ``runs`` holds every arm x seed as it ran; ``arms`` is their summary, rebuilt at each save."""
     path = Path(args.out)
     if not path.exists():
@@ -554,7 +553,8 @@ def load_results(args) -> dict:
                 "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
                 "runs": {}, "arms": []}
     results = read(path)
-    check_settings(path, results, vars(args))
+    if stop := other_settings(path, results, vars(args)):
+        raise SystemExit(stop)
     return results
 
 
@@ -598,12 +598,10 @@ def save(results: dict, path: str) -> None:
         fcntl.flock(folder, fcntl.LOCK_EX)
         if Path(path).exists():
             written = read(Path(path))
-            try:
-                check_settings(Path(path), written, {key: setting(results, key) for key in SETTINGS})
-            except SystemExit as stop:  # this invocation's runs are kept beside it, not lost
-                kept = Path(path).with_name(f"{Path(path).stem}-{os.getpid()}.json")
+            if stop := other_settings(Path(path), written, {key: setting(results, key) for key in SETTINGS}):
+                kept = Path(path).with_name(f"{Path(path).stem}-{os.getpid()}.json")  # this invocation's runs, not lost
                 save_json(results, kept)
-                raise SystemExit(f"{stop}; this invocation's runs are in {kept}") from None
+                raise SystemExit(f"{stop}; this invocation's runs are in {kept}")
             for arm, seeds in written["runs"].items():
                 for seed, run in seeds.items():
                     results["runs"].setdefault(arm, {}).setdefault(seed, run)

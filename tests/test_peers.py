@@ -151,6 +151,8 @@ def test_an_invocation_with_other_settings_stops_at_save_and_the_json_is_kept(tm
     assert json.loads(out.read_text())["runs"] == {"rayssl_center": {"1": run}}
     kept = tmp_path / f"pair-{os.getpid()}.json"  # the second invocation's run is not lost either
     assert str(kept) in str(stop.value) and json.loads(kept.read_text())["runs"]["rayssl_center"]["2"]["knn"] == 0.4
+    with pytest.raises(SystemExit, match=r"pair\.json: precision is 'fp64', not 'auto'; use another --out$"):
+        fresh("auto")  # a later invocation is stopped before it trains
 
 
 def test_tune_walks_every_step_keeps_only_what_beats_the_best_and_resumes(tmp_path, monkeypatch, capsys):
