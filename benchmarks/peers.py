@@ -56,7 +56,9 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import itertools
 import json
+import math
 import os
 import resource
 import subprocess
@@ -67,6 +69,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
 import yaml
 
@@ -750,34 +753,58 @@ def modes_table(results: dict) -> str:
 
 
 def paired(results: dict, a: str, b: str) -> list[str]:
-    """``a`` minus ``b``, k-NN points seed by seed over the seeds both ran, and their mean (a line
-    of markdown; none without a common seed)."""
+    """``a`` minus ``b``, k-NN points seed by seed over the seeds both ran, and their mean; from two
+    pairs on also their sd and the mean's 95 % interval (Student's t over the pairs). A line of
+    markdown; none without a common seed."""
     runs = results["runs"]
     seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})), key=int)
     if not seeds:
         return []
     diffs = [100 * (runs[a][s]["knn"] - runs[b][s]["knn"]) for s in seeds]
     said = ", ".join(f"{d:+.1f} (seed {s})" for s, d in zip(seeds, diffs))
-    return ["", f"{a} - {b}, k-NN points, same seed: {said}; mean {np.mean(diffs):+.2f}"]
+    line = f"{a} - {b}, k-NN points, same seed: {said}; mean {np.mean(diffs):+.2f}"
+    if len(diffs) > 1:
+        ci = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        line += f" (sd {np.std(diffs, ddof=1):.2f} over {len(diffs)} pairs; 95 % interval {ci.low:+.2f} to {ci.high:+.2f})"
+    return ["", line]
+
+
+def lines(results: dict) -> list[dict]:
+    """The plot's lines: per arm the mean over its seeds, point by point, over training seconds; for
+    ``--steps`` (the objective's control, compared seed by seed) one line per arm and seed over steps,
+    a seed's colour and an arm's line style, so that each seed's pair is seen together. Each line:
+    ``label``, ``x``, ``y`` (k-NN %), ``color``, ``style``."""
+    out, styles = [], itertools.cycle(("-", "--", ":", "-."))
+    steps = results.get("steps")
+    for arm, seeds in results["runs"].items():
+        style = next(styles)
+        done = {s: r["curve"] for s, r in sorted(seeds.items(), key=lambda kv: int(kv[0])) if r.get("curve")}
+        if steps:
+            at = [math.ceil(f * steps) for f in CURVE_AT] + [steps]  # train_loop's points: the first step past each
+            out += [{"label": f"{arm} seed {s}", "x": at[:len(c)], "y": [100 * p[1] for p in c],
+                     "color": f"C{int(s) % 10}", "style": style} for s, c in done.items()]
+        elif done:
+            n = min(len(c) for c in done.values())
+            pts = np.array([c[:n] for c in done.values()]).mean(axis=0)
+            out.append({"label": f"{arm} (seeds {', '.join(done)})", "x": list(pts[:, 0]), "y": list(100 * pts[:, 1]),
+                        "color": None, "style": style})
+    return out
 
 
 def plot(results: dict, path: str) -> None:
-    """The cheap k-NN over training seconds, one line per arm (mean over seeds, point by point)."""
+    """The cheap k-NN over training (``lines``) as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, seeds in results["runs"].items():
-        curves = [r["curve"] for r in seeds.values() if r.get("curve")]
-        if curves:
-            n = min(len(c) for c in curves)
-            pts = np.array([c[:n] for c in curves]).mean(axis=0)
-            ax.plot(pts[:, 0], 100 * pts[:, 1], marker="o", label=f"{arm} ({len(curves)})")
-    ax.set(xlabel="training seconds", ylabel="teacher k-NN % (running BN, 10k bank)",
+    for line in lines(results):
+        ax.plot(line["x"], line["y"], marker="o", color=line["color"], linestyle=line["style"], label=line["label"])
+    ax.set(xlabel="step" if results.get("steps") else "training seconds",
+           ylabel="teacher k-NN % (running BN, 10k bank)",
            title=f"{results['dataset']}: {per_arm(results)} per arm, {results['split']} split")
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3), ax.legend(fontsize=7, ncol=2 if results.get("steps") else 1)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 

@@ -102,6 +102,37 @@ def test_the_modes_table_gives_each_mode_s_information_and_clusters_over_its_see
     assert peers.modes_table({**results, "arms": [peers.summary("lightly_dino", {"0": run})]}) == ""
 
 
+def test_a_steps_plot_draws_each_seed_s_pair_and_the_pairs_get_their_sd_and_interval():
+    """``--steps`` results (the control, compared seed by seed): one line per arm and seed, at the
+    steps train_loop scores, one colour per seed and one style per arm; budget results: one line per
+    arm, the mean over its seeds, over seconds. The pairs' line gives sd and the t interval."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    def run(knn: float, *curve: float) -> dict:
+        return {"knn": knn, "curve": [[100.0 * i, y] for i, y in enumerate(curve, 1)]}
+
+    runs = {"rayssl_center": {"2": run(0.39, 0.27, 0.30, 0.32, 0.39), "0": run(0.56, 0.41, 0.48, 0.52, 0.56)},
+            "lightly_loss_in_rayssl": {"0": run(0.55, 0.40, 0.49, 0.52, 0.55), "2": run(0.36, 0.28, 0.27, 0.28, 0.36),
+                                       "3": run(0.56, 0.40, 0.49, 0.52, 0.56)}}
+    got = peers.lines({"steps": 1300, "runs": runs})
+    assert [line["label"] for line in got] == ["rayssl_center seed 0", "rayssl_center seed 2", "lightly_loss_in_rayssl seed 0",
+                                               "lightly_loss_in_rayssl seed 2", "lightly_loss_in_rayssl seed 3"]
+    assert all(line["x"] == [325, 650, 975, 1300] for line in got)
+    assert [line["y"] for line in got][1] == [27.0, 30.0, 32.0, 39.0]
+    assert [line["color"] for line in got] == ["C0", "C2", "C0", "C2", "C3"]
+    assert {line["style"] for line in got[:2]} == {"-"} and {line["style"] for line in got[2:]} == {"--"}
+    (center, lightly) = peers.lines({"runs": runs})  # a budget's results: the mean over seconds
+    assert center["label"] == "rayssl_center (seeds 0, 2)" and center["x"] == [100.0, 200.0, 300.0, 400.0]
+    assert [round(y, 2) for y in center["y"]] == [34.0, 39.0, 42.0, 47.5] and lightly["label"].endswith("(seeds 0, 2, 3)")
+    (_, said) = peers.paired({"runs": runs}, "rayssl_center", "lightly_loss_in_rayssl")
+    # differences +1 and +3: mean 2, sd sqrt 2, standard error 1, t(0.975, 1 df) = 12.706
+    assert said.endswith("+1.0 (seed 0), +3.0 (seed 2); mean +2.00 (sd 1.41 over 2 pairs; 95 % interval -10.71 to +14.71)")
+    (_, one) = peers.paired({"runs": {**runs, "rayssl_center": {"0": runs["rayssl_center"]["0"]}}},
+                            "rayssl_center", "lightly_loss_in_rayssl")
+    assert one.endswith("+1.0 (seed 0); mean +1.00"), one
+
+
 def test_two_invocations_with_one_out_add_to_it_side_by_side(tmp_path, monkeypatch, capsys):
     """Arms run side by side (one process each, ``--threads 1``) share one ``--out``: a run the other
     invocation wrote while this one trained is kept when this one saves, and both are summarised."""
