@@ -776,11 +776,11 @@ def lines(results: dict) -> list[dict]:
     ``label``, ``x``, ``y`` (k-NN %), ``color``, ``style``."""
     out, styles = [], itertools.cycle(("-", "--", ":", "-."))
     steps = results.get("steps")
+    at = steps and [math.ceil(f * steps) for f in CURVE_AT] + [steps]  # train_loop's points: the first step past each
     for arm, seeds in results["runs"].items():
         style = next(styles)
         done = {s: r["curve"] for s, r in sorted(seeds.items(), key=lambda kv: int(kv[0])) if r.get("curve")}
         if steps:
-            at = [math.ceil(f * steps) for f in CURVE_AT] + [steps]  # train_loop's points: the first step past each
             out += [{"label": f"{arm} seed {s}", "x": at[:len(c)], "y": [100 * p[1] for p in c],
                      "color": f"C{int(s) % 10}", "style": style} for s, c in done.items()]
         elif done:
