@@ -76,7 +76,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rayssl.config import load_config  # noqa: E402
+from rayssl.config import ConfigError, load_config  # noqa: E402
 from rayssl.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from rayssl.eval.metrics import linear_probe  # noqa: E402
 from rayssl.eval.protocol import bank_mean, precise_bn  # noqa: E402
@@ -490,7 +490,8 @@ def run_one(args, arm: str, seed: int) -> dict:
     """Train and score one arm (or ``baselines``) in this process."""
     torch.set_num_threads(args.threads)
     mode = [f"objective.mode={arm.removeprefix('rayssl_')}"] if arm.removeprefix("rayssl_") in MODES else []
-    cfg = load_config(str(CONFIGS[args.dataset]), [f"train.seed={seed}", f"train.precision={args.precision.replace('fp64', 'fp32')}", *mode])
+    cfg = load_config(str(CONFIGS[args.dataset]), [f"train.seed={seed}", f"train.precision={args.precision.replace('fp64', 'fp32')}",
+                                                   *mode, *args.set])
     data = Data(args.dataset, args.split, args.data_dir or cfg.data.fashion_mnist_dir, args.limit)
     k, budget_s = cfg.eval.knn_k, parse_duration(args.budget)
     if arm == "baselines":
@@ -533,11 +534,12 @@ RENAMED = {"lightly_dino_example": "lightly_dino", "lightly_loss_in_rayssl_harne
            "rayssl_default_job": "rayssl_default"}  # the arms' names before 2026-12-06
 
 
-SETTINGS = ("dataset", "split", "budget", "limit", "steps", "precision")  # one --out, one setting of each
+SETTINGS = ("dataset", "split", "budget", "limit", "steps", "precision", "set")  # one --out, one setting of each
+BEFORE = {"precision": "auto", "set": []}  # what the JSONs written before a setting existed ran with
 
 
 def setting(results: dict, key: str):
-    return results.get(key, "auto" if key == "precision" else None)  # JSONs from before --precision
+    return results.get(key, BEFORE.get(key))
 
 
 def other_settings(path: Path, written: dict, wanted: dict) -> str | None:
@@ -552,7 +554,7 @@ def load_results(args) -> dict:
     path = Path(args.out)
     if not path.exists():
         return {"dataset": args.dataset, "split": args.split, "budget": args.budget, "steps": args.steps,
-                "precision": args.precision,
+                "precision": args.precision, "set": args.set,
                 "budget_s": parse_duration(args.budget), "limit": args.limit, "cpu": cpu(), "baselines": None,
                 "runs": {}, "arms": []}
     results = read(path)
@@ -631,7 +633,8 @@ def launch(args, arm: str, seed: int) -> dict:
                "--budget", args.budget, *(["--steps", str(args.steps)] if args.steps else []),
                "--split", args.split, "--threads", str(args.threads), "--precision", args.precision,
                "--loader-workers", str(args.loader_workers), *(["--limit", str(args.limit)] if args.limit else []),
-               *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else [])]
+               *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--tuned", *args.tuned] if args.tuned else []),
+               *(["--set", *args.set] if args.set else [])]
         subprocess.run(cmd, check=True)
         return json.loads(Path(f.name).read_text())
 
@@ -699,7 +702,7 @@ def drive(args) -> dict:
                                      f"({done[str(seed)]['knobs']}); use another --out")
                 print(f"[peers] {arm} seed {seed}: done, skipped", flush=True)
                 continue
-            print(f"[peers] {arm} seed {seed}: {per_arm(results)}", flush=True)
+            print(f"[peers] {arm} seed {seed}: {training(results)}{overrides(results)}", flush=True)
             done[str(seed)] = launch(args, arm, seed)
             save(results, args.out)
     return results
@@ -712,14 +715,23 @@ def _pct(mean: float | None, sd: float | None = None) -> str:
     return f"{100 * mean:.1f} ± {100 * sd:.1f}" if sd is not None else f"{100 * mean:.1f}"
 
 
-def per_arm(results: dict) -> str:
+def training(results: dict) -> str:
     """What each arm got: the budget's training time, or ``--steps``."""
     return f"{results['steps']} steps" if results.get("steps") else f"{results['budget']} of training"
 
 
+def overrides(results: dict) -> str:
+    """`` (key=value, ...)``: the harness arms' ``--set``; empty without."""
+    return f" ({', '.join(got)})" if (got := setting(results, "set")) else ""
+
+
+def per_arm(results: dict) -> str:
+    return f"{training(results)} per arm{overrides(results)}"
+
+
 def table(results: dict) -> str:
     """Markdown: arm, seeds, k-NN and linear probe (mean ± sd over seeds, %), steps, img/s, wall."""
-    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)} per arm, "
+    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)}, "
              f"{results['cpu']['model']} (avx512_bf16: {results['cpu']['avx512_bf16']})", "",
              "| arm | seeds | k-NN % | linear % | steps | img/s | training wall s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -742,7 +754,7 @@ def modes_table(results: dict) -> str:
     names = [n for n in (*(f"rayssl_{m}" for m in MODES), "lightly_loss_in_rayssl") if n in arms]
     if not names:
         return ""
-    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)} per arm", "",
+    lines = [f"{results['dataset']}, {results['split']} split, {per_arm(results)}", "",
              "| arm | seeds | k-NN % | linear % | I(X;K) nats | effective clusters |", "|---|---|---|---|---|---|"]
     for a in (arms[n] for n in names):
         info = "-" if a.get("mutual_information") is None else f"{a['mutual_information']:.2f}"
@@ -803,7 +815,7 @@ def plot(results: dict, path: str) -> None:
         ax.plot(line["x"], line["y"], marker="o", color=line["color"], linestyle=line["style"], label=line["label"])
     ax.set(xlabel="step" if results.get("steps") else "training seconds",
            ylabel="teacher k-NN % (running BN, 10k bank)",
-           title=f"{results['dataset']}: {per_arm(results)} per arm, {results['split']} split")
+           title=f"{results['dataset']}: {per_arm(results)}, {results['split']} split")
     ax.grid(alpha=0.3), ax.legend(fontsize=7, ncol=2 if results.get("steps") else 1)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
@@ -834,6 +846,9 @@ def main() -> None:
                    help="the harness arms' train.precision (auto: bf16 on CPUs with native bf16); fp64 trains "
                         "in float64 (slow). With --steps, fp32 and fp64 show how far two arms' results move "
                         "with float rounding alone")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides for every harness arm alike (objective.teacher_temperature=0.03): "
+                        "the same harness with a knob changed; write it to its own --out")
     p.add_argument("--loader-workers", type=int, default=1,
                    help="DataLoader workers of the lightly arms (1: its PIL crops overlap the step)")
     p.add_argument("--limit", type=int, help="train and query on the first N images only (tests; "
@@ -865,6 +880,14 @@ def main() -> None:
     if args.precision != "auto" and not set(args.arms) <= harness:
         p.error("--precision: only the harness arms (lightly_loss_in_rayssl, rayssl_<mode>) take it; "
                 "lightly's own arms take --tuned bf16=..., the job its config")
+    if args.set and not set(args.arms) <= harness:
+        p.error("--set: only the harness arms (lightly_loss_in_rayssl, rayssl_<mode>) read rayssl's config")
+    if fixed := {o.split("=", 1)[0] for o in args.set} & {"objective.mode", "train.seed", "train.precision"}:
+        p.error(f"--set: {', '.join(sorted(fixed))} is set by --arms, --seeds or --precision")
+    try:
+        load_config(str(CONFIGS[args.dataset]), args.set)
+    except ConfigError as e:
+        p.error(f"--set: {e}")
     if args.tune:
         if args.split != "val":
             raise SystemExit("--tune reads the validation split only (--split val)")

@@ -148,7 +148,7 @@ def test_two_invocations_with_one_out_add_to_it_side_by_side(tmp_path, monkeypat
 
     def center_while_lightly_ends(arm, seed):  # the other invocation saves its arm while this one trains
         other = peers.load_results(argparse.Namespace(out=str(out), dataset="fashion-mnist", split="val", budget="6m",
-                                                      steps=5, precision="auto", limit=None))
+                                                      steps=5, precision="auto", limit=None, set=[]))
         other["runs"]["lightly_loss_in_rayssl"] = {str(seed): {**run, "knn": 0.45}}
         peers.save(other, str(out))
         return run
@@ -172,7 +172,7 @@ def test_an_invocation_with_other_settings_stops_at_save_and_the_json_is_kept(tm
 
     def fresh(precision):
         return peers.load_results(argparse.Namespace(out=str(out), dataset="scenes", split="val", budget="6m",
-                                                     steps=5, precision=precision, limit=None))
+                                                     steps=5, precision=precision, limit=None, set=[]))
     fp64, auto = fresh("fp64"), fresh("auto")  # both before either saved
     fp64["runs"]["rayssl_center"] = {"1": run}
     peers.save(fp64, str(out))
@@ -278,3 +278,38 @@ def test_steps_trains_the_harness_arms_exactly_that_many_steps_and_pairs_center_
         peers.main()
     assert stop.value.code == 2
     assert "--precision: only the harness arms" in capsys.readouterr().err
+
+
+def test_set_changes_a_knob_in_every_harness_arm_and_its_json_keeps_only_runs_with_that_knob(
+        tmp_path, fashion_mnist_dir, monkeypatch, capsys):
+    """``--set``: the same harness with a knob changed, for both arms of the pair. The override reaches
+    each arm's config (64 clusters: at most 64 effective ones), the JSON and the table name it, and an
+    invocation without it stops before it trains into that JSON. Overrides the other flags own, keys
+    rayssl's config lacks, and the arms that do not read rayssl's config are refused, naming why."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import peers
+
+    out = tmp_path / "k64.json"
+    cli = ["--dataset", "fashion-mnist", "--steps", "3", "--seeds", "0", "--limit", "300", "--inline", "--threads", "2",
+           "--data-dir", fashion_mnist_dir, "--out", str(out), "--arms", "rayssl_center", "lightly_loss_in_rayssl"]
+    monkeypatch.setattr(sys, "argv", ["peers.py", *cli, "--set", "objective.num_clusters=64"])
+    peers.main()
+    results = json.loads(out.read_text())
+    assert results["set"] == ["objective.num_clusters=64"]
+    for arm in ("rayssl_center", "lightly_loss_in_rayssl"):
+        assert 1 <= results["runs"][arm]["0"]["effective_clusters"] <= 64, results["runs"][arm]
+    said = capsys.readouterr().out
+    assert "[peers] rayssl_center seed 0: 3 steps (objective.num_clusters=64)\n" in said, said
+    assert "fashion-mnist, val split, 3 steps per arm (objective.num_clusters=64)" in said, said
+    monkeypatch.setattr(sys, "argv", ["peers.py", *cli])
+    with pytest.raises(SystemExit, match=r"k64\.json: set is \['objective\.num_clusters=64'\], not \[\]; use another --out"):
+        peers.main()
+    lightly = ["--dataset", "fashion-mnist", "--budget", "1s", "--inline", "--out", str(tmp_path / "l.json"), "--arms", "lightly_dino"]
+    for bad, why in (([*cli, "--set", "objective.mode=prior"], "--set: objective.mode is set by --arms, --seeds or --precision"),
+                     ([*cli, "--set", "objective.num_cluster=64"], "--set: objective.num_cluster"),
+                     ([*lightly, "--set", "optim.lr=0.001"], "--set: only the harness arms")):
+        monkeypatch.setattr(sys, "argv", ["peers.py", *bad])
+        with pytest.raises(SystemExit) as stop:
+            peers.main()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and why in err and len(err.strip().splitlines()[-1]) < 300, err
