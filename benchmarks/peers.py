@@ -815,7 +815,8 @@ def plot(results: dict, path: str) -> None:
         ax.plot(line["x"], line["y"], marker="o", color=line["color"], linestyle=line["style"], label=line["label"])
     ax.set(xlabel="step" if results.get("steps") else "training seconds",
            ylabel="teacher k-NN % (running BN, 10k bank)",
-           title=f"{results['dataset']}: {per_arm(results)}, {results['split']} split")
+           title=f"{results['dataset']}: {training(results)} per arm, {results['split']} split"
+           + "".join(f"\n{o}" for o in setting(results, "set")))
     ax.grid(alpha=0.3), ax.legend(fontsize=7, ncol=2 if results.get("steps") else 1)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
